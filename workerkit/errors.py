@@ -1,0 +1,99 @@
+"""Every error workerkit raises, in one tree.
+
+::
+
+    WorkerkitError
+    ├── ConfigurationError            bad settings, bad Worker class, bad CLI target
+    ├── TopologyError                 a queue/exchange exists with other arguments
+    ├── ConnectionFailed              broker unreachable, refused credentials or permissions
+    │   └── AccessRefused             credentials or vhost permissions refused (fatal, no retry)
+    ├── PublishError                  a publish did not reach the broker's durable state
+    │   ├── Unroutable                no queue is bound for the routing key (mandatory return)
+    │   ├── PublishTimeout            no confirm within the timeout (broker down, blocked, slow)
+    │   ├── MessageTooLarge           body above ``max_body_size``; never sent
+    │   └── PublishNacked             the broker refused the message (nack)
+    └── DecodeError                   a body that cannot be decoded or validated (goes to the DLQ)
+
+Control flow raised by handlers (not errors of workerkit's own):
+
+* :class:`Reject` – dead-letter this message now, never retry.
+* :class:`RetryLater` – retry this message after ``delay`` seconds (counts as an attempt).
+
+pika and aio-pika exceptions never escape workerkit: ``workerkit.transport`` translates them at
+one seam into this tree.
+"""
+
+from __future__ import annotations
+
+
+class WorkerkitError(Exception):
+    """Base class of every error raised by workerkit."""
+
+
+class ConfigurationError(WorkerkitError):
+    """Settings, a Worker class or a CLI target is invalid; start-up stops."""
+
+
+class TopologyError(WorkerkitError):
+    """A queue or exchange already exists with arguments other than the ones workerkit declares."""
+
+
+class ConnectionFailed(WorkerkitError):
+    """The broker could not be reached or the connection was lost."""
+
+
+class AccessRefused(ConnectionFailed):
+    """Credentials or permissions were refused: retrying cannot help."""
+
+
+class PublishError(WorkerkitError):
+    """A message was not confirmed by the broker."""
+
+
+class Unroutable(PublishError):
+    """No queue is bound to the routing key; the broker returned the message."""
+
+    def __init__(self, exchange: str, routing_key: str) -> None:
+        super().__init__(
+            f"no queue is bound to routing key {routing_key!r} on exchange {exchange!r}"
+        )
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
+class PublishTimeout(PublishError):
+    """No confirm arrived in time (broker down, blocked by an alarm, or overloaded)."""
+
+
+class MessageTooLarge(PublishError):
+    """The encoded body is larger than the configured ``max_body_size``."""
+
+
+class PublishNacked(PublishError):
+    """The broker answered the publish with a nack."""
+
+
+class DecodeError(WorkerkitError):
+    """A message body could not be decoded or validated for its handler."""
+
+
+class Reject(Exception):  # noqa: N818 - named for what the handler means, not an error class
+    """Raised by a handler: send this message to the dead-letter queue now, without retrying."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RetryLater(Exception):  # noqa: N818
+    """Raised by a handler: retry this message after ``delay`` seconds (counts as an attempt).
+
+    With ``delay=None`` the worker's RetryPolicy chooses the delay.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        if delay is not None and delay < 0:
+            raise ValueError("RetryLater delay must be >= 0")
+        self.delay = delay
+        self.reason = reason

@@ -1,0 +1,138 @@
+"""Retry policies as small values, and the pure decision of what happens after a handler ran.
+
+:class:`RetryPolicy` says how a *message* is retried (broker-side, see ``topology.py``);
+:func:`reconnecting` says how a *connection or publish* is retried (tenacity).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tenacity
+
+from .errors import AccessRefused, ConfigurationError, Reject, RetryLater, TopologyError
+
+__all__ = ["Ack", "DeadLetter", "Decision", "Retry", "RetryPolicy", "reconnecting"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The handler succeeded: acknowledge."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Publish a copy due in ``delay`` seconds with attempt ``attempt``, then ack the original."""
+
+    delay: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Publish a copy to the DLQ with ``reason`` (rejected / exhausted / invalid), then ack."""
+
+    reason: str
+
+
+Decision = Ack | Retry | DeadLetter
+ACK = Ack()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a failed message is retried.
+
+    The n-th retry waits ``delay * backoff ** (n - 1)`` seconds, capped at ``max_delay``, plus up to
+    ``jitter`` times that at random (so retries never come *sooner* than the computed delay).
+    ``retry_on`` limits retries to those exception types; ``never_retry`` dead-letters at once.
+    ``max_attempts`` counts the first delivery: ``max_attempts=1`` means never retry.
+    """
+
+    max_attempts: int = 5
+    delay: float = 1.0
+    backoff: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.1
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    never_retry: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_attempts < 1:
+            problems.append("max_attempts must be >= 1")
+        if self.delay < 0 or self.max_delay < 0:
+            problems.append("delay and max_delay must be >= 0")
+        if self.backoff < 1:
+            problems.append("backoff must be >= 1")
+        if not 0 <= self.jitter <= 1:
+            problems.append("jitter must be between 0 and 1")
+        for types in (self.retry_on, self.never_retry):
+            if not isinstance(types, tuple) or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in types
+            ):
+                problems.append("retry_on and never_retry must be tuples of exception types")
+        if problems:
+            raise ConfigurationError("invalid RetryPolicy: " + "; ".join(problems))
+
+    @classmethod
+    def none(cls) -> RetryPolicy:
+        """Never retry: the first failure dead-letters."""
+        return cls(max_attempts=1)
+
+    def delay_for(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before attempt ``attempt + 1``, after attempt ``attempt`` failed."""
+        base = min(self.delay * self.backoff ** (attempt - 1), self.max_delay)
+        return min(base + base * self.jitter * rand(), max(self.max_delay, base))
+
+    def decide(
+        self,
+        error: BaseException | None,
+        attempt: int,
+        rand: Callable[[], float] = random.random,
+    ) -> Decision:
+        """What to do with a message whose ``attempt``-th handling ended with ``error``."""
+        if error is None:
+            return ACK
+        if isinstance(error, Reject):
+            return DeadLetter("rejected")
+        if isinstance(error, RetryLater):
+            if attempt >= self.max_attempts:
+                return DeadLetter("exhausted")
+            delay = error.delay if error.delay is not None else self.delay_for(attempt, rand)
+            return Retry(delay=delay, attempt=attempt + 1)
+        if isinstance(error, self.never_retry) or not isinstance(error, self.retry_on):
+            return DeadLetter("rejected")
+        if attempt >= self.max_attempts:
+            return DeadLetter("exhausted")
+        return Retry(delay=self.delay_for(attempt, rand), attempt=attempt + 1)
+
+
+_FATAL = (AccessRefused, TopologyError, ConfigurationError)
+
+
+def reconnecting(
+    *,
+    max_delay: float,
+    stop_after: float | None = None,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+    sleep: Callable[[float], Any] | None = None,
+    before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
+) -> tenacity.AsyncRetrying:
+    """Jittered exponential backoff for connecting; fatal errors (refused credentials, topology
+    clashes, bad settings) are never retried. ``stop_after=None`` retries forever."""
+    kwargs: dict[str, Any] = {}
+    if sleep is not None:
+        kwargs["sleep"] = sleep
+    return tenacity.AsyncRetrying(
+        wait=tenacity.wait_random_exponential(multiplier=0.2, max=max_delay),
+        stop=tenacity.stop_after_delay(stop_after) if stop_after is not None else tenacity.stop_never,
+        retry=tenacity.retry_if_exception_type(retry_on)
+        & tenacity.retry_if_not_exception_type(_FATAL),
+        reraise=True,
+        before_sleep=before_sleep,
+        **kwargs,
+    )

@@ -1,0 +1,147 @@
+"""The one settings class. Nothing else in workerkit reads ``os.environ``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+__all__ = ["Settings", "load_settings", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+class Settings(BaseSettings):
+    """workerkit settings, read from ``WORKERKIT_*`` environment variables and a ``.env`` file.
+
+    Unknown ``WORKERKIT_*`` variables are an error: a typo must not silently fall back to a
+    default.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="WORKERKIT_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@localhost:5672/"),
+        description="AMQP URL of the broker (amqp:// or amqps://).",
+    )
+    tls_ca_file: str | None = Field(
+        default=None, description="CA bundle to verify the broker's certificate (amqps://)."
+    )
+    tls_cert_file: str | None = Field(default=None, description="Client certificate (amqps://).")
+    tls_key_file: str | None = Field(default=None, description="Client key (amqps://).")
+    exchange: str = Field(default="workerkit", min_length=1, max_length=200)
+    prefetch: int = Field(default=100, ge=1, le=65535, description="Default broker QoS.")
+    concurrency: int = Field(default=10, ge=1, le=10000, description="Default handlers in flight.")
+    heartbeat: int = Field(default=30, ge=0, le=3600, description="AMQP heartbeat in seconds.")
+    connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to open a connection.")
+    publish_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a publish may take, retries included."
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="Seconds in-flight handlers get to finish on shutdown."
+    )
+    handler_timeout: float | None = Field(
+        default=None, gt=0, description="Default per-handler time limit in seconds (None: none)."
+    )
+    broker_consumer_timeout: float = Field(
+        default=1800.0,
+        gt=0,
+        description="The broker's consumer_timeout in seconds (RabbitMQ default 30 min).",
+    )
+    max_body_size: int = Field(
+        default=16 * 1024 * 1024, ge=1, description="Largest body published or decoded, in bytes."
+    )
+    retry_max_attempts: int = Field(default=5, ge=1)
+    retry_delay: float = Field(default=1.0, ge=0)
+    retry_backoff: float = Field(default=2.0, ge=1.0)
+    retry_max_delay: float = Field(default=300.0, ge=0)
+    delivery_limit: int = Field(
+        default=20, ge=1, description="Deliveries before the broker dead-letters a poison message."
+    )
+    reconnect_max_delay: float = Field(default=30.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["plain", "json"] = "plain"
+    ack_batching: bool = Field(
+        default=True, description="Ack runs of finished messages with multiple=True."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_env(cls, data: Any) -> Any:
+        known = {f"WORKERKIT_{name.upper()}" for name in cls.model_fields}
+        unknown = sorted(
+            key for key in os.environ if key.upper().startswith("WORKERKIT_") and key.upper() not in known
+        )
+        # Test-only variables are read by the test suite, not by workerkit.
+        unknown = [key for key in unknown if not key.upper().startswith("WORKERKIT_TEST")]
+        if unknown:
+            raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+        return data
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr) -> SecretStr:
+        raw = value.get_secret_value()
+        scheme = urlsplit(raw).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(f"must start with amqp:// or amqps://, got {scheme or 'no'} scheme")
+        return value
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url.get_secret_value())
+
+
+def load_settings(settings: Settings | None = None, url: str | None = None) -> Settings:
+    """Settings from the environment (or the given ones), with ``url`` overriding the URL.
+
+    A bad value raises :class:`ConfigurationError` with one line naming the variable.
+    """
+    try:
+        base = settings if settings is not None else Settings()
+        if url is not None:
+            return type(base)(**{**base.model_dump(), "url": SecretStr(url)})
+        return base
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        if not err["loc"]:
+            problems.append(err["msg"].removeprefix("Value error, "))
+            continue
+        name = f"WORKERKIT_{str(err['loc'][0]).upper()}"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"{name}: unknown setting")
+        else:
+            # Never echo the input: it may be a password.
+            problems.append(f"{name}: {err['msg']}")
+    return "invalid settings: " + "; ".join(problems)
