@@ -1,0 +1,97 @@
+"""Shared fixtures: where the broker is, unique names per test, and a runner in the background.
+
+The broker comes from ``WORKERKIT_TEST_URL``, else a broker listening on localhost:5672, else a
+testcontainers RabbitMQ where Docker exists. In CI (``CI`` set) a missing broker fails the run;
+never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from workerkit.settings import Settings
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_amqp(url: str, deadline_s: float = 60.0) -> None:
+    """Readiness check with a deadline: a real AMQP handshake, not only an open port."""
+    import time
+
+    import pika
+
+    deadline = time.monotonic() + deadline_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            pika.BlockingConnection(pika.URLParameters(url)).close()
+            return
+        except Exception as exc:  # the broker may still be booting
+            last = exc
+            time.sleep(0.5)
+    raise RuntimeError(f"broker at {url} not ready within {deadline_s}s: {last}")
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    url = os.environ.get("WORKERKIT_TEST_URL")
+    if url:
+        _wait_amqp(url)
+        yield url
+        return
+    if _listening("127.0.0.1", 5672):
+        _wait_amqp(LOCAL_URL)
+        yield LOCAL_URL
+        return
+    try:
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        container = RabbitMqContainer("rabbitmq:3.10-management")
+        container.start()
+    except Exception as exc:
+        message = f"no RabbitMQ for the integration tests (no WORKERKIT_TEST_URL, nothing on localhost:5672, testcontainers failed: {exc})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(5672)
+        url = f"amqp://guest:guest@{host}:{port}/"
+        _wait_amqp(url)
+        yield url
+    finally:
+        container.stop()
+
+
+@pytest.fixture
+def settings(broker_url: str) -> Settings:
+    """Settings for tests. Tests share one exchange (and so one delay layout); each test keeps
+    to itself by using ``unique`` queue names and routing keys."""
+    return Settings(
+        url=broker_url,  # type: ignore[arg-type]
+        exchange="wkt",
+        shutdown_grace=5.0,
+        publish_timeout=5.0,
+        connect_timeout=5.0,
+        reconnect_max_delay=1.0,
+    )
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """unique("orders") -> "t.orders.1a2b3c4d": queue names no other test uses."""
+    token = uuid.uuid4().hex[:8]
+    return lambda name: f"t.{name}.{token}"
