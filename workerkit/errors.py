@@ -16,8 +16,8 @@
 
 Control flow raised by handlers (not errors of workerkit's own):
 
-* :class:`Reject` – dead-letter this message now, never retry.
-* :class:`RetryLater` – retry this message after ``delay`` seconds (counts as an attempt).
+* :class:`Reject` - dead-letter this message now, never retry.
+* :class:`RetryLater` - retry this message after ``delay`` seconds (counts as an attempt).
 
 pika and aio-pika exceptions never escape workerkit: ``workerkit.transport`` translates them at
 one seam into this tree.
@@ -77,7 +77,7 @@ class DecodeError(WorkerkitError):
     """A message body could not be decoded or validated for its handler."""
 
 
-class Reject(Exception):  # noqa: N818 - named for what the handler means, not an error class
+class Reject(Exception):
     """Raised by a handler: send this message to the dead-letter queue now, without retrying."""
 
     def __init__(self, reason: str = "rejected") -> None:
@@ -85,7 +85,7 @@ class Reject(Exception):  # noqa: N818 - named for what the handler means, not a
         self.reason = reason
 
 
-class RetryLater(Exception):  # noqa: N818
+class RetryLater(Exception):
     """Raised by a handler: retry this message after ``delay`` seconds (counts as an attempt).
 
     With ``delay=None`` the worker's RetryPolicy chooses the delay.

@@ -176,9 +176,7 @@ def build_outgoing(
         raise ValueError("routing key must be 1 to 255 bytes")
     payload, content_type = encode_body(body)
     if len(payload) > max_body_size:
-        raise MessageTooLarge(
-            f"body is {len(payload)} bytes, above max_body_size={max_body_size}"
-        )
+        raise MessageTooLarge(f"body is {len(payload)} bytes, above max_body_size={max_body_size}")
     user_headers = dict(headers) if headers else {}
     for key in user_headers:
         if key.lower().startswith(Header.PREFIX):
@@ -261,7 +259,9 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
             except orjson.JSONDecodeError as exc:
                 raise DecodeError(f"invalid JSON: {exc}") from None
             if expected is not None and not isinstance(value, expected):
-                raise DecodeError(f"expected a JSON {expected.__name__}, got {type(value).__name__}")
+                raise DecodeError(
+                    f"expected a JSON {expected.__name__}, got {type(value).__name__}"
+                )
             return value
 
         return decode_json

@@ -129,7 +129,9 @@ def reconnecting(
         kwargs["sleep"] = sleep
     return tenacity.AsyncRetrying(
         wait=tenacity.wait_random_exponential(multiplier=0.2, max=max_delay),
-        stop=tenacity.stop_after_delay(stop_after) if stop_after is not None else tenacity.stop_never,
+        stop=tenacity.stop_after_delay(stop_after)
+        if stop_after is not None
+        else tenacity.stop_never,
         retry=tenacity.retry_if_exception_type(retry_on)
         & tenacity.retry_if_not_exception_type(_FATAL),
         reraise=True,

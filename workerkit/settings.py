@@ -91,7 +91,9 @@ class Settings(BaseSettings):
     def _no_unknown_env(cls, data: Any) -> Any:
         known = {f"WORKERKIT_{name.upper()}" for name in cls.model_fields}
         unknown = sorted(
-            key for key in os.environ if key.upper().startswith("WORKERKIT_") and key.upper() not in known
+            key
+            for key in os.environ
+            if key.upper().startswith("WORKERKIT_") and key.upper() not in known
         )
         # Test-only variables are read by the test suite, not by workerkit.
         unknown = [key for key in unknown if not key.upper().startswith("WORKERKIT_TEST")]

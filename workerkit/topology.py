@@ -42,6 +42,7 @@ __all__ = [
 
 LEVELS = 28  # 2**28 units of 100 ms: delays up to about 310 days
 UNIT_MS = 100
+MAX_UNITS: int = 2**LEVELS - 1
 
 RETRY = "r"
 SCHEDULED = "p"
@@ -77,8 +78,8 @@ def delay_units(seconds: float) -> int:
     """The delay in units, rounded up so that a message is never due sooner than asked."""
     if seconds <= 0:
         return 0
-    units = math.ceil(round(seconds * 1000 / UNIT_MS, 6))
-    return min(units, 2**LEVELS - 1)
+    units = int(math.ceil(round(seconds * 1000 / UNIT_MS, 6)))
+    return min(units, MAX_UNITS)
 
 
 class Topology:

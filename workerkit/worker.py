@@ -7,6 +7,7 @@ import inspect
 import re
 import typing
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from .errors import ConfigurationError
@@ -71,13 +72,13 @@ class Worker:
 
     Class attributes (all optional except ``queue``; ``None`` means "from Settings"):
 
-    * ``queue`` – the durable queue; also a routing key on the exchange.
-    * ``bindings`` – extra routing keys / topic patterns bound on the exchange.
-    * ``prefetch`` – broker QoS; ``concurrency`` – handlers in flight at once.
-    * ``retry`` – a :class:`RetryPolicy`.
-    * ``queue_type`` – ``"quorum"`` (default) or ``"classic"``.
-    * ``handler_timeout`` – seconds before a running handler counts as failed.
-    * ``delivery_limit`` – deliveries before the broker dead-letters a message that keeps
+    * ``queue`` - the durable queue; also a routing key on the exchange.
+    * ``bindings`` - extra routing keys / topic patterns bound on the exchange.
+    * ``prefetch`` - broker QoS; ``concurrency`` - handlers in flight at once.
+    * ``retry`` - a :class:`RetryPolicy`.
+    * ``queue_type`` - ``"quorum"`` (default) or ``"classic"``.
+    * ``handler_timeout`` - seconds before a running handler counts as failed.
+    * ``delivery_limit`` - deliveries before the broker dead-letters a message that keeps
       killing its worker process.
 
     Set ``abstract = True`` on a base class shared by several workers.
@@ -96,9 +97,9 @@ class Worker:
     _handler: ClassVar[Handler]
     registry: ClassVar[dict[str, type[Worker]]] = {}
 
-    def handle(self, body: Any) -> Any:
-        """Process one message. ``async def`` runs on the loop; plain ``def`` in a thread pool."""
-        raise NotImplementedError
+    # Declared, not defined: each subclass's handle takes its own body type, which an inherited
+    # signature would make a type error (Liskov) in users' code.
+    handle: Callable[..., Any]
 
     async def setup(self) -> None:
         """Called once before consuming starts (open pools, clients...)."""
@@ -165,8 +166,8 @@ def _check_attributes(cls: type, name: str) -> None:
 
 
 def _inspect_handler(cls: type[Worker], name: str) -> Handler:
-    handle = cls.__dict__.get("handle") or getattr(cls, "handle", None)
-    if handle is None or handle is Worker.handle:
+    handle = getattr(cls, "handle", None)
+    if handle is None:
         raise ConfigurationError(f"{name}: define handle(self, body)")
     params = list(inspect.signature(handle).parameters.values())[1:]
     if not 1 <= len(params) <= 2 or any(

@@ -122,6 +122,8 @@ class PikaTransport:
             custom_ioloop=loop,
         )
         conn._raw = raw
+        raw.add_on_connection_blocked_callback(conn._on_blocked)
+        raw.add_on_connection_unblocked_callback(conn._on_unblocked)
         try:
             await asyncio.wait_for(opened, settings.connect_timeout + 1)
         except asyncio.TimeoutError:
@@ -158,6 +160,14 @@ class PikaConnection:
     def is_open(self) -> bool:
         return bool(self._raw.is_open) and not self._closing
 
+    def _on_blocked(self, _c: Any, frame: Any) -> None:
+        self.blocked = True
+        log.warning("the broker blocked this connection: %s", frame.method.reason)
+
+    def _on_unblocked(self, _c: Any, _frame: Any) -> None:
+        self.blocked = False
+        log.info("the broker unblocked this connection")
+
     def _on_closed(self, _c: Any, exc: BaseException) -> None:
         error = translate(exc, what="connection lost")
         for channel in self._channels:
@@ -190,9 +200,7 @@ class PikaConnection:
         if prefetch is not None:
             await channel._call(lambda cb: raw.basic_qos(prefetch_count=prefetch, callback=cb))
         if confirms:
-            await channel._call(
-                lambda cb: raw.confirm_delivery(channel._on_confirm, callback=cb)
-            )
+            await channel._call(lambda cb: raw.confirm_delivery(channel._on_confirm, callback=cb))
             raw.add_on_return_callback(channel._on_return)
             channel.confirms = True
         return channel
@@ -423,16 +431,25 @@ class PikaChannel:
             return
         self._seq += 1
         seq = self._seq
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._unconfirmed[seq] = (fut, message.message_id)
+        # A timer on the future is cheaper than asyncio.wait_for on this per-message path.
+        timer = loop.call_later(timeout, self._expire, seq, timeout)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            self._unconfirmed.pop(seq, None)
-            blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
-            raise PublishTimeout(f"no confirm from the broker within {timeout}s{blocked}") from None
+            await fut
         except Unroutable:
             raise Unroutable(message.exchange, message.routing_key) from None
+        finally:
+            timer.cancel()
+
+    def _expire(self, seq: int, timeout: float) -> None:
+        entry = self._unconfirmed.pop(seq, None)
+        if entry is not None and not entry[0].done():
+            blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
+            entry[0].set_exception(
+                PublishTimeout(f"no confirm from the broker within {timeout}s{blocked}")
+            )
 
     def _on_return(
         self, _ch: Any, _method: Basic.Return, props: BasicProperties, _body: bytes

@@ -1,0 +1,688 @@
+"""An in-memory broker behind the transport seam, for tests that need no RabbitMQ.
+
+It follows RabbitMQ's rules where workerkit relies on them, so that a bug the real broker would
+catch is caught here too:
+
+* exchanges (``topic`` with ``*``/``#``, ``fanout``, ``direct``, the default exchange ``""``),
+  exchange-to-exchange bindings and ``alternate-exchange``;
+* FIFO queues whose re-declaration with other arguments fails, naming the queue and argument;
+* consumers limited by the channel's prefetch, delivery tags per channel, ack (``multiple``),
+  nack with requeue (``redelivered``), unacked messages returned when a channel closes;
+* an ack of an unknown delivery tag closes the channel (recorded in ``channel_errors``);
+* ``x-message-ttl``, ``x-dead-letter-exchange``, ``x-dead-letter-routing-key`` and
+  ``x-delivery-limit`` (timers on the event loop), so workerkit's delay levels really delay;
+* deliveries are scheduled with ``loop.call_soon``, never made inside the publishing call.
+
+:meth:`MemoryBroker.drop_connections` simulates a lost connection; ``connect_error`` makes
+connecting fail. Nothing is persisted and ``durable`` is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
+from ..message import Message, Outgoing
+from ..settings import Settings
+from ..topology import ExchangeSpec, QueueSpec
+from .base import OnLost, OnMessage
+
+__all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
+
+EXCHANGE_TYPES = frozenset({"topic", "fanout", "direct"})
+
+
+@dataclass(eq=False)
+class _Envelope:
+    """One copy of a message sitting in one queue (identity matters: eq=False)."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    content_type: str | None = None
+    content_encoding: str | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    timestamp: int | None = None
+    reply_to: str | None = None
+    redelivered: bool = False
+    returns: int = 0  # times handed back unacked (quorum queues' delivery count)
+    expiry: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def from_outgoing(cls, message: Outgoing) -> _Envelope:
+        return cls(
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            body=message.body,
+            headers=dict(message.headers),
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            message_id=message.message_id or None,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp,
+            reply_to=message.reply_to,
+        )
+
+    def copy(self) -> _Envelope:
+        return _Envelope(
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+            body=self.body,
+            headers=dict(self.headers),
+            content_type=self.content_type,
+            content_encoding=self.content_encoding,
+            message_id=self.message_id,
+            correlation_id=self.correlation_id,
+            timestamp=self.timestamp,
+            reply_to=self.reply_to,
+        )
+
+    def to_message(self, delivery_tag: int) -> Message:
+        return Message(
+            self.body,
+            delivery_tag,
+            self.routing_key,
+            self.exchange,
+            self.redelivered,
+            dict(self.headers) if self.headers else None,
+            self.content_type,
+            self.content_encoding,
+            self.message_id,
+            self.correlation_id,
+            self.timestamp,
+            self.reply_to,
+        )
+
+
+@dataclass(eq=False)
+class _Consumer:
+    tag: str
+    queue: _Queue
+    channel: MemoryChannel
+    on_message: OnMessage
+    on_cancelled: Callable[[], None]
+    active: bool = True
+
+
+@dataclass(eq=False)
+class _Queue:
+    name: str
+    arguments: dict[str, Any]
+    ready: collections.deque[_Envelope] = field(default_factory=collections.deque)
+    consumers: list[_Consumer] = field(default_factory=list)
+    next_consumer: int = 0
+    dispatch_scheduled: bool = False
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class _Binding:
+    destination: str
+    routing_key: str
+    to_exchange: bool
+
+
+@dataclass(eq=False)
+class _Exchange:
+    name: str
+    type: str
+    arguments: dict[str, Any]
+    bindings: list[_Binding] = field(default_factory=list)
+
+    def matches(self, binding_key: str, routing_key: str) -> bool:
+        if self.type == "fanout":
+            return True
+        if self.type == "direct":
+            return binding_key == routing_key
+        return topic_matches(binding_key, routing_key)
+
+
+@functools.lru_cache(maxsize=8192)
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: ``*`` is exactly one word, ``#`` is zero or more words."""
+    return _match_words(tuple(pattern.split(".")), tuple(routing_key.split(".")))
+
+
+def _match_words(pattern: tuple[str, ...], key: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not key
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match_words(rest, key[i:]) for i in range(len(key) + 1))
+    if not key:
+        return False
+    return (head == "*" or head == key[0]) and _match_words(rest, key[1:])
+
+
+class MemoryBroker:
+    """Exchanges, queues and connections of one in-memory broker (one per test)."""
+
+    def __init__(self) -> None:
+        self.exchanges: dict[str, _Exchange] = {}
+        self.queues: dict[str, _Queue] = {}
+        self.connections: list[MemoryConnection] = []
+        # Protocol errors that made the broker close a channel (a real broker would log them).
+        self.channel_errors: list[str] = []
+        # When set, connect() raises it: a broker that is down or refuses the credentials.
+        self.connect_error: WorkerkitError | None = None
+        self.connects = 0
+        self._consumer_tags = itertools.count(1)
+
+    # -- inspection for tests ----------------------------------------------------------------
+
+    def messages(self, queue: str) -> list[Message]:
+        """The ready (not delivered, not unacked) messages of ``queue``, head first."""
+        return [env.to_message(0) for env in self._queue(queue).ready]
+
+    def unacked(self, queue: str | None = None) -> int:
+        """Messages delivered but not yet acked, on every open channel (of ``queue`` only)."""
+        return sum(
+            1
+            for conn in self.connections
+            for channel in conn.channels
+            for q, _env in channel.unacked.values()
+            if queue is None or q.name == queue
+        )
+
+    def consumer_count(self, queue: str) -> int:
+        return len(self._queue(queue).consumers)
+
+    def drop_connections(self) -> int:
+        """Simulate the network failing: every connection is lost and its channels fail.
+
+        Unacked messages go back to their queues (redelivered) and each connection's
+        ``on_lost`` runs soon after, as it would from a client library. Returns the count.
+        """
+        dropped = list(self.connections)
+        for conn in dropped:
+            conn._lose(ConnectionFailed("connection reset (MemoryBroker.drop_connections)"))
+        return len(dropped)
+
+    # -- topology ----------------------------------------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            raise TopologyError(f"NOT_FOUND - no queue {name!r}")
+        return queue
+
+    def declare_exchange(self, spec: ExchangeSpec) -> None:
+        if not spec.name:
+            raise TopologyError("the default exchange cannot be declared")
+        if spec.type not in EXCHANGE_TYPES:
+            raise TopologyError(f"exchange {spec.name!r}: unsupported type {spec.type!r}")
+        existing = self.exchanges.get(spec.name)
+        if existing is None:
+            self.exchanges[spec.name] = _Exchange(spec.name, spec.type, dict(spec.arguments))
+            return
+        if existing.type != spec.type:
+            raise TopologyError(
+                f"inequivalent arg 'type' for exchange {spec.name!r}: received {spec.type!r} "
+                f"but current is {existing.type!r}"
+            )
+        _check_equivalent("exchange", spec.name, existing.arguments, spec.arguments)
+
+    def declare_queue(self, spec: QueueSpec) -> None:
+        existing = self.queues.get(spec.name)
+        if existing is None:
+            self.queues[spec.name] = _Queue(spec.name, dict(spec.arguments))
+            return
+        _check_equivalent("queue", spec.name, existing.arguments, spec.arguments)
+
+    def bind(self, destination: str, source: str, routing_key: str, to_exchange: bool) -> None:
+        exchange = self.exchanges.get(source)
+        if exchange is None:
+            raise TopologyError(f"NOT_FOUND - no exchange {source!r}")
+        if to_exchange and destination not in self.exchanges:
+            raise TopologyError(f"NOT_FOUND - no exchange {destination!r}")
+        if not to_exchange:
+            self._queue(destination)
+        binding = _Binding(destination, routing_key, to_exchange)
+        if binding not in exchange.bindings:
+            exchange.bindings.append(binding)
+
+    def delete_queue(self, name: str) -> None:
+        queue = self.queues.pop(name, None)
+        if queue is None:
+            return  # RabbitMQ answers delete-ok for a queue that does not exist
+        queue.deleted = True
+        for env in queue.ready:
+            _cancel_expiry(env)
+        queue.ready.clear()
+        for exchange in self.exchanges.values():
+            exchange.bindings = [
+                b for b in exchange.bindings if b.to_exchange or b.destination != name
+            ]
+        loop = asyncio.get_running_loop()
+        for consumer in queue.consumers:
+            consumer.active = False
+            consumer.channel.consumers.pop(consumer.tag, None)
+            loop.call_soon(consumer.on_cancelled)  # consumer_cancel_notify
+        queue.consumers.clear()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def route(self, exchange: str, routing_key: str) -> list[_Queue]:
+        """The queues a message published to ``exchange`` with ``routing_key`` reaches."""
+        if exchange not in self.exchanges and exchange != "":
+            raise TopologyError(f"NOT_FOUND - no exchange {exchange!r}")
+        found: dict[str, _Queue] = {}
+        self._route(exchange, routing_key, found, set())
+        return list(found.values())
+
+    def _route(self, name: str, key: str, found: dict[str, _Queue], seen: set[str]) -> None:
+        if name == "":
+            if key in self.queues:
+                found[key] = self.queues[key]
+            return
+        exchange = self.exchanges.get(name)
+        if exchange is None or name in seen:
+            return
+        seen.add(name)
+        matched = False
+        for binding in exchange.bindings:
+            if not exchange.matches(binding.routing_key, key):
+                continue
+            if binding.to_exchange:
+                if binding.destination in self.exchanges:
+                    matched = True
+                    self._route(binding.destination, key, found, seen)
+            elif binding.destination in self.queues:
+                matched = True
+                found[binding.destination] = self.queues[binding.destination]
+        alternate = exchange.arguments.get("alternate-exchange")
+        if not matched and isinstance(alternate, str):
+            self._route(alternate, key, found, seen)
+
+    def publish(self, envelope: _Envelope) -> int:
+        """Enqueue a copy in every queue the message routes to; the number of queues."""
+        queues = self.route(envelope.exchange, envelope.routing_key)
+        for queue in queues:
+            self._enqueue(queue, envelope.copy())
+        return len(queues)
+
+    # -- queues ------------------------------------------------------------------------------
+
+    def _enqueue(self, queue: _Queue, env: _Envelope, *, front: bool = False) -> None:
+        if queue.deleted:
+            return
+        if front:
+            queue.ready.appendleft(env)
+        else:
+            queue.ready.append(env)
+        ttl = queue.arguments.get("x-message-ttl")
+        if isinstance(ttl, int) and env.expiry is None:
+            loop = asyncio.get_running_loop()
+            env.expiry = loop.call_later(ttl / 1000, self._expire, queue, env)
+        self.schedule_dispatch(queue)
+
+    def _expire(self, queue: _Queue, env: _Envelope) -> None:
+        env.expiry = None
+        if queue.deleted:
+            return
+        if queue.ready and queue.ready[0] is env:
+            queue.ready.popleft()
+        else:
+            try:
+                queue.ready.remove(env)
+            except ValueError:
+                return  # delivered meanwhile: TTL only applies to messages waiting in a queue
+        self._dead_letter(queue, env, "expired")
+
+    def _dead_letter(self, queue: _Queue, env: _Envelope, reason: str) -> None:
+        """Republish to the queue's dead-letter exchange (or drop, as RabbitMQ does)."""
+        _cancel_expiry(env)
+        exchange = queue.arguments.get("x-dead-letter-exchange")
+        if not isinstance(exchange, str):
+            return
+        key = queue.arguments.get("x-dead-letter-routing-key", env.routing_key)
+        dead = env.copy()
+        deaths = list(dead.headers.get("x-death", []))
+        deaths.insert(
+            0,
+            {
+                "count": 1,
+                "reason": reason,
+                "queue": queue.name,
+                "exchange": env.exchange,
+                "routing-keys": [env.routing_key],
+                "time": int(time.time()),
+            },
+        )
+        dead.headers["x-death"] = deaths
+        dead.headers.pop("x-delivery-count", None)
+        dead.exchange = exchange
+        dead.routing_key = str(key)
+        try:
+            targets = self.route(exchange, dead.routing_key)
+        except TopologyError:
+            return  # a missing dead-letter exchange drops the message, as RabbitMQ does
+        for target in targets:
+            self._enqueue(target, dead.copy())
+
+    def give_back(self, queue: _Queue, env: _Envelope) -> None:
+        """An unacked message returns to the head of its queue, marked redelivered."""
+        if queue.deleted:
+            return
+        env.redelivered = True
+        env.returns += 1
+        limit = queue.arguments.get("x-delivery-limit")
+        if isinstance(limit, int):
+            env.headers["x-delivery-count"] = env.returns
+            if env.returns > limit:
+                self._dead_letter(queue, env, "delivery_limit")
+                return
+        self._enqueue(queue, env, front=True)
+
+    def schedule_dispatch(self, queue: _Queue) -> None:
+        if not queue.dispatch_scheduled and queue.consumers:
+            queue.dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch, queue)
+
+    def _dispatch(self, queue: _Queue) -> None:
+        queue.dispatch_scheduled = False
+        loop = asyncio.get_running_loop()
+        while queue.ready and not queue.deleted:
+            consumer = _next_with_room(queue)
+            if consumer is None:
+                return
+            env = queue.ready.popleft()
+            _cancel_expiry(env)
+            tag = consumer.channel.take(queue, env)
+            loop.call_soon(consumer.channel.deliver, consumer, tag)
+
+    def new_consumer_tag(self) -> str:
+        return f"memory.ctag.{next(self._consumer_tags)}"
+
+
+def _next_with_room(queue: _Queue) -> _Consumer | None:
+    consumers = queue.consumers
+    for step in range(len(consumers)):
+        index = (queue.next_consumer + step) % len(consumers)
+        consumer = consumers[index]
+        if consumer.channel.has_room():
+            queue.next_consumer = index + 1
+            return consumer
+    return None
+
+
+def _cancel_expiry(env: _Envelope) -> None:
+    if env.expiry is not None:
+        env.expiry.cancel()
+        env.expiry = None
+
+
+def _check_equivalent(kind: str, name: str, current: dict[str, Any], wanted: dict[str, Any]) -> None:
+    for arg in sorted(set(current) | set(wanted)):
+        if current.get(arg) != wanted.get(arg):
+            raise TopologyError(
+                f"inequivalent arg {arg!r} for {kind} {name!r}: received {wanted.get(arg)!r} "
+                f"but current is {current.get(arg)!r}. The {kind} already exists with other "
+                "arguments: delete it (after draining) or change the Worker to match"
+            )
+
+
+class MemoryChannel:
+    """A channel on a :class:`MemoryBroker`; the same contract as the pika channel."""
+
+    def __init__(self, connection: MemoryConnection, prefetch: int | None, confirms: bool) -> None:
+        self.connection = connection
+        self.broker = connection.broker
+        self.prefetch = prefetch or 0
+        self.confirms = confirms
+        self.unacked: dict[int, tuple[_Queue, _Envelope]] = {}
+        self.consumers: dict[str, _Consumer] = {}
+        # Every ack and nack in order, for tests: ("ack", tag, multiple) / ("nack", tag, requeue).
+        self.history: list[tuple[str, int, bool]] = []
+        self.published = 0
+        self._tags = itertools.count(1)
+        self._close_error: WorkerkitError | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._close_error is None
+
+    async def _rpc(self) -> None:
+        """Every broker call is a round trip: check the channel, then let the loop run."""
+        if self._close_error is not None:
+            raise self._close_error
+        await asyncio.sleep(0)
+        if self._close_error is not None:
+            raise self._close_error
+
+    def _broker_call(self, call: Callable[[], Any]) -> Any:
+        """Run a broker operation; an error closes the channel, as a channel exception does."""
+        try:
+            return call()
+        except TopologyError as exc:
+            self._fail(exc)
+            raise
+
+    # -- topology ----------------------------------------------------------------------------
+
+    async def declare_exchange(self, spec: ExchangeSpec) -> None:
+        await self._rpc()
+        self._broker_call(lambda: self.broker.declare_exchange(spec))
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        await self._rpc()
+        self._broker_call(lambda: self.broker.declare_queue(spec))
+
+    async def queue_state(self, name: str) -> tuple[int, int]:
+        await self._rpc()
+        queue: _Queue = self._broker_call(lambda: self.broker._queue(name))
+        return len(queue.ready), len(queue.consumers)
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._rpc()
+        self._broker_call(lambda: self.broker.bind(queue, exchange, routing_key, False))
+
+    async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        await self._rpc()
+        self._broker_call(lambda: self.broker.bind(destination, source, routing_key, True))
+
+    async def delete_queue(self, name: str) -> None:
+        await self._rpc()
+        self.broker.delete_queue(name)
+
+    async def purge(self, name: str) -> int:
+        await self._rpc()
+        queue: _Queue = self._broker_call(lambda: self.broker._queue(name))
+        count = len(queue.ready)
+        for env in queue.ready:
+            _cancel_expiry(env)
+        queue.ready.clear()
+        return count
+
+    async def get(self, queue: str) -> Message | None:
+        await self._rpc()
+        source: _Queue = self._broker_call(lambda: self.broker._queue(queue))
+        if not source.ready:
+            return None
+        env = source.ready.popleft()
+        _cancel_expiry(env)
+        return env.to_message(self.take(source, env))
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def consume(
+        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+    ) -> str:
+        await self._rpc()
+        source: _Queue = self._broker_call(lambda: self.broker._queue(queue))
+        consumer = _Consumer(
+            self.broker.new_consumer_tag(), source, self, on_message, on_cancelled
+        )
+        source.consumers.append(consumer)
+        self.consumers[consumer.tag] = consumer
+        self.broker.schedule_dispatch(source)
+        return consumer.tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        if not self.is_open:
+            return
+        consumer = self.consumers.pop(consumer_tag, None)
+        if consumer is not None:
+            consumer.active = False
+            if consumer in consumer.queue.consumers:
+                consumer.queue.consumers.remove(consumer)
+        await self._rpc()
+
+    def has_room(self) -> bool:
+        return self.prefetch == 0 or len(self.unacked) < self.prefetch
+
+    def take(self, queue: _Queue, env: _Envelope) -> int:
+        """Record a delivery on this channel; its delivery tag."""
+        tag = next(self._tags)
+        self.unacked[tag] = (queue, env)
+        return tag
+
+    def deliver(self, consumer: _Consumer, tag: int) -> None:
+        entry = self.unacked.get(tag)
+        if entry is None or not self.is_open:
+            return  # the channel closed meanwhile and the message went back to its queue
+        if not consumer.active:
+            # Like pika: a delivery for a cancelled consumer is handed back to the broker.
+            del self.unacked[tag]
+            self.broker.give_back(*entry)
+            return
+        consumer.on_message(entry[1].to_message(tag))
+
+    def _settle(self, delivery_tag: int, multiple: bool) -> list[tuple[_Queue, _Envelope]]:
+        if multiple:
+            tags = [t for t in self.unacked if t <= delivery_tag]
+        else:
+            tags = [delivery_tag] if delivery_tag in self.unacked else []
+        if not tags:
+            error = f"PRECONDITION_FAILED - unknown delivery tag {delivery_tag}"
+            self.broker.channel_errors.append(error)
+            self._fail(ConnectionFailed(f"channel closed by the broker: {error}"))
+            return []
+        settled = [self.unacked.pop(t) for t in sorted(tags)]
+        for queue in {id(q): q for q, _ in settled}.values():
+            self.broker.schedule_dispatch(queue)
+        self._refill()
+        return settled
+
+    def _refill(self) -> None:
+        for consumer in self.consumers.values():
+            self.broker.schedule_dispatch(consumer.queue)
+
+    def ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        if not self.is_open:
+            return  # like the pika transport: the broker has requeued it already
+        self.history.append(("ack", delivery_tag, multiple))
+        self._settle(delivery_tag, multiple)
+
+    def nack(self, delivery_tag: int, requeue: bool = True) -> None:
+        if not self.is_open:
+            return
+        self.history.append(("nack", delivery_tag, requeue))
+        for queue, env in self._settle(delivery_tag, False):
+            if requeue:
+                self.broker.give_back(queue, env)
+            else:
+                self.broker._dead_letter(queue, env, "rejected")
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(self, message: Outgoing, *, mandatory: bool, timeout: float) -> None:
+        await self._rpc()
+        envelope = _Envelope.from_outgoing(message)
+        count: int = self._broker_call(lambda: self.broker.publish(envelope))
+        self.published += 1
+        if mandatory and count == 0:
+            raise Unroutable(message.exchange, message.routing_key)
+
+    # -- closing -----------------------------------------------------------------------------
+
+    def _fail(self, error: WorkerkitError) -> None:
+        """The channel is gone: consumers end, unacked messages go back (redelivered)."""
+        if self._close_error is not None:
+            return
+        self._close_error = error
+        for consumer in self.consumers.values():
+            consumer.active = False
+            if consumer in consumer.queue.consumers:
+                consumer.queue.consumers.remove(consumer)
+        self.consumers.clear()
+        unacked, self.unacked = self.unacked, {}
+        # Handed back newest first so that the oldest ends up at the head, as in RabbitMQ.
+        for tag in sorted(unacked, reverse=True):
+            self.broker.give_back(*unacked[tag])
+        if self in self.connection.channels:
+            self.connection.channels.remove(self)
+
+    async def close(self) -> None:
+        if self._close_error is not None:
+            return
+        self._fail(ConnectionFailed("channel closed"))
+        await asyncio.sleep(0)
+
+
+class MemoryConnection:
+    def __init__(self, broker: MemoryBroker, name: str, on_lost: OnLost) -> None:
+        self.broker = broker
+        self.name = name
+        self.channels: list[MemoryChannel] = []
+        self._on_lost = on_lost
+        self._open = True
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    async def channel(
+        self, *, prefetch: int | None = None, confirms: bool = False
+    ) -> MemoryChannel:
+        if not self._open:
+            raise ConnectionFailed("connection is closed")
+        await asyncio.sleep(0)
+        channel = MemoryChannel(self, prefetch, confirms)
+        self.channels.append(channel)
+        return channel
+
+    def _shut(self, error: WorkerkitError) -> None:
+        self._open = False
+        for channel in list(self.channels):
+            channel._fail(error)
+        if self in self.broker.connections:
+            self.broker.connections.remove(self)
+
+    def _lose(self, error: WorkerkitError) -> None:
+        if not self._open:
+            return
+        self._shut(error)
+        asyncio.get_running_loop().call_soon(self._on_lost, error)
+
+    async def close(self) -> None:
+        if self._open:
+            self._shut(ConnectionFailed("connection closed"))
+        await asyncio.sleep(0)
+
+
+class MemoryTransport:
+    """``Runner(workers, transport=MemoryTransport(broker))`` runs workers on ``broker``."""
+
+    def __init__(self, broker: MemoryBroker | None = None) -> None:
+        self.broker = broker if broker is not None else MemoryBroker()
+
+    async def connect(
+        self, settings: Settings, *, name: str, on_lost: OnLost
+    ) -> MemoryConnection:
+        await asyncio.sleep(0)
+        if self.broker.connect_error is not None:
+            raise self.broker.connect_error
+        self.broker.connects += 1
+        connection = MemoryConnection(self.broker, name, on_lost)
+        self.broker.connections.append(connection)
+        return connection
