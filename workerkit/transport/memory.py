@@ -421,7 +421,9 @@ def _cancel_expiry(env: _Envelope) -> None:
         env.expiry = None
 
 
-def _check_equivalent(kind: str, name: str, current: dict[str, Any], wanted: dict[str, Any]) -> None:
+def _check_equivalent(
+    kind: str, name: str, current: dict[str, Any], wanted: dict[str, Any]
+) -> None:
     for arg in sorted(set(current) | set(wanted)):
         if current.get(arg) != wanted.get(arg):
             raise TopologyError(
@@ -519,9 +521,7 @@ class MemoryChannel:
     ) -> str:
         await self._rpc()
         source: _Queue = self._broker_call(lambda: self.broker._queue(queue))
-        consumer = _Consumer(
-            self.broker.new_consumer_tag(), source, self, on_message, on_cancelled
-        )
+        consumer = _Consumer(self.broker.new_consumer_tag(), source, self, on_message, on_cancelled)
         source.consumers.append(consumer)
         self.consumers[consumer.tag] = consumer
         self.broker.schedule_dispatch(source)
@@ -558,10 +558,13 @@ class MemoryChannel:
         consumer.on_message(entry[1].to_message(tag))
 
     def _settle(self, delivery_tag: int, multiple: bool) -> list[tuple[_Queue, _Envelope]]:
-        if multiple:
-            tags = [t for t in self.unacked if t <= delivery_tag]
+        # As in RabbitMQ, the named tag must be outstanding even with multiple=True (0: all).
+        if multiple and delivery_tag == 0:
+            tags = list(self.unacked)
+        elif delivery_tag in self.unacked:
+            tags = [t for t in self.unacked if t <= delivery_tag] if multiple else [delivery_tag]
         else:
-            tags = [delivery_tag] if delivery_tag in self.unacked else []
+            tags = []
         if not tags:
             error = f"PRECONDITION_FAILED - unknown delivery tag {delivery_tag}"
             self.broker.channel_errors.append(error)
@@ -676,9 +679,7 @@ class MemoryTransport:
     def __init__(self, broker: MemoryBroker | None = None) -> None:
         self.broker = broker if broker is not None else MemoryBroker()
 
-    async def connect(
-        self, settings: Settings, *, name: str, on_lost: OnLost
-    ) -> MemoryConnection:
+    async def connect(self, settings: Settings, *, name: str, on_lost: OnLost) -> MemoryConnection:
         await asyncio.sleep(0)
         if self.broker.connect_error is not None:
             raise self.broker.connect_error
