@@ -1,0 +1,237 @@
+"""Publisher and AsyncPublisher against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import orjson
+import pika
+import pytest
+from pydantic import BaseModel
+
+from workerkit import (
+    AsyncPublisher,
+    MessageTooLarge,
+    Publisher,
+    PublishTimeout,
+    Settings,
+    Unroutable,
+)
+
+pytestmark = pytest.mark.integration
+
+
+class Order(BaseModel):
+    order_id: int
+    email: str
+
+
+@pytest.fixture
+def queue(settings: Settings, unique: Callable[[str], str]) -> Iterator[str]:
+    """A queue bound to the test exchange by its own name, deleted afterwards."""
+    name = unique("pub")
+    conn = pika.BlockingConnection(pika.URLParameters(settings.url.get_secret_value()))
+    ch = conn.channel()
+    ch.exchange_declare(settings.exchange, "topic", durable=True)
+    ch.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_bind(name, settings.exchange, name)
+    yield name
+    ch.queue_delete(name)
+    conn.close()
+
+
+def drain(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Every message in ``queue`` (acked)."""
+    conn = pika.BlockingConnection(pika.URLParameters(settings.url.get_secret_value()))
+    ch = conn.channel()
+    out = []
+    while True:
+        method, props, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        out.append((props, body))
+    conn.close()
+    return out
+
+
+def test_publish_sets_properties_and_confirms(settings: Settings, queue: str) -> None:
+    with Publisher(settings=settings) as publisher:
+        mid = publisher.publish(
+            queue,
+            Order(order_id=7, email="a@b.c"),
+            headers={"tenant": "acme"},
+            correlation_id="corr-1",
+        )
+    [(props, body)] = drain(settings, queue)
+    assert orjson.loads(body) == {"order_id": 7, "email": "a@b.c"}
+    assert props.message_id == mid
+    assert props.content_type == "application/json"
+    assert props.delivery_mode == 2
+    assert props.correlation_id == "corr-1"
+    assert props.headers["tenant"] == "acme"
+    assert abs(props.timestamp - time.time()) < 60
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_body", "ctype"),
+    [
+        ({"a": [1, 2]}, b'{"a":[1,2]}', "application/json"),
+        ([1, 2], b"[1,2]", "application/json"),
+        ("héllo", "héllo".encode(), "text/plain"),
+        (b"\x00\xff", b"\x00\xff", "application/octet-stream"),
+    ],
+)
+def test_body_types(
+    settings: Settings, queue: str, body: object, expected_body: bytes, ctype: str
+) -> None:
+    with Publisher(settings=settings) as publisher:
+        publisher.publish(queue, body)
+    [(props, raw)] = drain(settings, queue)
+    assert raw == expected_body
+    assert props.content_type == ctype
+
+
+def test_unroutable_raises(settings: Settings, unique: Callable[[str], str]) -> None:
+    with Publisher(settings=settings) as publisher, pytest.raises(Unroutable) as info:
+        publisher.publish(unique("nobody-listens"), {"x": 1})
+    assert "no queue is bound" in str(info.value)
+
+
+def test_workerkit_headers_are_refused(settings: Settings, queue: str) -> None:
+    with Publisher(settings=settings) as publisher, pytest.raises(ValueError):
+        publisher.publish(queue, {}, headers={"workerkit-attempt": 1})
+
+
+def test_too_large_is_refused_before_sending(settings: Settings, queue: str) -> None:
+    small = settings.model_copy(update={"max_body_size": 100})
+    with Publisher(settings=small) as publisher, pytest.raises(MessageTooLarge):
+        publisher.publish(queue, "x" * 101)
+    assert drain(settings, queue) == []
+
+
+def test_many_threads_each_message_exactly_once(settings: Settings, queue: str) -> None:
+    publisher = Publisher(settings=settings)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def produce(thread: int) -> None:
+        for i in range(100):
+            mid = publisher.publish(queue, {"thread": thread, "i": i})
+            with lock:
+                ids.append(mid)
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    publisher.close()
+    received = drain(settings, queue)
+    assert len(ids) == 800
+    assert sorted(p.message_id for p, _ in received) == sorted(ids)
+    assert {(b["thread"], b["i"]) for b in (orjson.loads(x) for _, x in received)} == {
+        (t, i) for t in range(8) for i in range(100)
+    }
+
+
+def test_publish_many(settings: Settings, queue: str) -> None:
+    with Publisher(settings=settings) as publisher:
+        ids = publisher.publish_many([(queue, {"i": i}) for i in range(500)])
+    received = drain(settings, queue)
+    assert len(set(ids)) == 500
+    assert sorted(p.message_id for p, _ in received) == sorted(ids)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dead_broker_fails_within_the_bound(settings: Settings) -> None:
+    url = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
+    publisher = Publisher(url=url, settings=settings)
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout):
+        publisher.publish("anything", {"x": 1}, timeout=1.5)
+    assert time.monotonic() - started < 1.5 + 2.5  # the bound plus scheduling slack
+    publisher.close()
+
+
+def test_password_never_in_errors(settings: Settings) -> None:
+    url = f"amqp://guest:s3cr3t-pw@127.0.0.1:{_free_port()}/"
+    publisher = Publisher(url=url, settings=settings)
+    with pytest.raises(PublishTimeout) as info:
+        publisher.publish("anything", {}, timeout=0.5)
+    assert "s3cr3t-pw" not in str(info.value)
+    assert "s3cr3t-pw" not in repr(publisher.settings)
+    publisher.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_survives_fork(settings: Settings, queue: str) -> None:
+    publisher = Publisher(settings=settings)
+    parent_id = publisher.publish(queue, {"who": "parent-before"})
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the pre-fork connection belongs to the parent
+        code = 0
+        try:
+            mid = publisher.publish(queue, {"who": "child"})
+            os.write(write, mid.encode())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child_id = os.read(read, 100).decode()
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0
+    after_id = publisher.publish(queue, {"who": "parent-after"})
+    publisher.close()
+    got = {p.message_id for p, _ in drain(settings, queue)}
+    assert got == {parent_id, child_id, after_id}
+
+
+async def test_async_publisher_many_in_flight(settings: Settings, queue: str) -> None:
+    async with AsyncPublisher(settings=settings) as publisher:
+        ids = await asyncio.gather(*(publisher.publish(queue, {"i": i}) for i in range(300)))
+        with pytest.raises(Unroutable):
+            await publisher.publish(queue + ".nobody", {})
+        # The channel survives an unroutable publish.
+        ids.append(await publisher.publish(queue, {"i": 300}))
+    received = drain(settings, queue)
+    assert sorted(p.message_id for p, _ in received) == sorted(ids)
+
+
+async def test_delayed_publish_arrives_after_the_delay(settings: Settings, queue: str) -> None:
+    from workerkit.topology import Topology
+    from workerkit.transport.pika_asyncio import PikaTransport
+
+    # The delay layout delivers to worker queues through delay.out: bind the test queue there.
+    conn = await PikaTransport().connect(settings, name="test", on_lost=lambda _e: None)
+    channel = await conn.channel()
+    topology = Topology(settings)
+    await topology.declare_exchanges(channel)
+    stars = ".".join(["*"] * 28)
+    await channel.bind_queue(queue, topology.delay_out, f"p.{stars}.{queue}")
+    await conn.close()
+
+    async with AsyncPublisher(settings=settings) as publisher:
+        sent = time.monotonic()
+        await publisher.publish(queue, {"late": True}, delay=1.5)
+        assert drain(settings, queue) == []
+        arrived = None
+        while time.monotonic() - sent < 10:
+            got = drain(settings, queue)
+            if got:
+                arrived = time.monotonic()
+                break
+            await asyncio.sleep(0.05)
+    assert arrived is not None, "the delayed message never arrived"
+    assert 1.5 <= arrived - sent < 3.0
