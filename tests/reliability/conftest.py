@@ -1,0 +1,90 @@
+"""Fixtures for the reliability suite: private brokers, a fault proxy, the oracle, worker processes.
+
+Nothing here touches the shared broker: every fault goes to a private RabbitMQ node (see
+broker.py). The helper modules live next to this file and are imported by name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from broker import PrivateBroker  # noqa: E402
+from harness import WorkerProcess, make_out_dir  # noqa: E402
+from oracle import Oracle  # noqa: E402
+from proxy import Proxy  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.reliability)
+
+
+@pytest.fixture(scope="session")
+def private_broker() -> Iterator[PrivateBroker]:
+    """One private node for the session; scenarios leave it running and healthy."""
+    if shutil.which("rabbitmq-server") is None:
+        pytest.skip("rabbitmq-server is not installed")
+    broker = PrivateBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def fresh_broker() -> Iterator[PrivateBroker]:
+    """A node of its own, for scenarios that wreck state (restarts)."""
+    broker = PrivateBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def proxy(private_broker: PrivateBroker) -> Iterator[Proxy]:
+    """A loopback TCP proxy in front of the private broker."""
+    p = Proxy("127.0.0.1", private_broker.port).start()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def oracle(request: pytest.FixtureRequest) -> Oracle:
+    return Oracle(request.node.name.removeprefix("test_"))
+
+
+@pytest.fixture
+def out_dir() -> Iterator[Path]:
+    path = make_out_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def workers(out_dir: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes writing to ``out_dir``; every one is killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(queue: str, url: str, **settings: Any) -> WorkerProcess:
+        proc = WorkerProcess(queue, url, out_dir, **settings)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.close()

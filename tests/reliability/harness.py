@@ -1,0 +1,230 @@
+"""Worker subprocesses, a background publishing load and deadline waits for the scenarios."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from oracle import Oracle, read_finished_file
+
+import workerkit
+
+HERE = Path(__file__).parent
+EXCHANGE = "wkr"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+    """Poll ``condition`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+def worker_env(url: str, **settings: Any) -> dict[str, str]:
+    """Environment for a worker process: WORKERKIT_* settings, nothing inherited that could leak."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WORKERKIT_")}
+    env["WORKERKIT_URL"] = url
+    env["WORKERKIT_EXCHANGE"] = EXCHANGE
+    for key, value in {"reconnect_max_delay": 1.0, "connect_timeout": 5.0, **settings}.items():
+        env[f"WORKERKIT_{key.upper()}"] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """``worker_proc.py`` in a subprocess; several may share one out dir (one "finished" file)."""
+
+    def __init__(self, queue: str, url: str, out_dir: Path, mode: str = "async", **settings: Any) -> None:
+        self.queue = queue
+        self.out_dir = out_dir
+        self.stats_path = out_dir / f"stats-{uuid.uuid4().hex[:6]}"
+        env = worker_env(url, **settings)
+        env["WORKERKIT_TEST_MODE"] = mode
+        self.log = open(out_dir / f"log-{self.stats_path.name}.txt", "wb")  # noqa: SIM115
+        run_dir = self.stats_path.with_suffix(".d")
+        run_dir.mkdir()
+        # The finished file is shared; the stats file is per process.
+        (run_dir / "finished").symlink_to(out_dir / "finished")
+        self.run_dir = run_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "worker_proc.py"), queue, str(run_dir)],
+            env=env,
+            cwd=run_dir,  # no stray .env file gets read
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.run_dir / "stats.json").read_text()))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.stats().get("healthy")) and self.proc.poll() is None
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        wait_until(self._healthy_or_dead, timeout, f"worker on {self.queue} to consume")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+
+    def _healthy_or_dead(self) -> bool:
+        return self.healthy or self.proc.poll() is not None
+
+    def recovered_after(self, fault_at: float, timeout: float = 60.0) -> float:
+        """Seconds from ``fault_at`` (time.time()) until the consumer was back after it."""
+
+        def back() -> float | None:
+            later = [t for t in self.stats().get("back_at", []) if t > fault_at]
+            return later[0] - fault_at if later else None
+
+        wait_until(lambda: back() is not None or self.proc.poll() is not None, timeout, "recovery")
+        value = back()
+        if value is None:
+            raise AssertionError(f"worker died instead of recovering:\n{self.output()}")
+        return value
+
+    def output(self) -> str:
+        self.log.flush()
+        return (self.out_dir / f"log-{self.stats_path.name}.txt").read_text(errors="replace")[-4000:]
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+class Load:
+    """Publishes ``count`` messages on a thread with workerkit.Publisher, recording the oracle.
+
+    ``rate`` paces the stream so that faults land in the middle of it.
+    """
+
+    def __init__(
+        self,
+        oracle: Oracle,
+        url: str,
+        queue: str,
+        count: int,
+        *,
+        rate: float = 200.0,
+        body: Callable[[int], dict[str, Any]] = lambda n: {"n": n},
+        publish_timeout: float = 5.0,
+        threads: int = 2,
+    ) -> None:
+        self.oracle = oracle
+        self.queue = queue
+        self.count = count
+        self.rate = rate
+        self.body = body
+        self.errors: list[BaseException] = []
+        settings = workerkit.Settings(
+            url=url,  # type: ignore[arg-type]
+            exchange=EXCHANGE,
+            publish_timeout=publish_timeout,
+            connect_timeout=2.0,
+        )
+        self.publisher = workerkit.Publisher(settings=settings)
+        self._next = 0
+        self._lock = threading.Lock()
+        self._started = 0.0
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def start(self) -> Load:
+        self._started = time.monotonic()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _claim(self) -> int | None:
+        with self._lock:
+            if self._next >= self.count:
+                return None
+            n = self._next
+            self._next += 1
+            return n
+
+    def _run(self) -> None:
+        while (n := self._claim()) is not None:
+            due = self._started + n / self.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            message_id = f"m{n}"
+            self.oracle.attempt(message_id)
+            try:
+                self.publisher.publish(self.queue, self.body(n), message_id=message_id)
+            except workerkit.PublishError as exc:
+                self.oracle.fail(message_id)
+                self.errors.append(exc)
+            except Exception as exc:
+                # Anything else escaping a publish is a contract breach, recorded for the test.
+                self.oracle.fail(message_id)
+                self.errors.append(exc)
+            else:
+                self.oracle.confirm(message_id)
+
+    @property
+    def published(self) -> int:
+        return self._next
+
+    def join(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), "publisher thread did not finish"
+        self.publisher.close()
+
+    def foreign_errors(self) -> list[BaseException]:
+        """Errors outside the PublishError tree (must be none)."""
+        return [e for e in self.errors if not isinstance(e, workerkit.PublishError)]
+
+
+def collect(oracle: Oracle, out_dir: Path) -> None:
+    """Refresh the oracle's finished counts from the shared finished file."""
+    oracle.finished.clear()
+    oracle.finish_many(read_finished_file(out_dir / "finished"))
+
+
+def settle(oracle: Oracle, url: str, queue: str, out_dir: Path, timeout: float = 60.0) -> None:
+    """Wait until every confirmed message is finished or dead-lettered (deadline)."""
+
+    def done() -> bool:
+        collect(oracle, out_dir)
+        if oracle.lost:
+            oracle.read_dlq(url, queue)
+        return not oracle.lost
+
+    try:
+        wait_until(done, timeout, "every confirmed message to be finished or dead-lettered", 0.2)
+    except AssertionError:
+        pass  # the oracle's check reports what is missing, with ids
+
+
+def make_out_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="wkr-out-"))

@@ -1,0 +1,123 @@
+"""A TCP proxy on loopback between clients and a broker port, to cut, stall or reset links.
+
+It runs its own event loop on a daemon thread, so it works the same under sync and async tests.
+``stall()`` stops forwarding bytes in both directions while keeping every socket open: the
+only way a peer can notice is a missed heartbeat. ``cut()`` resets every connection (RST).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+
+class Proxy:
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.port = 0
+        self.accepted = 0  # connections opened through the proxy so far
+        self._loop = asyncio.new_event_loop()
+        self._flowing: asyncio.Event
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
+
+    def url(self, user: str = "guest", password: str = "guest") -> str:
+        return f"amqp://{user}:{password}@127.0.0.1:{self.port}/"
+
+    # -- control (any thread) ----------------------------------------------------------------
+
+    def start(self) -> Proxy:
+        self._thread.start()
+        self._run(self._start())
+        return self
+
+    def close(self) -> None:
+        self._run(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def cut(self) -> None:
+        """Reset every open connection; new connections are still accepted."""
+        self._run(self._reset_all())
+
+    def stall(self) -> None:
+        """Stop forwarding bytes without closing anything (a black hole)."""
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def resume(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers) // 2
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    # -- loop side ---------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._reset_all()
+
+    async def _reset_all(self) -> None:
+        for writer in list(self._writers):
+            _reset(writer)
+        self._writers.clear()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            _reset(client_w)
+            return
+        self._writers.update((client_w, up_w))
+        pumps = [
+            asyncio.create_task(self._pump(client_r, up_w)),
+            asyncio.create_task(self._pump(up_r, client_w)),
+        ]
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        for writer in (client_w, up_w):
+            if writer in self._writers:
+                self._writers.discard(writer)
+                writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                # Bytes read during a stall are held back, never dropped: after resume()
+                # the stream continues where it stopped.
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with SO_LINGER 0 so that the peer sees a reset, not an orderly FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()
