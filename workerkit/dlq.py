@@ -1,0 +1,393 @@
+"""Dead-letter queue tooling: list, show, replay and purge ``<queue>.dlq`` (the API behind
+``workerkit dlq``).
+
+Every function takes the *work* queue name (``receipts``; ``receipts.dlq`` is accepted too) and
+``settings=`` / ``url=`` like everything else that connects. The async functions have ``*_sync``
+twins for scripts and shells.
+
+Guarantees:
+
+* Listing and showing never lose or reorder messages: they are read with ``basic.get`` (manual
+  ack) and handed back with ``basic.nack(requeue=True)`` one by one in the order they were read.
+  (A quorum queue puts returned messages back in the order they are returned; closing the channel
+  would return them in reverse.) Each return counts as a delivery on the DLQ, which has no
+  delivery limit, so nothing moves.
+* Replay publishes a copy to the work queue and waits for the broker's confirm before it acks the
+  dead message: a crash in between leaves a duplicate, never a loss. The copy keeps its body,
+  message id and user headers; workerkit's failure headers and attempt count, and the broker's
+  death headers, are dropped so the message starts over as a first attempt.
+* Replay only looks at the messages that were in the DLQ when it started, so a replayed message
+  that fails again and comes back is not replayed a second time in the same call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import orjson
+
+from .errors import PublishError
+from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing
+from .settings import Settings, load_settings
+from .topology import Topology
+from .transport.base import Channel
+
+__all__ = [
+    "DeadLetter",
+    "ReplayResult",
+    "count",
+    "count_sync",
+    "dlq_of",
+    "list_dead",
+    "list_dead_sync",
+    "purge",
+    "purge_sync",
+    "replay",
+    "replay_sync",
+    "show",
+    "show_sync",
+]
+
+T = TypeVar("T")
+
+# The quorum DLQ rewrites this on every return, so it must not count towards a message's identity.
+_VOLATILE_HEADERS = frozenset({"x-delivery-count"})
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message in a dead-letter queue, with what workerkit (or the broker) recorded about it."""
+
+    id: str
+    reason: str
+    error_type: str | None
+    error_message: str | None
+    traceback: str | None
+    attempts: int | None
+    first_failure: str | None
+    failed_at: str | None
+    original_exchange: str | None
+    original_routing_key: str | None
+    body: bytes
+    content_type: str | None
+    headers: Mapping[str, Any] = field(repr=False)
+    message_id: str | None = None
+
+    def body_preview(self, limit: int = 2000) -> str:
+        """The body as readable text: pretty JSON, UTF-8 text, or a bytes repr; cut at ``limit``."""
+        text = _readable(self.body, self.content_type)
+        return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more]"
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Ids put back on the work queue, and the requested ids that were not in the DLQ."""
+
+    replayed: list[str]
+    not_found: list[str]
+
+
+def dlq_of(queue: str) -> str:
+    """The dead-letter queue of a work queue (a name already ending in ``.dlq`` is kept)."""
+    return queue if queue.endswith(".dlq") else Topology.dlq_name(queue)
+
+
+def work_queue_of(queue: str) -> str:
+    return queue.removesuffix(".dlq")
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def dead_letter_from(message: Message) -> DeadLetter:
+    """Interpret a message read from a DLQ."""
+    headers = dict(message.headers)
+    attempts = headers.get(Header.ATTEMPT)
+    return DeadLetter(
+        id=message_key(message),
+        reason=_reason(headers),
+        error_type=_text(headers.get(Header.ERROR_TYPE)),
+        error_message=_text(headers.get(Header.ERROR_MESSAGE)),
+        traceback=_text(headers.get(Header.TRACEBACK)),
+        attempts=int(attempts) if isinstance(attempts, int) else None,
+        first_failure=_text(headers.get(Header.FIRST_FAILURE)) or _death_time(headers, first=True),
+        failed_at=_text(headers.get(Header.LAST_FAILURE)) or _death_time(headers, first=False),
+        original_exchange=_text(headers.get(Header.ORIGINAL_EXCHANGE))
+        or _text(headers.get("x-first-death-exchange")),
+        original_routing_key=_text(headers.get(Header.ORIGINAL_ROUTING_KEY))
+        or _first_death_routing_key(headers),
+        body=message.body,
+        content_type=message.content_type,
+        headers=headers,
+        message_id=message.message_id,
+    )
+
+
+def message_key(message: Message) -> str:
+    """The message id, or (when a publisher set none) a stable hash of body and headers."""
+    if message.message_id:
+        return message.message_id
+    stable = {k: v for k, v in message.headers.items() if k not in _VOLATILE_HEADERS}
+    digest = hashlib.sha256(message.body)
+    digest.update(orjson.dumps(stable, default=str, option=orjson.OPT_SORT_KEYS))
+    return "h-" + digest.hexdigest()[:16]
+
+
+def _reason(headers: Mapping[str, Any]) -> str:
+    reason = _text(headers.get(Header.REASON))
+    if reason:
+        return reason
+    # Dead-lettered by the broker itself: a quorum queue's delivery limit, a TTL, a nack...
+    broker_reason = _text(headers.get("x-first-death-reason"))
+    if broker_reason:
+        return broker_reason.replace("_", "-")
+    return "unknown"
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _deaths(headers: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    deaths = headers.get("x-death")
+    return [d for d in deaths if isinstance(d, Mapping)] if isinstance(deaths, list) else []
+
+
+def _death_time(headers: Mapping[str, Any], *, first: bool) -> str | None:
+    # x-death is most recent first.
+    deaths = _deaths(headers)
+    if not deaths:
+        return None
+    when = (deaths[-1] if first else deaths[0]).get("time")
+    if isinstance(when, datetime):
+        return when.isoformat().replace("+00:00", "Z")
+    return _text(when)
+
+
+def _first_death_routing_key(headers: Mapping[str, Any]) -> str | None:
+    deaths = _deaths(headers)
+    keys = deaths[-1].get("routing-keys") if deaths else None
+    return _text(keys[0]) if isinstance(keys, list) and keys else None
+
+
+def _readable(body: bytes, content_type: str | None) -> str:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return repr(body)
+    if content_type is None or content_type.startswith("application/json"):
+        try:
+            return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+        except ValueError:
+            pass
+    return text
+
+
+# -- broker access -----------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _dlq_channel(settings: Settings) -> AsyncIterator[Channel]:
+    from .transport.pika_asyncio import PikaTransport
+
+    connection = await PikaTransport().connect(
+        settings, name="workerkit-dlq", on_lost=lambda _exc: None
+    )
+    try:
+        yield await connection.channel(confirms=True)
+    finally:
+        await connection.close()
+
+
+class _Reader:
+    """Reads a queue with manual acks and hands back, in order, whatever it did not settle."""
+
+    def __init__(self, channel: Channel, queue: str) -> None:
+        self.channel = channel
+        self.queue = queue
+        self._held: dict[int, None] = {}  # insertion-ordered: the order of reading
+
+    async def read(self, limit: int | None) -> AsyncIterator[Message]:
+        count = 0
+        while limit is None or count < limit:
+            message = await self.channel.get(self.queue)
+            if message is None:
+                return
+            count += 1
+            self._held[message.delivery_tag] = None
+            yield message
+
+    def settle(self, message: Message) -> None:
+        """Ack ``message``: it is gone from the queue."""
+        self.channel.ack(message.delivery_tag)
+        del self._held[message.delivery_tag]
+
+    def give_back(self) -> None:
+        for tag in self._held:  # ascending: keeps the queue's order (see the module docstring)
+            self.channel.nack(tag, requeue=True)
+        self._held.clear()
+
+
+async def _ready_count(channel: Channel, queue: str) -> int:
+    ready, _consumers = await channel.queue_state(queue)
+    return ready
+
+
+async def list_dead(
+    queue: str,
+    *,
+    settings: Settings | None = None,
+    url: str | None = None,
+    limit: int | None = None,
+) -> list[DeadLetter]:
+    """The DLQ of ``queue``, oldest first (at most ``limit`` messages); nothing is removed."""
+    settings = load_settings(settings, url)
+    dlq = dlq_of(queue)
+    async with _dlq_channel(settings) as channel:
+        await channel.queue_state(dlq)  # a missing DLQ is a clear TopologyError, not "empty"
+        reader = _Reader(channel, dlq)
+        try:
+            return [dead_letter_from(m) async for m in reader.read(limit)]
+        finally:
+            reader.give_back()
+            await channel.close()
+
+
+async def show(
+    queue: str, message_id: str, *, settings: Settings | None = None, url: str | None = None
+) -> list[DeadLetter]:
+    """Every message in the DLQ of ``queue`` with id ``message_id`` (usually one, or none)."""
+    found = await list_dead(queue, settings=settings, url=url)
+    return [dead for dead in found if dead.id == message_id]
+
+
+async def replay(
+    queue: str,
+    ids: Iterable[str] | None = None,
+    *,
+    settings: Settings | None = None,
+    url: str | None = None,
+) -> ReplayResult:
+    """Move messages from the DLQ of ``queue`` back to ``queue`` as first attempts.
+
+    ``ids=None`` replays everything that is in the DLQ when the call starts. Each copy is
+    confirmed by the broker before its dead original is acked (duplicate, never loss).
+    """
+    settings = load_settings(settings, url)
+    dlq, target = dlq_of(queue), work_queue_of(queue)
+    wanted = None if ids is None else set(ids)
+    replayed: list[str] = []
+    async with _dlq_channel(settings) as channel:
+        await channel.queue_state(target)  # refuse early if the work queue does not exist
+        # Only what is there now: a replayed message that fails again must not come round again.
+        present = await _ready_count(channel, dlq)
+        reader = _Reader(channel, dlq)
+        try:
+            async for message in reader.read(present):
+                key = message_key(message)
+                if wanted is not None and key not in wanted:
+                    continue
+                try:
+                    await channel.publish(
+                        _fresh_copy(message, target),
+                        mandatory=True,
+                        timeout=settings.publish_timeout,
+                    )
+                except PublishError as exc:
+                    raise PublishError(
+                        f"replaying {key!r} to {target!r}: {exc} ({len(replayed)} message(s)"
+                        f" replayed before; the rest are still in {dlq!r})"
+                    ) from exc
+                reader.settle(message)
+                replayed.append(key)
+        finally:
+            reader.give_back()
+            await channel.close()
+    missing = sorted(wanted - set(replayed)) if wanted is not None else []
+    return ReplayResult(replayed=replayed, not_found=missing)
+
+
+def _fresh_copy(message: Message, queue: str) -> Outgoing:
+    headers = {
+        key: value
+        for key, value in message.headers.items()
+        if not key.lower().startswith(Header.PREFIX) and key not in BROKER_DEATH_HEADERS
+    }
+    return Outgoing(
+        exchange="",
+        routing_key=queue,
+        body=message.body,
+        content_type=message.content_type,
+        headers=headers,
+        # Keep the id (handlers deduplicate on it); a hash key is not a real id, so do not invent
+        # one the original never had.
+        message_id=message.message_id or "",
+        correlation_id=message.correlation_id,
+        timestamp=message.timestamp or int(time.time()),
+        reply_to=message.reply_to,
+        content_encoding=message.content_encoding,
+    )
+
+
+async def count(queue: str, *, settings: Settings | None = None, url: str | None = None) -> int:
+    """How many messages wait in the DLQ of ``queue``."""
+    settings = load_settings(settings, url)
+    async with _dlq_channel(settings) as channel:
+        return await _ready_count(channel, dlq_of(queue))
+
+
+async def purge(queue: str, *, settings: Settings | None = None, url: str | None = None) -> int:
+    """Delete every message in the DLQ of ``queue``; returns how many were deleted."""
+    settings = load_settings(settings, url)
+    dlq = dlq_of(queue)
+    async with _dlq_channel(settings) as channel:
+        await channel.queue_state(dlq)
+        return await channel.purge(dlq)
+
+
+# -- sync twins --------------------------------------------------------------------------------
+
+
+def _sync(start: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(start())
+    raise RuntimeError("the *_sync DLQ functions block; inside an event loop await the async ones")
+
+
+def list_dead_sync(queue: str, **kwargs: Any) -> list[DeadLetter]:
+    """Blocking :func:`list_dead`."""
+    return _sync(lambda: list_dead(queue, **kwargs))
+
+
+def show_sync(queue: str, message_id: str, **kwargs: Any) -> list[DeadLetter]:
+    """Blocking :func:`show`."""
+    return _sync(lambda: show(queue, message_id, **kwargs))
+
+
+def replay_sync(queue: str, ids: Iterable[str] | None = None, **kwargs: Any) -> ReplayResult:
+    """Blocking :func:`replay`."""
+    return _sync(lambda: replay(queue, ids, **kwargs))
+
+
+def count_sync(queue: str, **kwargs: Any) -> int:
+    """Blocking :func:`count`."""
+    return _sync(lambda: count(queue, **kwargs))
+
+
+def purge_sync(queue: str, **kwargs: Any) -> int:
+    """Blocking :func:`purge`."""
+    return _sync(lambda: purge(queue, **kwargs))
