@@ -1,0 +1,212 @@
+"""The dev stack's files agree with each other and with the code: compose parses, every service
+runs something that imports, every file it mounts or reads exists, and the broker user in the
+workers' URL is the one definitions.json creates, with that password."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from workerkit import Worker
+from workerkit.cli import load_targets
+from workerkit.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Targets resolve from the working directory, as `workerkit run` does in the container.
+    monkeypatch.chdir(ROOT)
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    if isinstance(command, str):
+        return command.split()
+    if command[:2] == ["sh", "-c"]:
+        return command[2].split()
+    return list(command)
+
+
+def _workerkit_targets(words: list[str], verb: str) -> list[list[str]]:
+    """Targets of every ``workerkit VERB target... [--option value]`` in a command line."""
+    found = []
+    for i, word in enumerate(words[:-1]):
+        if word == "workerkit" and words[i + 1] == verb:
+            targets = []
+            for arg in words[i + 2 :]:
+                if arg.startswith("-") or arg in ("&&", ";", "||"):
+                    break
+                targets.append(arg)
+            found.append(targets)
+    return found
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in compose["services"].items() if name != "rabbitmq"}
+
+
+def test_broker_is_rabbitmq_310_with_management_and_a_health_check(
+    compose: dict[str, Any],
+) -> None:
+    broker = compose["services"]["rabbitmq"]
+    assert broker["image"].startswith("rabbitmq:3.10") and "management" in broker["image"]
+    test = broker["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "rabbitmq-diagnostics"
+    assert {"ping", "check_port_connectivity"} & set(test)
+    assert "15672:15672" in broker["ports"]
+
+
+def test_every_app_service_waits_for_a_healthy_broker(compose: dict[str, Any]) -> None:
+    services = _app_services(compose)
+    assert {"receipts", "thumbnails", "audit", "webapp", "producer"} <= set(services)
+    for name, service in services.items():
+        assert service["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+
+
+def test_each_example_worker_has_its_own_service_with_a_real_worker_class(
+    compose: dict[str, Any],
+) -> None:
+    run_targets: list[str] = []
+    for name, service in _app_services(compose).items():
+        for targets in _workerkit_targets(_command(service), "run"):
+            assert len(targets) == 1, f"{name}: one worker per process"
+            workers = load_targets(targets)
+            assert len(workers) == 1 and issubclass(workers[0], Worker), name
+            assert not workers[0].__dict__.get("abstract", False)
+            run_targets.extend(targets)
+    assert sorted(run_targets) == [
+        "workers.audit:AuditLog",
+        "workers.receipts:SendReceipt",
+        "workers.thumbnails:MakeThumbnail",
+    ]
+
+
+def test_the_producer_declares_every_worker_queue_before_publishing(
+    compose: dict[str, Any],
+) -> None:
+    words = _command(compose["services"]["producer"])
+    (targets,) = _workerkit_targets(words, "topology")
+    declared = {w.queue for w in load_targets(targets)}
+    run = [
+        t for s in _app_services(compose).values() for t in _workerkit_targets(_command(s), "run")
+    ]
+    assert {w.queue for targets in run for w in load_targets(targets)} <= declared
+    assert words.index("topology") < words.index("workers.produce")
+
+
+def test_python_modules_run_by_services_exist_and_have_main(compose: dict[str, Any]) -> None:
+    modules = []
+    for service in _app_services(compose).values():
+        words = _command(service)
+        modules += [words[i + 1] for i, w in enumerate(words[:-1]) if w == "-m"]
+    assert sorted(modules) == ["workers.produce", "workers.webapp"]
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        assert re.search(r"^def main\(", Path(spec.origin).read_text(), re.M), module
+
+
+def test_env_files_exist_and_hold_valid_settings(compose: dict[str, Any]) -> None:
+    for name, service in _app_services(compose).items():
+        for env_file in service["env_file"]:
+            path = ROOT / env_file
+            assert path.is_file(), f"{name}: {env_file} is missing"
+            pairs = _env_file(path)
+            workerkit_keys = {k: v for k, v in pairs.items() if k.startswith("WORKERKIT_")}
+            fields = {k.removeprefix("WORKERKIT_").lower(): v for k, v in workerkit_keys.items()}
+            assert set(fields) <= set(Settings.model_fields), env_file
+            if workerkit_keys:
+                # Every value must parse: the same validation the container would run.
+                Settings(**fields)  # type: ignore[arg-type]
+                assert workerkit_keys == pairs, f"{env_file}: keep app settings out of it"
+
+
+def test_mounted_config_files_exist(compose: dict[str, Any]) -> None:
+    mounts = [v for s in compose["services"].values() for v in s.get("volumes", [])]
+    host_paths = [m.split(":")[0] for m in mounts if m.startswith("./")]
+    assert len(host_paths) >= 3
+    for host_path in host_paths:
+        assert (ROOT / host_path).is_file(), host_path
+
+
+def _check_rabbit_sha256(password: str, password_hash: str) -> bool:
+    raw = base64.b64decode(password_hash)
+    salt, digest = raw[:4], raw[4:]
+    return hashlib.sha256(salt + password.encode()).digest() == digest
+
+
+def test_broker_user_in_the_url_exists_with_that_password_and_permissions(
+    compose: dict[str, Any],
+) -> None:
+    url = urlsplit(_env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
+    assert url.hostname == "rabbitmq"
+    definitions = json.loads((ROOT / "config/definitions.json").read_text())
+    (user,) = [u for u in definitions["users"] if u["name"] == url.username]
+    assert user["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+    assert _check_rabbit_sha256(url.password or "", user["password_hash"])
+    vhost = url.path.removeprefix("/") or "/"
+    (grant,) = [
+        p for p in definitions["permissions"] if p["user"] == user["name"] and p["vhost"] == vhost
+    ]
+    assert grant["configure"] == grant["write"] == grant["read"] == ".*"
+    assert not definitions["queues"], "workerkit declares its own queues, with its arguments"
+
+
+def test_rabbitmq_conf_matches_the_mounts_and_the_workers_settings(
+    compose: dict[str, Any],
+) -> None:
+    conf = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (
+            line.partition("=")
+            for line in (ROOT / "config/rabbitmq.conf").read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        )
+    )
+    mounts = compose["services"]["rabbitmq"]["volumes"]
+    assert f"./config/definitions.json:{conf['load_definitions']}:ro" in mounts
+    env = _env_file(ROOT / "config/compose.env")
+    assert int(conf["consumer_timeout"]) == 1000 * int(env["WORKERKIT_BROKER_CONSUMER_TIMEOUT"])
+    plugins = (ROOT / "config/enabled_plugins").read_text()
+    assert re.fullmatch(r"\[[a-z_,]+\]\.\n", plugins) and "rabbitmq_management" in plugins
+
+
+def test_workers_get_time_to_drain_before_docker_kills_them(compose: dict[str, Any]) -> None:
+    grace = float(_env_file(ROOT / "config/compose.env")["WORKERKIT_SHUTDOWN_GRACE"])
+    for name, service in _app_services(compose).items():
+        assert float(service["stop_grace_period"].removesuffix("s")) > grace, name
+
+
+def test_image_contains_the_package_and_the_examples() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY workerkit ./workerkit" in dockerfile
+    assert "COPY workers ./workers" in dockerfile
