@@ -9,6 +9,7 @@ because /etc/rabbitmq/rabbitmq.conf pins the listener to 5672.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -129,7 +130,9 @@ class PrivateBroker:
             last = result.stderr or result.stdout
             time.sleep(0.5)
         else:
-            raise RuntimeError(f"{self.node} did not start in {deadline_s}s: {last[-500:]}\n{self.log_tail()}")
+            raise RuntimeError(
+                f"{self.node} did not start in {deadline_s}s: {last[-500:]}\n{self.log_tail()}"
+            )
         self.wait_amqp(max(5.0, deadline - time.monotonic()))
 
     def wait_amqp(self, deadline_s: float = 30.0) -> None:
@@ -152,10 +155,8 @@ class PrivateBroker:
         self.ctl("stop", check=False, timeout=60)
         pid_file = self.base / "pid"
         if pid_file.exists():
-            try:
+            with contextlib.suppress(ValueError, ProcessLookupError):
                 os.kill(int(pid_file.read_text().strip()), 9)
-            except (ValueError, ProcessLookupError):
-                pass
         shutil.rmtree(self.base, ignore_errors=True)
 
     def stop_app(self) -> None:

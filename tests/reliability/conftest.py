@@ -16,10 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from broker import PrivateBroker  # noqa: E402
-from harness import WorkerProcess, make_out_dir  # noqa: E402
-from oracle import Oracle  # noqa: E402
-from proxy import Proxy  # noqa: E402
+from broker import PrivateBroker
+from harness import WorkerProcess, make_out_dir
+from oracle import Oracle
+from proxy import Proxy
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

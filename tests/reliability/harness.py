@@ -23,7 +23,9 @@ HERE = Path(__file__).parent
 EXCHANGE = "wkr"
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.05
+) -> None:
     """Poll ``condition`` until true; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -45,7 +47,9 @@ def worker_env(url: str, **settings: Any) -> dict[str, str]:
 class WorkerProcess:
     """``worker_proc.py`` in a subprocess; several may share one out dir (one "finished" file)."""
 
-    def __init__(self, queue: str, url: str, out_dir: Path, mode: str = "async", **settings: Any) -> None:
+    def __init__(
+        self, queue: str, url: str, out_dir: Path, mode: str = "async", **settings: Any
+    ) -> None:
         self.queue = queue
         self.out_dir = out_dir
         self.stats_path = out_dir / f"stats-{uuid.uuid4().hex[:6]}"
@@ -100,7 +104,9 @@ class WorkerProcess:
 
     def output(self) -> str:
         self.log.flush()
-        return (self.out_dir / f"log-{self.stats_path.name}.txt").read_text(errors="replace")[-4000:]
+        return (self.out_dir / f"log-{self.stats_path.name}.txt").read_text(errors="replace")[
+            -4000:
+        ]
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -136,8 +142,10 @@ class Load:
         body: Callable[[int], dict[str, Any]] = lambda n: {"n": n},
         publish_timeout: float = 5.0,
         threads: int = 2,
+        prefix: str = "m",
     ) -> None:
         self.oracle = oracle
+        self.prefix = prefix
         self.queue = queue
         self.count = count
         self.rate = rate
@@ -175,7 +183,7 @@ class Load:
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            message_id = f"m{n}"
+            message_id = f"{self.prefix}{n}"
             self.oracle.attempt(message_id)
             try:
                 self.publisher.publish(self.queue, self.body(n), message_id=message_id)

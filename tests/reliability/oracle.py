@@ -91,7 +91,9 @@ class Oracle:
     def check(self, *, max_duplicates: int) -> None:
         """Assert the verdict and record this scenario's row when asked to."""
         self.write_row()
-        assert not self.lost, f"{self.name}: {len(self.lost)} confirmed message(s) lost: {sorted(self.lost)[:10]}"
+        assert not self.lost, (
+            f"{self.name}: {len(self.lost)} confirmed message(s) lost: {sorted(self.lost)[:10]}"
+        )
         assert not self.unexpected, f"{self.name}: unexpected ids {sorted(self.unexpected)[:10]}"
         assert self.duplicates <= max_duplicates, (
             f"{self.name}: {self.duplicates} duplicates > bound {max_duplicates}"

@@ -1,13 +1,16 @@
 """A TCP proxy on loopback between clients and a broker port, to cut, stall or reset links.
 
 It runs its own event loop on a daemon thread, so it works the same under sync and async tests.
-``stall()`` stops forwarding bytes in both directions while keeping every socket open: the
-only way a peer can notice is a missed heartbeat. ``cut()`` resets every connection (RST).
+``stall()`` stops forwarding bytes (and closes) on every open connection while keeping the
+sockets open, like a dead network path: the only way a peer can notice is a missed heartbeat.
+Connections opened after the stall flow normally, so a client that gives up on the dead one can
+reconnect. ``cut()`` resets every open connection (RST).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -21,7 +24,7 @@ class Proxy:
         self.port = 0
         self.accepted = 0  # connections opened through the proxy so far
         self._loop = asyncio.new_event_loop()
-        self._flowing: asyncio.Event
+        self._links: dict[asyncio.StreamWriter, asyncio.Event] = {}  # client side -> flowing
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.base_events.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="proxy")
@@ -46,11 +49,19 @@ class Proxy:
         self._run(self._reset_all())
 
     def stall(self) -> None:
-        """Stop forwarding bytes without closing anything (a black hole)."""
-        self._loop.call_soon_threadsafe(self._flowing.clear)
+        """Black-hole every open connection: no bytes, no close, in either direction."""
+        self._run(self._set_flow(False))
 
     def resume(self) -> None:
-        self._loop.call_soon_threadsafe(self._flowing.set)
+        """Let stalled connections flow again (what was held back is delivered)."""
+        self._run(self._set_flow(True))
+
+    async def _set_flow(self, flowing: bool) -> None:
+        for event in self._links.values():
+            if flowing:
+                event.set()
+            else:
+                event.clear()
 
     @property
     def open_connections(self) -> int:
@@ -62,8 +73,6 @@ class Proxy:
     # -- loop side ---------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        self._flowing = asyncio.Event()
-        self._flowing.set()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -76,6 +85,7 @@ class Proxy:
         for writer in list(self._writers):
             _reset(writer)
         self._writers.clear()
+        self._links.clear()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.accepted += 1
@@ -85,27 +95,33 @@ class Proxy:
             _reset(client_w)
             return
         self._writers.update((client_w, up_w))
+        flowing = asyncio.Event()
+        flowing.set()
+        self._links[client_w] = flowing
         pumps = [
-            asyncio.create_task(self._pump(client_r, up_w)),
-            asyncio.create_task(self._pump(up_r, client_w)),
+            asyncio.create_task(self._pump(client_r, up_w, flowing)),
+            asyncio.create_task(self._pump(up_r, client_w, flowing)),
         ]
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         for task in pumps:
             task.cancel()
+        self._links.pop(client_w, None)
         for writer in (client_w, up_w):
             if writer in self._writers:
                 self._writers.discard(writer)
                 writer.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event
+    ) -> None:
         try:
             while True:
                 data = await reader.read(65536)
+                # Bytes (and an EOF) read during a stall are held back, never dropped: after
+                # resume() the stream continues where it stopped.
+                await flowing.wait()
                 if not data:
                     return
-                # Bytes read during a stall are held back, never dropped: after resume()
-                # the stream continues where it stopped.
-                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -116,8 +132,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     """Close with SO_LINGER 0 so that the peer sees a reset, not an orderly FIN."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
     writer.transport.abort()

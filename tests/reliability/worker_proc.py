@@ -116,4 +116,6 @@ async def main(queue: str, out_dir: Path, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], Path(sys.argv[2]), os.environ.get("WORKERKIT_TEST_MODE", "async")))
+    asyncio.run(
+        main(sys.argv[1], Path(sys.argv[2]), os.environ.get("WORKERKIT_TEST_MODE", "async"))
+    )
