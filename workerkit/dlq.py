@@ -7,11 +7,12 @@ twins for scripts and shells.
 
 Guarantees:
 
-* Listing and showing never lose or reorder messages: they are read with ``basic.get`` (manual
-  ack) and handed back with ``basic.nack(requeue=True)`` one by one in the order they were read.
-  (A quorum queue puts returned messages back in the order they are returned; closing the channel
-  would return them in reverse.) Each return counts as a delivery on the DLQ, which has no
-  delivery limit, so nothing moves.
+* Listing and showing never lose or reorder messages: every message that was in the DLQ when the
+  call started is read with ``basic.get`` (manual ack) and handed back with
+  ``basic.nack(requeue=True)`` one by one in the order it was read. (A quorum queue delivers
+  returned messages first, in the order they were returned; closing the channel would return them
+  in reverse, and returning only a prefix would rotate the queue.) Each return counts as a
+  delivery on the DLQ, which has no delivery limit, so nothing moves.
 * Replay publishes a copy to the work queue and waits for the broker's confirm before it acks the
   dead message: a crash in between leaves a duplicate, never a loss. The copy keeps its body,
   message id and user headers; workerkit's failure headers and attempt count, and the broker's
@@ -34,7 +35,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .errors import PublishError
+from .errors import PublishError, TopologyError
 from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing
 from .settings import Settings, load_settings
 from .topology import Topology
@@ -241,7 +242,14 @@ class _Reader:
 
 
 async def _ready_count(channel: Channel, queue: str) -> int:
-    ready, _consumers = await channel.queue_state(queue)
+    """Messages ready in ``queue``; TopologyError naming it when it does not exist."""
+    try:
+        ready, _consumers = await channel.queue_state(queue)
+    except TopologyError:
+        raise TopologyError(
+            f"queue {queue!r} does not exist (declare it with `workerkit topology` or by running"
+            " its worker)"
+        ) from None
     return ready
 
 
@@ -256,10 +264,16 @@ async def list_dead(
     settings = load_settings(settings, url)
     dlq = dlq_of(queue)
     async with _dlq_channel(settings) as channel:
-        await channel.queue_state(dlq)  # a missing DLQ is a clear TopologyError, not "empty"
+        present = await _ready_count(channel, dlq)  # a missing DLQ: TopologyError, not "empty"
         reader = _Reader(channel, dlq)
+        found: list[DeadLetter] = []
         try:
-            return [dead_letter_from(m) async for m in reader.read(limit)]
+            # Read all of it even with a limit: a quorum queue puts returned messages behind the
+            # ones returned before, so returning only a prefix would rotate the queue.
+            async for message in reader.read(present):
+                if limit is None or len(found) < limit:
+                    found.append(dead_letter_from(message))
+            return found
         finally:
             reader.give_back()
             await channel.close()
@@ -290,7 +304,7 @@ async def replay(
     wanted = None if ids is None else set(ids)
     replayed: list[str] = []
     async with _dlq_channel(settings) as channel:
-        await channel.queue_state(target)  # refuse early if the work queue does not exist
+        await _ready_count(channel, target)  # refuse early if the work queue does not exist
         # Only what is there now: a replayed message that fails again must not come round again.
         present = await _ready_count(channel, dlq)
         reader = _Reader(channel, dlq)
@@ -331,9 +345,9 @@ def _fresh_copy(message: Message, queue: str) -> Outgoing:
         body=message.body,
         content_type=message.content_type,
         headers=headers,
-        # Keep the id (handlers deduplicate on it); a hash key is not a real id, so do not invent
-        # one the original never had.
-        message_id=message.message_id or "",
+        # Keep the id: handlers deduplicate on it. An id-less message gets its stable hash, so
+        # a duplicate replay carries the same id and a broker return can be matched to it.
+        message_id=message_key(message),
         correlation_id=message.correlation_id,
         timestamp=message.timestamp or int(time.time()),
         reply_to=message.reply_to,
@@ -353,7 +367,7 @@ async def purge(queue: str, *, settings: Settings | None = None, url: str | None
     settings = load_settings(settings, url)
     dlq = dlq_of(queue)
     async with _dlq_channel(settings) as channel:
-        await channel.queue_state(dlq)
+        await _ready_count(channel, dlq)
         return await channel.purge(dlq)
 
 
