@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import workerkit
 from broker import PrivateBroker
 from harness import Load, WorkerProcess, collect, settle
 from oracle import Oracle
@@ -174,3 +175,39 @@ def test_proxy_stall_detected_by_heartbeat(
     proxy.resume()
     assert worker.stats()["reconnects"] >= 1
     oracle.check(max_duplicates=PREFETCH * oracle.faults)
+
+
+def test_memory_alarm_publishers_time_out_consumers_keep_going(
+    private_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    oracle: Oracle,
+    out_dir: Path,
+    unique: Callable[[str], str],
+) -> None:
+    queue, url = unique("alarm"), private_broker.url
+    worker = workers(queue, url, prefetch=PREFETCH, concurrency=2)
+    worker.wait_healthy()
+    # A backlog that takes the consumer a few seconds, so that it works through the alarm.
+    Load(oracle, url, queue, 200, rate=5000, body=lambda n: {"n": n, "sleep": 0.03}).start().join()
+    bound = 2.0
+    blocked = Load(oracle, url, queue, 3, rate=1000, publish_timeout=bound, threads=1, prefix="a")
+    private_broker.set_memory_alarm()
+    oracle.fault()
+    try:
+        collect(oracle, out_dir)
+        before = len(oracle.finished)
+        blocked.start().join()
+        collect(oracle, out_dir)
+        during = len(oracle.finished) - before
+    finally:
+        private_broker.clear_memory_alarm()
+    # Every publish under the alarm raised the typed timeout, within its bound; none claimed success.
+    assert len(blocked.errors) == 3
+    assert all(isinstance(e, workerkit.PublishTimeout) for e in blocked.errors), blocked.errors
+    assert not {"a0", "a1", "a2"} & oracle.confirmed
+    assert max(blocked.failed_after) <= bound + 1.0, f"publish raised after {blocked.failed_after}"
+    assert during > 0, "the consumer stopped while publishers were blocked"
+    assert worker.stats()["reconnects"] == 0
+    after = Load(oracle, url, queue, 50, rate=1000, body=job, prefix="c").start()
+    finish(oracle, after, url, queue, out_dir)
+    oracle.check(max_duplicates=0)

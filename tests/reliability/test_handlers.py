@@ -1,0 +1,101 @@
+"""Handler-side faults: a message that kills its process, handlers far longer than the heartbeat,
+SIGTERM with handlers longer than the grace period."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from broker import PrivateBroker
+from harness import Load, WorkerProcess, collect, settle, wait_until
+from oracle import Oracle
+
+pytestmark = pytest.mark.reliability
+
+
+def test_poison_message_that_kills_its_process_ends_in_dlq(
+    private_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    oracle: Oracle,
+    out_dir: Path,
+    unique: Callable[[str], str],
+) -> None:
+    queue, url = unique("poison"), private_broker.url
+    limit = 2
+    settings = {"prefetch": 1, "concurrency": 1, "delivery_limit": limit}
+    worker = workers(queue, url, **settings)
+    worker.wait_healthy()
+    Load(oracle, url, queue, 1, body=lambda n: {"n": n, "poison": True}, prefix="p").start().join()
+    Load(oracle, url, queue, 50, rate=1000, body=lambda n: {"n": n}).start().join()
+
+    def supervise() -> bool:
+        """Restart the worker whenever the poison killed it, like a process manager would."""
+        nonlocal worker
+        if worker.proc.poll() is not None:
+            assert worker.proc.returncode == 3, worker.output()
+            oracle.fault()
+            worker = workers(queue, url, **settings)
+        oracle.read_dlq(url, queue)
+        return "p0" in oracle.dead
+
+    wait_until(supervise, 60, "the poison message in the DLQ", poll=0.2)
+    settle(oracle, url, queue, out_dir)
+    # Each delivery killed a process: the first one plus ``limit`` redeliveries.
+    assert oracle.faults == limit + 1
+    assert "p0" not in oracle.finished
+    innocents = oracle.dead - {"p0"}
+    assert not innocents, f"messages dead-lettered with the poison: {sorted(innocents)}"
+    oracle.check(max_duplicates=oracle.faults)
+
+
+def test_sync_and_cpu_bound_handlers_longer_than_heartbeat(
+    private_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    oracle: Oracle,
+    out_dir: Path,
+    unique: Callable[[str], str],
+) -> None:
+    queue, url = unique("longsync"), private_broker.url
+    heartbeat = 2
+    worker = workers(queue, url, mode="sync", concurrency=4, prefetch=4, heartbeat=heartbeat)
+    worker.wait_healthy()
+    # Four times the heartbeat: blocking sleeps and GIL-holding pure-Python loops.
+    slow = 4 * heartbeat
+    bodies = [{"sleep": slow}, {"sleep": slow}, {"cpu": slow}, {"cpu": slow}]
+    Load(oracle, url, queue, 4, rate=1000, body=lambda n: {"n": n, **bodies[n]}).start().join()
+    wait_until(lambda: (collect(oracle, out_dir), len(oracle.finished))[1] == 4, 60, "4 slow jobs")
+    settle(oracle, url, queue, out_dir)
+    stats = worker.stats()
+    assert stats["reconnects"] == 0, "a long handler cost the connection"
+    assert stats["healthy"]
+    oracle.check(max_duplicates=0)
+
+
+def test_sigterm_with_handlers_longer_than_grace(
+    private_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    oracle: Oracle,
+    out_dir: Path,
+    unique: Callable[[str], str],
+) -> None:
+    queue, url = unique("sigterm"), private_broker.url
+    grace = 1.0
+    worker = workers(queue, url, prefetch=20, concurrency=5, shutdown_grace=grace)
+    worker.wait_healthy()
+    Load(oracle, url, queue, 5, rate=1000, body=lambda n: {"n": n, "sleep": 4.0}, prefix="s").start().join()
+    Load(oracle, url, queue, 30, rate=1000, body=lambda n: {"n": n}).start().join()
+    time.sleep(0.5)  # the long handlers are running
+    started = time.monotonic()
+    code = worker.terminate(timeout=30)
+    took = time.monotonic() - started
+    oracle.fault()
+    assert code == 0, worker.output()
+    assert took < grace + 3.0, f"shutdown took {took:.1f}s with a {grace}s grace period"
+    collect(oracle, out_dir)
+    assert not {f"s{n}" for n in range(5)} & set(oracle.finished), "a long handler finished?"
+    worker = workers(queue, url, shutdown_grace=grace)
+    worker.wait_healthy()
+    settle(oracle, url, queue, out_dir)
+    oracle.check(max_duplicates=0)
