@@ -174,6 +174,11 @@ class WorkerRuntime:
         self.retried = 0
         self.dead_lettered = 0
         self.consuming = False
+        # Classic queues: redelivered originals whose counted copy is published but whose ack
+        # may not be on the wire yet. No handler starts meanwhile (see _count_redelivery).
+        self.settling = 0
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     # -- channel lifecycle -------------------------------------------------------------------
 
@@ -258,6 +263,8 @@ class WorkerRuntime:
         if message.redelivered and self.classic:
             if await self._count_redelivery(message, tracker):
                 return
+        if self.settling:
+            await self.settled.wait()
         try:
             body = self.decode(message)
         except DecodeError as exc:
@@ -344,7 +351,20 @@ class WorkerRuntime:
             return True
         headers = _clean_headers(message.headers)
         headers[Header.DELIVERIES] = count
-        await self._republish(message, tracker, "", self.queue, headers)
+        # The copy can reach another slot before the original's ack is sent. If that handler
+        # then kills the process, both come back and the message doubles on every crash; so
+        # handlers wait until the ack is flushed and the loop has written it to the socket.
+        self.settling += 1
+        self.settled.clear()
+        try:
+            if await self._republish(message, tracker, "", self.queue, headers):
+                tracker.flush()
+                await asyncio.sleep(0)  # pika sends buffered frames on a later loop pass
+                await asyncio.sleep(0)
+        finally:
+            self.settling -= 1
+            if not self.settling:
+                self.settled.set()
         return True
 
     def _failure_headers(self, message: Message, exc: BaseException) -> dict[str, Any]:
