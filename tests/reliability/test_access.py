@@ -87,7 +87,10 @@ def test_publisher_with_wrong_password_raises_access_refused_at_once(proxy: Prox
         exchange=EXCHANGE,
         publish_timeout=5.0,
     )
-    with workerkit.Publisher(settings=settings) as publisher:
+    publisher = workerkit.Publisher(settings=settings)
+    try:
         with pytest.raises(workerkit.AccessRefused):
             publisher.publish("anything", {"n": 1})
+    finally:
+        publisher.close()
     assert proxy.accepted == 1, f"{proxy.accepted} connection attempts for one publish"

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import workerkit
 from broker import PrivateBroker
 from harness import Load, WorkerProcess, collect, settle
 from oracle import Oracle
 from proxy import Proxy
+
+import workerkit
 
 pytestmark = pytest.mark.reliability
 
@@ -201,7 +202,7 @@ def test_memory_alarm_publishers_time_out_consumers_keep_going(
         during = len(oracle.finished) - before
     finally:
         private_broker.clear_memory_alarm()
-    # Every publish under the alarm raised the typed timeout, within its bound; none claimed success.
+    # Every publish under the alarm raised the typed timeout within its bound; none succeeded.
     assert len(blocked.errors) == 3
     assert all(isinstance(e, workerkit.PublishTimeout) for e in blocked.errors), blocked.errors
     assert not {"a0", "a1", "a2"} & oracle.confirmed

@@ -84,7 +84,9 @@ def test_sigterm_with_handlers_longer_than_grace(
     grace = 1.0
     worker = workers(queue, url, prefetch=20, concurrency=5, shutdown_grace=grace)
     worker.wait_healthy()
-    Load(oracle, url, queue, 5, rate=1000, body=lambda n: {"n": n, "sleep": 4.0}, prefix="s").start().join()
+    Load(
+        oracle, url, queue, 5, rate=1000, body=lambda n: {"n": n, "sleep": 4.0}, prefix="s"
+    ).start().join()
     Load(oracle, url, queue, 30, rate=1000, body=lambda n: {"n": n}).start().join()
     time.sleep(0.5)  # the long handlers are running
     started = time.monotonic()

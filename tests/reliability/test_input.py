@@ -87,7 +87,9 @@ def test_bad_input_goes_to_dlq_and_worker_keeps_going(
 
 
 def test_publish_over_max_body_size_raises_typed_error(
-    private_broker: PrivateBroker, workers: Callable[..., WorkerProcess], unique: Callable[[str], str]
+    private_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    unique: Callable[[str], str],
 ) -> None:
     queue, url = unique("toolarge"), private_broker.url
     workers(queue, url).wait_healthy()
