@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import random
 import logging
+import os
+import random
 import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -711,6 +714,30 @@ def run(
     """Run workers in a fresh event loop until SIGTERM/SIGINT (blocking)."""
     runner = Runner(workers, settings=settings, url=url, **kwargs)
     asyncio.run(runner.run())
+    _exit_past_stuck_handlers()
+
+
+def _exit_past_stuck_handlers(join_for: float = 0.5) -> None:
+    """Exit now if plain ``def`` handlers outlived the grace period.
+
+    Interpreter exit joins pool threads, so one stuck handler would keep the process alive after
+    SIGTERM; its message is unacked and already left to the broker, so nothing is lost.
+    """
+    deadline = time.monotonic() + join_for
+    for thread in _handler_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = _handler_threads()
+    if not stuck:
+        return
+    log.warning("%d handler thread(s) still running at exit; exiting without them", len(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _handler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("workerkit-") and t.is_alive()]
 
 
 Callback = Callable[[], None]
