@@ -21,7 +21,7 @@ from workerkit.errors import TopologyError
 from workerkit.message import Header
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues, publish_raw, ready_count
+from .workers_fixture import delete_queues, publish_many_raw, publish_raw, ready_count
 
 pytestmark = pytest.mark.integration
 
@@ -360,3 +360,26 @@ async def test_message_without_id_is_addressed_by_a_stable_hash(
     await asyncio.wait_for(Runner([worker], settings=settings, burst=True).run(), 60)
     await wait_for(lambda: len(switch.handled) == 1, what="the replayed message handled")
     assert switch.handled[0][0] == dead.id  # the stable hash became its id
+
+
+async def test_back_to_back_commands_see_every_message_of_a_large_quorum_dlq(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    """A quorum queue applies returns asynchronously; a listing followed at once by a replay must
+    still see all of them (without waiting for the returns, replay took 536 of 5,000)."""
+    q = unique("dlq-big")
+    cleanup.append(q)
+    await _fill_dlq(settings, _worker(q, Switch()), 0)
+    url = settings.url.get_secret_value()
+    bodies = [orjson.dumps({"n": n}) for n in range(1500)]
+    await asyncio.to_thread(publish_many_raw, url, "", f"{q}.dlq", bodies)
+    await _wait_ready(url, f"{q}.dlq", 1500)
+
+    first = await dlq.list_dead(q, settings=settings)
+    second = await dlq.list_dead(q, settings=settings, limit=10)
+    assert [d.body for d in first] == bodies
+    assert [d.id for d in second] == [d.id for d in first[:10]]
+    result = await dlq.replay(q, settings=settings)
+    assert len(result.replayed) == 1500
+    await _wait_ready(url, q, 1500)
+    assert await asyncio.to_thread(ready_count, url, f"{q}.dlq") == 0
