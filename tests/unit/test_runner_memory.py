@@ -469,3 +469,103 @@ async def test_burst_mode_stops_when_the_queue_is_drained(
     await asyncio.wait_for(runner.run(), 10)
     assert sorted(seen) == list(range(20))
     assert broker.messages(queue) == [] and broker.unacked() == 0
+
+
+async def test_events_fan_out_to_every_bound_queue(
+    broker: MemoryBroker, publisher: AsyncPublisher
+) -> None:
+    event = f"orders.placed.{uuid.uuid4().hex[:8]}"
+    seen: dict[str, list[int]] = {"receipts": [], "audit": []}
+
+    async def receipts(self: Any, order: Order) -> None:
+        seen["receipts"].append(order.order_id)
+
+    async def audit(self: Any, body: dict[str, Any]) -> None:
+        seen["audit"].append(body["order_id"])
+
+    workers = [
+        worker(qname("receipts"), receipts, bindings=(event,)),
+        worker(qname("audit"), audit, bindings=("orders.placed.#",)),
+    ]
+    runner, _ = in_memory(workers, broker=broker, settings=settings())
+    async with running(runner):
+        await publisher.publish(event, Order(order_id=1, email="a@b"))
+        await wait_for(lambda: seen == {"receipts": [1], "audit": [1]}, 5)
+        await publisher.publish(workers[0].queue, Order(order_id=2, email="a@b"))  # a task
+        await wait_for(lambda: seen["receipts"] == [1, 2], 5)
+    assert seen["audit"] == [1]
+    no_protocol_errors(broker)
+
+
+async def test_scheduled_publish_arrives_after_its_delay(
+    broker: MemoryBroker, publisher: AsyncPublisher
+) -> None:
+    event = f"reminders.due.{uuid.uuid4().hex[:8]}"
+    loop = asyncio.get_running_loop()
+    arrived: list[float] = []
+
+    async def handle(self: Any, body: dict[str, Any]) -> None:
+        arrived.append(loop.time())
+
+    runner, _ = in_memory(
+        [worker(qname("sched"), handle, bindings=(event,))], broker=broker, settings=settings()
+    )
+    async with running(runner):
+        sent = loop.time()
+        await publisher.publish(event, {"x": 1}, delay=0.5)
+        await wait_for(lambda: arrived != [], 5)
+    assert 0.5 <= arrived[0] - sent < 2.0
+
+
+async def test_cancelled_consumer_is_recovered(broker: MemoryBroker) -> None:
+    queue = qname("cancelled")
+    seen: list[bytes] = []
+
+    async def handle(self: Any, body: bytes) -> None:
+        seen.append(body)
+
+    runner, _ = in_memory([worker(queue, handle)], broker=broker, settings=settings())
+    async with running(runner), memory_publisher(broker, settings()) as pub:
+        conn = await MemoryTransport(broker).connect(settings(), name="admin", on_lost=print)
+        admin = await conn.channel()
+        await admin.delete_queue(queue)  # the broker cancels the runner's consumer
+        await wait_for(lambda: runner.reconnects == 1 and runner.healthy, 5)
+        assert broker.consumer_count(queue) == 1  # the queue was declared again
+        await pub.publish(queue, b"still here")
+        await wait_for(lambda: seen == [b"still here"], 5)
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_a_message_that_keeps_killing_its_worker_ends_in_the_dlq(
+    broker: MemoryBroker, publisher: AsyncPublisher, queue_type: str
+) -> None:
+    # Each connection drop stands for a worker process dying mid-handler.
+    queue = qname(f"poison{queue_type}")
+    deliveries = 0
+
+    async def handle(self: Any, body: bytes) -> None:
+        nonlocal deliveries
+        deliveries += 1
+        await asyncio.Event().wait()  # never returns: only the "crash" ends it
+
+    cls = worker(queue, handle, queue_type=queue_type, delivery_limit=2)
+    runner, _ = in_memory([cls], broker=broker, settings=settings(shutdown_grace=0.1))
+    # RabbitMQ's x-delivery-limit=2 allows 2 *re*deliveries; workerkit's classic counting
+    # allows 2 deliveries in all (an off-by-one between the two, reported).
+    crashes = 3 if queue_type == "quorum" else 2
+    async with running(runner):
+        await publisher.publish(queue, b"poison")
+        for crash in range(1, crashes + 1):
+            await wait_for(lambda n=crash: deliveries == n, 5, f"delivery {crash}")
+            broker.drop_connections()
+            await wait_for(lambda n=crash: runner.reconnects == n and runner.healthy, 5)
+        await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 1, 5)
+        await asyncio.sleep(0.05)
+    assert deliveries == crashes  # and not one more
+    assert broker.messages(queue) == []
+    (dead,) = broker.messages(f"{queue}.dlq")
+    assert dead.body == b"poison"
+    if queue_type == "classic":  # workerkit counts deliveries itself
+        assert dead.headers[Header.REASON] == "delivery-limit"
+    else:  # the quorum queue's own delivery limit
+        assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
