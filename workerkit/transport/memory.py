@@ -427,10 +427,14 @@ def _check_equivalent(
     for arg in sorted(set(current) | set(wanted)):
         if current.get(arg) != wanted.get(arg):
             raise TopologyError(
-                f"inequivalent arg {arg!r} for {kind} {name!r}: received {wanted.get(arg)!r} "
-                f"but current is {current.get(arg)!r}. The {kind} already exists with other "
+                f"inequivalent arg {arg!r} for {kind} {name!r}: received {_shown(wanted, arg)} "
+                f"but current is {_shown(current, arg)}. The {kind} already exists with other "
                 "arguments: delete it (after draining) or change the Worker to match"
             )
+
+
+def _shown(arguments: dict[str, Any], name: str) -> str:
+    return repr(arguments[name]) if name in arguments else "none"
 
 
 class MemoryChannel:
