@@ -27,6 +27,7 @@ from typing import Any
 import tenacity
 
 from .errors import (
+    AccessRefused,
     ConnectionFailed,
     PublishError,
     PublishTimeout,
@@ -71,6 +72,7 @@ class AsyncPublisher:
         self._lock: asyncio.Lock | None = None
         self._delays_declared = False
         self._closed = False
+        self._last_error: ConnectionFailed | None = None
 
     async def __aenter__(self) -> AsyncPublisher:
         await self.connect()
@@ -167,7 +169,8 @@ class AsyncPublisher:
             # Never sleep past the deadline: the caller was promised an answer by then.
             wait=lambda state: min(backoff(state), max(0.0, deadline - time.monotonic())),
             stop=_StopAt(deadline),
-            retry=tenacity.retry_if_exception_type(ConnectionFailed),
+            retry=tenacity.retry_if_exception_type(ConnectionFailed)
+            & tenacity.retry_if_not_exception_type(AccessRefused),
             reraise=True,
         )
         try:
@@ -185,8 +188,11 @@ class AsyncPublisher:
                     except ConnectionFailed:
                         self._forget(channel)
                         raise
+        except AccessRefused:
+            raise  # credentials or permissions: retrying cannot help, and it is not a timeout
         except ConnectionFailed as exc:
-            raise PublishTimeout(f"could not publish within {limit}s: {exc}") from exc
+            cause = self._last_error or exc
+            raise PublishTimeout(f"could not publish within {limit}s: {cause}") from exc
 
     def _forget(self, channel: Channel) -> None:
         if self._channel is channel:
@@ -213,9 +219,14 @@ class AsyncPublisher:
             settings = self.settings
             if remaining < settings.connect_timeout:
                 settings = settings.model_copy(update={"connect_timeout": remaining})
-            connection = await self._transport.connect(
-                settings, name="workerkit-publisher", on_lost=self._on_lost
-            )
+            try:
+                connection = await self._transport.connect(
+                    settings, name="workerkit-publisher", on_lost=self._on_lost
+                )
+            except ConnectionFailed as exc:
+                self._last_error = exc
+                raise
+            self._last_error = None
             try:
                 channel = await connection.channel(confirms=True)
                 await channel.declare_exchange(self._topology.main_exchange())

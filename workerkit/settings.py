@@ -6,6 +6,7 @@ import os
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -37,7 +38,9 @@ class Settings(BaseSettings):
         env_prefix="WORKERKIT_",
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="forbid",
+        # Other programs' variables may share the .env file; unknown WORKERKIT_* names are
+        # caught by _no_unknown_env instead.
+        extra="ignore",
         frozen=True,
     )
 
@@ -90,9 +93,13 @@ class Settings(BaseSettings):
     @classmethod
     def _no_unknown_env(cls, data: Any) -> Any:
         known = {f"WORKERKIT_{name.upper()}" for name in cls.model_fields}
+        names = set(os.environ)
+        env_file = cls.model_config.get("env_file")
+        if isinstance(env_file, str) and os.path.isfile(env_file):
+            names.update(key for key in dotenv_values(env_file) if key)
         unknown = sorted(
             key
-            for key in os.environ
+            for key in names
             if key.upper().startswith("WORKERKIT_") and key.upper() not in known
         )
         # Test-only variables are read by the test suite, not by workerkit.
@@ -145,5 +152,5 @@ def _describe(exc: ValidationError) -> str:
             problems.append(f"{name}: unknown setting")
         else:
             # Never echo the input: it may be a password.
-            problems.append(f"{name}: {err['msg']}")
+            problems.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
     return "invalid settings: " + "; ".join(problems)

@@ -235,3 +235,31 @@ async def test_delayed_publish_arrives_after_the_delay(settings: Settings, queue
             await asyncio.sleep(0.05)
     assert arrived is not None, "the delayed message never arrived"
     assert 1.5 <= arrived - sent < 3.0
+
+
+def test_refused_credentials_fail_at_once(settings: Settings, broker_url: str) -> None:
+    from workerkit import AccessRefused
+
+    bad = broker_url.replace("guest:guest@", "guest:not-the-password@")
+    publisher = Publisher(url=bad, settings=settings)
+    started = time.monotonic()
+    with pytest.raises(AccessRefused) as info:
+        publisher.publish("anything", {}, timeout=5)
+    assert time.monotonic() - started < 4, "refused credentials must not be retried"
+    assert "not-the-password" not in str(info.value)
+    publisher.close()
+
+
+async def test_message_without_id_is_still_reported_unroutable(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    """The runner republishes users' id-less messages; a return must still be noticed."""
+    from workerkit.message import Outgoing
+    from workerkit.transport.pika_asyncio import PikaTransport
+
+    conn = await PikaTransport().connect(settings, name="test", on_lost=lambda _e: None)
+    channel = await conn.channel(confirms=True)
+    message = Outgoing("", unique("nobody"), b"{}", "application/json", message_id="")
+    with pytest.raises(Unroutable):
+        await channel.publish(message, mandatory=True, timeout=5)
+    await conn.close()

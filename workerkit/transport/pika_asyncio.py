@@ -44,6 +44,16 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
     """The workerkit error for a pika (or socket) exception. The one translation seam."""
     if isinstance(exc, WorkerkitError):
         return exc
+    if isinstance(exc, px.AMQPConnectionError) and exc.args:
+        first = exc.args[0]
+        if isinstance(first, BaseException):  # pika wraps the workflow failure in args
+            return translate(first, what=what)
+    causes = getattr(exc, "exceptions", None)
+    if causes:  # pika's AMQPConnectionWorkflowFailed wraps the real failure
+        return translate(causes[-1], what=what)
+    inner = getattr(exc, "exception", None)
+    if isinstance(inner, BaseException):  # AMQPConnectorSocketConnectError and friends
+        return translate(inner, what=what)
     prefix = f"{what}: " if what else ""
     if isinstance(exc, px.ProbableAuthenticationError | px.AuthenticationError):
         return AccessRefused(f"{prefix}the broker refused the credentials")
@@ -61,6 +71,10 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
         return ConnectionFailed(f"{prefix}timed out")
     if isinstance(exc, ssl.SSLError | ssl.CertificateError):
         return ConnectionFailed(f"{prefix}TLS failed: {exc}")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectionFailed(f"{prefix}connection refused (is the broker running?)")
+    if isinstance(exc, OSError):
+        return ConnectionFailed(f"{prefix}{exc.strerror or exc}")
     return ConnectionFailed(f"{prefix}{type(exc).__name__}: {exc}".rstrip(": "))
 
 
@@ -235,6 +249,7 @@ class PikaChannel:
         # Publisher confirms: sequence number -> (future, message id).
         self._seq = 0
         self._unconfirmed: dict[int, tuple[asyncio.Future[None], str]] = {}
+        # Returned messages, keyed like _return_key; checked when their confirm arrives.
         self._lowest = 1
         self._returned: set[str] = set()
 
@@ -416,7 +431,7 @@ class PikaChannel:
             content_encoding=message.content_encoding,
             headers=message.headers or None,
             delivery_mode=PERSISTENT,
-            message_id=message.message_id,
+            message_id=message.message_id or None,
             correlation_id=message.correlation_id,
             timestamp=message.timestamp,
             reply_to=message.reply_to,
@@ -433,7 +448,10 @@ class PikaChannel:
         seq = self._seq
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._unconfirmed[seq] = (fut, message.message_id)
+        self._unconfirmed[seq] = (
+            fut,
+            message.message_id or _route_key(message.exchange, message.routing_key),
+        )
         # A timer on the future is cheaper than asyncio.wait_for on this per-message path.
         timer = loop.call_later(timeout, self._expire, seq, timeout)
         try:
@@ -454,9 +472,9 @@ class PikaChannel:
     def _on_return(
         self, _ch: Any, _method: Basic.Return, props: BasicProperties, _body: bytes
     ) -> None:
-        # The broker sends basic.return before the confirm of the same message.
-        if props.message_id:
-            self._returned.add(props.message_id)
+        # The broker sends basic.return before the confirm of the same message. Messages without
+        # an id are matched by route: every in-flight publish on that route is unroutable too.
+        self._returned.add(props.message_id or _route_key(_method.exchange, _method.routing_key))
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -498,6 +516,10 @@ class PikaChannel:
             pass
 
 
+def _route_key(exchange: str, routing_key: str) -> str:
+    return f"\0{exchange}\0{routing_key}"
+
+
 def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
     return Message(
         body,
@@ -508,7 +530,7 @@ def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
         props.headers,
         props.content_type,
         props.content_encoding,
-        props.message_id,
+        props.message_id or None,
         props.correlation_id,
         props.timestamp,
         props.reply_to,
