@@ -9,6 +9,7 @@ import time
 import pika
 import pytest
 from broker import PrivateBroker
+from harness import wait_until
 from oracle import Oracle
 from proxy import Proxy
 
@@ -40,6 +41,8 @@ def test_proxy_forwards_and_cut_resets(proxy: Proxy) -> None:
 def test_proxy_stall_holds_bytes_without_closing(proxy: Proxy) -> None:
     sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     try:
+        # The stall applies to links open at the time: wait until the proxy has set this one up.
+        wait_until(lambda: proxy.open_connections == 1, 5, "the proxy to open the upstream link")
         proxy.stall()
         sock.sendall(b"AMQP\x00\x00\x09\x01")
         sock.settimeout(1.0)
