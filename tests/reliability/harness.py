@@ -144,6 +144,7 @@ class Load:
         publish_timeout: float = 5.0,
         threads: int = 2,
         prefix: str = "m",
+        tls_ca_file: str | None = None,
     ) -> None:
         self.oracle = oracle
         self.prefix = prefix
@@ -158,6 +159,7 @@ class Load:
             exchange=EXCHANGE,
             publish_timeout=publish_timeout,
             connect_timeout=2.0,
+            tls_ca_file=tls_ca_file,
         )
         self.publisher = workerkit.Publisher(settings=settings)
         self._next = 0
