@@ -230,6 +230,7 @@ def tables(r: Results) -> list[str]:
 
 
 def machine() -> list[str]:
+    """CPU, OS, broker and library versions, for whoever compares runs later."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -245,7 +246,11 @@ def machine() -> list[str]:
             versions.append(f"{dist} (not installed)")
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
     except OSError:
         commit = ""
@@ -271,7 +276,7 @@ def broker_version() -> str:
         return f"unknown ({type(exc).__name__})"
 
 
-def markdown(r: Results, command: str) -> str:
+def markdown(r: Results, command: str, label: str = "") -> str:
     p = r.params
     lines = [
         "# Performance",
@@ -283,6 +288,7 @@ def markdown(r: Results, command: str) -> str:
         f"{p.get('repeat', '?')} time(s), interleaved with the other cases, and the tables show",
         "the median (min-max).",
         "",
+        *([f"Code under test: {label}.", ""] if label else []),
         "## Targets (issue 5)",
         "",
         "| target | measured | goal | |",

@@ -121,6 +121,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     parser.add_argument("--consume-cases", default=",".join(consume.CASES))
     parser.add_argument("--publish-cases", default=",".join(publish.CASES))
+    parser.add_argument("--label", default="", help="what code was measured (for the report)")
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument("--png", default=str(ROOT / "docs" / "performance.png"))
     args = parser.parse_args(argv)
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> Results:
     if "footprint" in sections:
         results.startup, results.rss = footprint(args.repeat)
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
-    text = markdown(results, command)
+    text = markdown(results, command, args.label)
     Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
     Path(args.markdown).write_text(text)
     chart(results, args.png)
