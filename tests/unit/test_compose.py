@@ -5,14 +5,25 @@ workers' URL is the one definitions.json creates, with that password."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pika
 import pytest
 import yaml
 
@@ -210,3 +221,120 @@ def test_image_contains_the_package_and_the_examples() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY workerkit ./workerkit" in dockerfile
     assert "COPY workers ./workers" in dockerfile
+
+
+# -- the broker configuration, booted for real -------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _ConfigNode:
+    """A private RabbitMQ node booted from config/ (ports moved to free ones, nothing else)."""
+
+    def __init__(self) -> None:
+        token = uuid.uuid4().hex[:6]
+        self.node = f"wkc{token}@localhost"
+        self.port, self.dist_port, self.http_port = _free_port(), _free_port(), _free_port()
+        self.base = Path(tempfile.mkdtemp(prefix=f"wkc{token}-"))
+        for sub in ("mnesia", "log"):
+            (self.base / sub).mkdir()
+        shutil.copy(ROOT / "config/definitions.json", self.base / "definitions.json")
+        shutil.copy(ROOT / "config/enabled_plugins", self.base / "enabled_plugins")
+        overrides = {
+            "listeners.tcp.default": f"127.0.0.1:{self.port}",
+            "management.tcp.port": str(self.http_port),
+            "load_definitions": str(self.base / "definitions.json"),
+        }
+        lines = []
+        for line in (ROOT / "config/rabbitmq.conf").read_text().splitlines():
+            key = line.partition("=")[0].strip()
+            lines.append(f"{key} = {overrides.pop(key)}" if key in overrides else line)
+        assert not overrides, f"config/rabbitmq.conf lacks {sorted(overrides)}"
+        lines += ["management.tcp.ip = 127.0.0.1", f"prometheus.tcp.port = {_free_port()}"]
+        (self.base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
+        for path in [self.base, *self.base.rglob("*")]:
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    def env(self) -> list[str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "HOME": "/var/lib/rabbitmq",
+            "LANG": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq.conf"),
+            "RABBITMQ_PID_FILE": str(self.base / "pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        return [
+            "runuser",
+            "-u",
+            "rabbitmq",
+            "--",
+            "env",
+            "-i",
+            *(f"{k}={v}" for k, v in env.items()),
+        ]
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.env(), "rabbitmqctl", "-n", self.node, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        subprocess.run([*self.env(), "rabbitmq-server", "-detached"], check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while self.ctl("await_startup", "--timeout", "30").returncode != 0:
+            if time.monotonic() > deadline:
+                logs = "".join(p.read_text()[-2000:] for p in (self.base / "log").glob("*.log"))
+                raise AssertionError(f"the broker did not boot from config/:\n{logs}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.ctl("stop")
+        pid_file = self.base / "pid"
+        if pid_file.exists():
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    shutil.which("rabbitmq-server") is None or os.geteuid() != 0,
+    reason="booting a private RabbitMQ node needs rabbitmq-server and root (Docker users: compose)",
+)
+def test_rabbitmq_boots_from_config_with_the_dev_user_and_management() -> None:
+    node = _ConfigNode()
+    try:
+        node.start()
+        url = urlsplit(_env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
+        user, password = url.username or "", url.password or ""
+        # The workers' credentials work: definitions.json was loaded and its hash is right.
+        params = pika.URLParameters(f"amqp://{user}:{password}@127.0.0.1:{node.port}/")
+        pika.BlockingConnection(params).close()
+        # The management UI answers that user: enabled_plugins and the administrator tag work.
+        request = urllib.request.Request(f"http://127.0.0.1:{node.http_port}/api/whoami")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert json.loads(reply.read())["name"] == user
+        # rabbitmq.conf took effect, with the consumer_timeout the workers are told about.
+        expected = 1000 * int(
+            _env_file(ROOT / "config/compose.env")["WORKERKIT_BROKER_CONSUMER_TIMEOUT"]
+        )
+        result = node.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
+        assert result.stdout.strip() == f"{{ok,{expected}}}", result.stdout + result.stderr
+    finally:
+        node.stop()
