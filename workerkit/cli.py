@@ -17,11 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import logging
 import os
 import sys
-import threading
-import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -49,7 +46,6 @@ EXIT_TOPOLOGY = 3
 EXIT_CONNECTION = 4
 
 # How long finished handler threads get to exit on their own before the process stops waiting.
-THREAD_JOIN_GRACE = 0.5
 
 
 class CliError(click.ClickException):
@@ -214,7 +210,7 @@ def run(
 
     TARGET is module:Class, or a module to run every Worker defined in it.
     """
-    from .runner import Runner
+    from .runner import Runner, exit_past_stuck_handlers
 
     settings = settings_from(url)
     configure_logging((log_level or settings.log_level).upper(), log_format or settings.log_format)
@@ -224,7 +220,7 @@ def run(
             workers, settings=settings, prefetch=prefetch, concurrency=concurrency, burst=burst
         )
     run_async(lambda: _run_with_health(runner, health_host, health_port))
-    _exit_past_stuck_threads()
+    exit_past_stuck_handlers()
 
 
 async def _run_with_health(runner: Any, host: str, port: int | None) -> None:
@@ -241,29 +237,6 @@ async def _run_with_health(runner: Any, host: str, port: int | None) -> None:
         await runner.run()
     finally:
         await server.close()
-
-
-def _exit_past_stuck_threads() -> None:
-    """Sync handlers still running past the grace period would block interpreter exit (it joins
-    non-daemon threads): their messages are already left to the broker, so exit without them."""
-    deadline = time.monotonic() + THREAD_JOIN_GRACE
-    for thread in _busy_threads():
-        thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = _busy_threads()
-    if not stuck:
-        return
-    logging.getLogger("workerkit.cli").warning(
-        "%d handler thread(s) still running after shutdown; exiting without them", len(stuck)
-    )
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _busy_threads() -> list[threading.Thread]:
-    current = threading.current_thread()
-    return [t for t in threading.enumerate() if t is not current and not t.daemon and t.is_alive()]
 
 
 # -- publish -----------------------------------------------------------------------------------

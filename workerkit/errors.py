@@ -12,7 +12,8 @@
     │   ├── PublishTimeout            no confirm within the timeout (broker down, blocked, slow)
     │   ├── MessageTooLarge           body above ``max_body_size``; never sent
     │   └── PublishNacked             the broker refused the message (nack)
-    └── DecodeError                   a body that cannot be decoded or validated (goes to the DLQ)
+    ├── DecodeError                   a body that cannot be decoded or validated (goes to the DLQ)
+    └── HandlerTimeout                a handler ran past its time limit (retried like a failure)
 
 Control flow raised by handlers (not errors of workerkit's own):
 
@@ -75,6 +76,14 @@ class PublishNacked(PublishError):
 
 class DecodeError(WorkerkitError):
     """A message body could not be decoded or validated for its handler."""
+
+
+class HandlerTimeout(WorkerkitError, TimeoutError):
+    """A handler ran longer than its worker's ``handler_timeout``; it counts as a failure."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"handler ran longer than {limit:g}s")
+        self.limit = limit
 
 
 class Reject(Exception):

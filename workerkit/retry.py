@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,11 @@ class RetryPolicy:
 
     def delay_for(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait before attempt ``attempt + 1``, after attempt ``attempt`` failed."""
-        base = min(self.delay * self.backoff ** (attempt - 1), self.max_delay)
+        try:
+            grown = self.delay * self.backoff ** (attempt - 1)
+        except OverflowError:  # thousands of attempts: the cap applies anyway
+            grown = math.inf
+        base = min(grown, self.max_delay)
         return min(base + base * self.jitter * rand(), max(self.max_delay, base))
 
     def decide(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from .errors import (
     AccessRefused,
     ConfigurationError,
     DecodeError,
+    HandlerTimeout,
     TopologyError,
     WorkerkitError,
 )
@@ -60,7 +62,16 @@ class AckTracker:
     next flush so that they do not hold the prefetch window.
     """
 
-    __slots__ = ("_batching", "_channel", "_done", "_floor", "_loop", "_scheduled", "_singly", "dead")
+    __slots__ = (
+        "_batching",
+        "_channel",
+        "_done",
+        "_floor",
+        "_loop",
+        "_scheduled",
+        "_singly",
+        "dead",
+    )
 
     def __init__(self, channel: Channel, loop: asyncio.AbstractEventLoop, batching: bool) -> None:
         self._channel = channel
@@ -130,6 +141,24 @@ class AckTracker:
         self.dead = True
 
 
+class Slot:
+    """One of a worker's ``concurrency`` handler coroutines, and the deadline of its handler."""
+
+    __slots__ = ("deadline", "task", "timed_out")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None]
+        self.deadline = 0.0  # loop time the running handler must finish by; 0 when idle
+        self.timed_out = False
+
+
+def _uncancel(task: asyncio.Task[None]) -> None:
+    # Python 3.11+ counts cancellations; a timeout we turned into a failure is not one.
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
 class WorkerRuntime:
     """One worker class at run time: its instance, decoder, slots, channel and acks."""
 
@@ -149,7 +178,9 @@ class WorkerRuntime:
         self.prefetch = runner.prefetch or cls.prefetch or settings.prefetch
         self.concurrency = runner.concurrency or cls.concurrency or settings.concurrency
         self.timeout = (
-            cls.handler_timeout or settings.handler_timeout or settings.broker_consumer_timeout * 0.9
+            cls.handler_timeout
+            or settings.handler_timeout
+            or settings.broker_consumer_timeout * 0.9
         )
         self.delivery_limit = cls.delivery_limit or settings.delivery_limit
         handler = cls._handler
@@ -170,7 +201,8 @@ class WorkerRuntime:
         self.tracker: AckTracker | None = None
         self.channel: Channel | None = None
         self.consumer_tag: str | None = None
-        self.slots: list[asyncio.Task[None]] = []
+        self.slots: list[Slot] = []
+        self.watchdog: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.stopping = False
         self.processed = 0
@@ -239,9 +271,12 @@ class WorkerRuntime:
 
     def start_slots(self) -> None:
         loop = asyncio.get_running_loop()
-        self.slots = [loop.create_task(self._slot()) for _ in range(self.concurrency)]
+        self.slots = [Slot() for _ in range(self.concurrency)]
+        for slot in self.slots:
+            slot.task = loop.create_task(self._slot(slot))
+        self.watchdog = loop.create_task(self._watch_timeouts())
 
-    async def _slot(self) -> None:
+    async def _slot(self, slot: Slot) -> None:
         deque = self.deque
         loop = asyncio.get_running_loop()
         while True:
@@ -258,14 +293,22 @@ class WorkerRuntime:
                 continue
             self.in_flight += 1
             try:
-                await self._process(message, tracker)
+                await self._process(message, tracker, slot, loop)
+            except Exception:
+                # A bug of ours must not silently end the slot (and shrink concurrency).
+                log.exception(
+                    "unexpected error while processing; requeueing",
+                    extra={**self.log_extra, "message_id": message.message_id},
+                )
+                tracker.requeue(message.delivery_tag)
             finally:
                 self.in_flight -= 1
 
-    async def _process(self, message: Message, tracker: AckTracker) -> None:
-        if message.redelivered and self.classic:
-            if await self._count_redelivery(message, tracker):
-                return
+    async def _process(
+        self, message: Message, tracker: AckTracker, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        if message.redelivered and self.classic and await self._count_redelivery(message, tracker):
+            return
         if self.settling:
             await self.settled.wait()
         try:
@@ -273,31 +316,50 @@ class WorkerRuntime:
         except DecodeError as exc:
             await self._dead_letter(message, tracker, "invalid", exc)
             return
+        # The deadline is watched by one task per worker instead of a timer per message.
+        slot.deadline = loop.time() + self.timeout
         try:
             if self.is_async:
-                call = self.instance.handle(body, message) if self.wants_message else (
-                    self.instance.handle(body)
-                )
-                await asyncio.wait_for(call, self.timeout)
+                if self.wants_message:
+                    await self.instance.handle(body, message)
+                else:
+                    await self.instance.handle(body)
+            elif self.wants_message:
+                await loop.run_in_executor(self.pool, self.instance.handle, body, message)
             else:
-                loop = asyncio.get_running_loop()
-                args = (body, message) if self.wants_message else (body,)
-                await asyncio.wait_for(
-                    loop.run_in_executor(self.pool, self.instance.handle, *args), self.timeout
-                )
+                await loop.run_in_executor(self.pool, self.instance.handle, body)
         except asyncio.CancelledError:
-            raise  # shutdown past the grace period: not acked, the broker redelivers
+            slot.deadline = 0.0
+            if not slot.timed_out:
+                raise  # shutdown past the grace period: not acked, the broker redelivers
+            slot.timed_out = False
+            _uncancel(slot.task)
+            await self._failed(message, tracker, HandlerTimeout(self.timeout))
+            return
         except Exception as exc:
+            slot.deadline = 0.0
             await self._failed(message, tracker, exc)
             return
+        slot.deadline = 0.0
+        slot.timed_out = False
         self.processed += 1
         tracker.done(message.delivery_tag)
+
+    async def _watch_timeouts(self) -> None:
+        """Cancel handlers that run past ``timeout``; the slot turns that into a failure."""
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, max(0.05, self.timeout / 10))
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for slot in self.slots:
+                if slot.deadline and now >= slot.deadline and not slot.timed_out:
+                    slot.timed_out = True
+                    slot.task.cancel()
 
     # -- failure paths -----------------------------------------------------------------------
 
     async def _failed(self, message: Message, tracker: AckTracker, exc: Exception) -> None:
-        if isinstance(exc, asyncio.TimeoutError):
-            exc = TimeoutError(f"handler ran longer than {self.timeout}s")
         decision = self.policy.decide(exc, message.attempt)
         if isinstance(decision, Retry):
             await self._retry(message, tracker, decision, exc)
@@ -348,7 +410,8 @@ class WorkerRuntime:
         """
         count = message.headers.get(Header.DELIVERIES, 1)
         count = (count if isinstance(count, int) else 1) + 1
-        if count > self.delivery_limit:
+        # Same meaning as the quorum queue's x-delivery-limit: ``delivery_limit`` redeliveries.
+        if count > self.delivery_limit + 1:
             error = RuntimeError(f"delivered {count - 1} times without an ack (worker crashed?)")
             await self._dead_letter(message, tracker, "delivery-limit", error)
             return True
@@ -514,7 +577,8 @@ class Runner:
                 rt.start_slots()
             self.ready.set()
             log.info(
-                "consuming from %s", ", ".join(rt.queue for rt in self.runtimes),
+                "consuming from %s",
+                ", ".join(rt.queue for rt in self.runtimes),
             )
             await self._supervise()
         finally:
@@ -549,10 +613,8 @@ class Runner:
     async def _close_connections(self) -> None:
         for conn in (self._consume_conn, self._publish_conn):
             if conn is not None:
-                try:
+                with contextlib.suppress(WorkerkitError):
                     await conn.close()
-                except WorkerkitError:
-                    pass
         self._consume_conn = self._publish_conn = None
         self._publish_channel = None
 
@@ -587,7 +649,7 @@ class Runner:
                 waits: set[asyncio.Future[Any]] = {stop_wait, lost_wait}
                 if self.burst:
                     waits.add(asyncio.ensure_future(self._burst_done()))
-                done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for fut in pending - {stop_wait}:
                     fut.cancel()
                 if self.burst and not self._stop.is_set() and not self._lost.is_set():
@@ -641,9 +703,9 @@ class Runner:
         for rt in self.runtimes:
             await rt.stop_consuming()
         grace = self.settings.shutdown_grace
-        slots = [task for rt in self.runtimes for task in rt.slots]
+        slots = [slot.task for rt in self.runtimes for slot in rt.slots]
         if slots:
-            done, pending = await asyncio.wait(slots, timeout=grace)
+            _done, pending = await asyncio.wait(slots, timeout=grace)
             if pending:
                 busy = sum(rt.in_flight for rt in self.runtimes)
                 log.warning(
@@ -660,13 +722,13 @@ class Runner:
                     task.cancel()
                 await asyncio.wait(pending, timeout=1)
         for rt in self.runtimes:
+            if rt.watchdog is not None:
+                rt.watchdog.cancel()
             if rt.tracker is not None:
                 rt.tracker.close()
             if rt.channel is not None:
-                try:
+                with contextlib.suppress(WorkerkitError):
                     await rt.channel.close()
-                except WorkerkitError:
-                    pass
             try:
                 await rt.instance.teardown()
             except Exception:
@@ -714,10 +776,10 @@ def run(
     """Run workers in a fresh event loop until SIGTERM/SIGINT (blocking)."""
     runner = Runner(workers, settings=settings, url=url, **kwargs)
     asyncio.run(runner.run())
-    _exit_past_stuck_handlers()
+    exit_past_stuck_handlers()
 
 
-def _exit_past_stuck_handlers(join_for: float = 0.5) -> None:
+def exit_past_stuck_handlers(join_for: float = 0.5) -> None:
     """Exit now if plain ``def`` handlers outlived the grace period.
 
     Interpreter exit joins pool threads, so one stuck handler would keep the process alive after
@@ -737,7 +799,12 @@ def _exit_past_stuck_handlers(join_for: float = 0.5) -> None:
 
 
 def _handler_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("workerkit-") and t.is_alive()]
+    # Pool threads are non-daemon; the Publisher's I/O thread is a daemon and never blocks exit.
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("workerkit-") and not t.daemon and t.is_alive()
+    ]
 
 
 Callback = Callable[[], None]

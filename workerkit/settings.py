@@ -42,6 +42,7 @@ class Settings(BaseSettings):
         # caught by _no_unknown_env instead.
         extra="ignore",
         frozen=True,
+        hide_input_in_errors=True,  # the input may be a password
     )
 
     url: SecretStr = Field(

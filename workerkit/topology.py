@@ -78,7 +78,7 @@ def delay_units(seconds: float) -> int:
     """The delay in units, rounded up so that a message is never due sooner than asked."""
     if seconds <= 0:
         return 0
-    units = int(math.ceil(round(seconds * 1000 / UNIT_MS, 6)))
+    units = math.ceil(round(seconds * 1000 / UNIT_MS, 6))
     return min(units, MAX_UNITS)
 
 

@@ -6,8 +6,8 @@ import difflib
 import inspect
 import re
 import typing
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from .errors import ConfigurationError

@@ -75,12 +75,6 @@ def test_worker_without_permissions_stops_with_one_error(
     assert_fatal(worker, proxy, "refused")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TEMPORARY, bug in workerkit/publisher.py AsyncPublisher._send: AccessRefused is a"
-    " ConnectionFailed, so it is retried until the deadline (9 connections in 5 s) and then"
-    " raised as PublishTimeout; remove this mark when fixed",
-)
 def test_publisher_with_wrong_password_raises_access_refused_at_once(proxy: Proxy) -> None:
     settings = workerkit.Settings(
         url=proxy.url("guest", "wrong"),  # type: ignore[arg-type]

@@ -550,9 +550,8 @@ async def test_a_message_that_keeps_killing_its_worker_ends_in_the_dlq(
 
     cls = worker(queue, handle, queue_type=queue_type, delivery_limit=2)
     runner, _ = in_memory([cls], broker=broker, settings=settings(shutdown_grace=0.1))
-    # RabbitMQ's x-delivery-limit=2 allows 2 *re*deliveries; workerkit's classic counting
-    # allows 2 deliveries in all (an off-by-one between the two, reported).
-    crashes = 3 if queue_type == "quorum" else 2
+    # delivery_limit=2 allows 2 redeliveries on both queue types (x-delivery-limit semantics).
+    crashes = 3
     async with running(runner):
         await publisher.publish(queue, b"poison")
         for crash in range(1, crashes + 1):

@@ -125,12 +125,6 @@ def test_password_not_in_url_override_errors() -> None:
     assert SECRET not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in settings.py: Settings(url=...) with a bad URL raises a pydantic "
-    "ValidationError whose text shows input_value with the password; "
-    "fix: hide_input_in_errors=True in model_config",
-)
 def test_password_not_in_direct_settings_errors() -> None:
     with pytest.raises(ValidationError) as info:
         Settings(url=f"http://alice:{SECRET}@rabbit/")  # type: ignore[arg-type]

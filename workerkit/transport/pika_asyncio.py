@@ -266,6 +266,13 @@ class PikaChannel:
 
     def _on_close(self, _raw: Any, exc: BaseException) -> None:
         self._fail_all(translate(exc, what="channel closed"))
+        if isinstance(exc, px.ChannelClosedByClient | px.ConnectionClosedByClient):
+            return
+        # The broker closed a consuming channel (consumer_timeout, a protocol error): its
+        # consumers are gone, which the runner must hear about rather than sit idle.
+        callbacks, self._cancel_callbacks = self._cancel_callbacks, {}
+        for callback in callbacks.values():
+            callback()
 
     def _fail_all(self, error: WorkerkitError) -> None:
         if self._close_error is None:
