@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workerkit.runner import AckTracker
+from workerkit.acks import AckTracker
 
 
 class StrictChannel:
