@@ -19,6 +19,7 @@ from workerkit.message import Header
 from workerkit.testing import running, wait_for
 
 from .workers_fixture import (
+    consumer_count,
     delete_queues,
     get_all,
     log_lines,
@@ -271,7 +272,8 @@ async def test_a_message_that_kills_its_process_ends_in_the_dlq(
 
 
 def _declared_or_dead(url: str, queue: str, proc: subprocess.Popen[bytes]) -> bool:
-    return _ready(url, queue) == 0 or proc.poll() is not None
+    # Consuming means the queue and its bindings exist, so the publish will route.
+    return consumer_count(url, queue) >= 1 or proc.poll() is not None
 
 
 def _ready(url: str, queue: str) -> int:

@@ -15,6 +15,7 @@ from workerkit import Settings
 from workerkit.testing import wait_for
 
 from .workers_fixture import (
+    consumer_count,
     delete_queues,
     get_all,
     log_lines,
@@ -45,7 +46,10 @@ async def _start(
 ) -> subprocess.Popen[bytes]:
     url = settings.url.get_secret_value()
     proc = start_worker(mode, q, url, settings.exchange, logfile, *options)
-    await wait_for(lambda: _ready(url, q) == 0 or proc.poll() is not None, 15, "the queue")
+    # Consuming means the queue and its bindings are declared: publishes will route.
+    await wait_for(
+        lambda: consumer_count(url, q) >= 1 or proc.poll() is not None, 15, "the consumer"
+    )
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     return proc
 

@@ -103,6 +103,22 @@ def ready_count(url: str, queue: str) -> int:
         conn.close()
 
 
+def consumer_count(url: str, queue: str) -> int:
+    """Consumers on ``queue``, or -1 while it is not declared yet."""
+    try:
+        conn = _connect(url)
+    except Exception:
+        return -1
+    try:
+        frame = conn.channel().queue_declare(queue, passive=True)
+        return int(frame.method.consumer_count)
+    except Exception:  # not declared yet (the channel is closed by the 404)
+        return -1
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
 def queue_stats(queue: str) -> tuple[int, int]:
     """(ready, unacknowledged) as the broker reports them (rabbitmqctl)."""
     out = subprocess.run(
