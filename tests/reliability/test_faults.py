@@ -186,10 +186,12 @@ def test_memory_alarm_publishers_time_out_consumers_keep_going(
     unique: Callable[[str], str],
 ) -> None:
     queue, url = unique("alarm"), private_broker.url
-    worker = workers(queue, url, prefetch=PREFETCH, concurrency=2)
+    worker = workers(queue, url, prefetch=PREFETCH, concurrency=1)
     worker.wait_healthy()
-    # A backlog that takes the consumer a few seconds, so that it works through the alarm.
-    Load(oracle, url, queue, 200, rate=5000, body=lambda n: {"n": n, "sleep": 0.03}).start().join()
+    # A backlog of about 12 s of work, so that the consumer is still at it under the alarm.
+    backlog = 300
+    slow_job = lambda n: {"n": n, "sleep": 0.04}  # noqa: E731
+    Load(oracle, url, queue, backlog, rate=5000, body=slow_job).start().join()
     bound = 2.0
     blocked = Load(oracle, url, queue, 3, rate=1000, publish_timeout=bound, threads=1, prefix="a")
     private_broker.set_memory_alarm()
@@ -202,6 +204,7 @@ def test_memory_alarm_publishers_time_out_consumers_keep_going(
         during = len(oracle.finished) - before
     finally:
         private_broker.clear_memory_alarm()
+    assert before < backlog, "the backlog was done before the alarm: the test proves nothing"
     # Every publish under the alarm raised the typed timeout within its bound; none succeeded.
     assert len(blocked.errors) == 3
     assert all(isinstance(e, workerkit.PublishTimeout) for e in blocked.errors), blocked.errors
