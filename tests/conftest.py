@@ -62,7 +62,10 @@ def broker_url() -> Iterator[str]:
         container = RabbitMqContainer("rabbitmq:3.10-management")
         container.start()
     except Exception as exc:
-        message = f"no RabbitMQ for the integration tests (no WORKERKIT_TEST_URL, nothing on localhost:5672, testcontainers failed: {exc})"
+        message = (
+            "no RabbitMQ for the integration tests (no WORKERKIT_TEST_URL, nothing on"
+            f" localhost:5672, testcontainers failed: {exc})"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -54,7 +54,12 @@ class Settings(BaseSettings):
     )
     tls_cert_file: str | None = Field(default=None, description="Client certificate (amqps://).")
     tls_key_file: str | None = Field(default=None, description="Client key (amqps://).")
-    exchange: str = Field(default="workerkit", min_length=1, max_length=200)
+    exchange: str = Field(
+        default="workerkit",
+        min_length=1,
+        max_length=200,
+        description="Name of the durable topic exchange every queue is bound to.",
+    )
     prefetch: int = Field(default=100, ge=1, le=65535, description="Default broker QoS.")
     concurrency: int = Field(default=10, ge=1, le=10000, description="Default handlers in flight.")
     heartbeat: int = Field(default=30, ge=0, le=3600, description="AMQP heartbeat in seconds.")
@@ -76,16 +81,38 @@ class Settings(BaseSettings):
     max_body_size: int = Field(
         default=16 * 1024 * 1024, ge=1, description="Largest body published or decoded, in bytes."
     )
-    retry_max_attempts: int = Field(default=5, ge=1)
-    retry_delay: float = Field(default=1.0, ge=0)
-    retry_backoff: float = Field(default=2.0, ge=1.0)
-    retry_max_delay: float = Field(default=300.0, ge=0)
+    retry_max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Default RetryPolicy: attempts in all, the first delivery included.",
+    )
+    retry_delay: float = Field(
+        default=1.0, ge=0, description="Default RetryPolicy: seconds before the first retry."
+    )
+    retry_backoff: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="Default RetryPolicy: factor by which each next delay grows.",
+    )
+    retry_max_delay: float = Field(
+        default=300.0,
+        ge=0,
+        description="Default RetryPolicy: the longest delay between attempts, in seconds.",
+    )
     delivery_limit: int = Field(
         default=20, ge=1, description="Deliveries before the broker dead-letters a poison message."
     )
-    reconnect_max_delay: float = Field(default=30.0, gt=0)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["plain", "json"] = "plain"
+    reconnect_max_delay: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest pause between reconnect attempts, in seconds (jittered).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Level of workerkit's log lines."
+    )
+    log_format: Literal["plain", "json"] = Field(
+        default="plain", description="`plain` lines or one JSON object per line."
+    )
     ack_batching: bool = Field(
         default=True, description="Ack runs of finished messages with multiple=True."
     )

@@ -47,6 +47,17 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
     assert load_settings().exchange == "from-dotenv"
 
 
+def test_dotenv_may_hold_other_programs_keys(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("DATABASE_URL=postgres://x\nWORKERKIT_PREFETCH=7\n")
+    assert load_settings().prefetch == 7
+
+
+def test_unknown_workerkit_key_in_dotenv_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("WORKERKIT_PREFECH=7\n")
+    with pytest.raises(ConfigurationError, match="WORKERKIT_PREFECH"):
+        load_settings()
+
+
 def test_url_argument_overrides_and_keeps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKERKIT_EXCHANGE", "events")
     settings = load_settings(url=URL)
