@@ -15,7 +15,9 @@ from oracle import Oracle
 pytestmark = pytest.mark.reliability
 
 
+@pytest.mark.parametrize("prefetch", [1, 10])
 def test_poison_message_that_kills_its_process_ends_in_dlq(
+    prefetch: int,
     private_broker: PrivateBroker,
     workers: Callable[..., WorkerProcess],
     oracle: Oracle,
@@ -24,7 +26,7 @@ def test_poison_message_that_kills_its_process_ends_in_dlq(
 ) -> None:
     queue, url = unique("poison"), private_broker.url
     limit = 2
-    settings = {"prefetch": 1, "concurrency": 1, "delivery_limit": limit}
+    settings = {"prefetch": prefetch, "concurrency": 1, "delivery_limit": limit}
     worker = workers(queue, url, **settings)
     worker.wait_healthy()
     Load(oracle, url, queue, 1, body=lambda n: {"n": n, "poison": True}, prefix="p").start().join()
@@ -45,6 +47,8 @@ def test_poison_message_that_kills_its_process_ends_in_dlq(
     # Each delivery killed a process: the first one plus ``limit`` redeliveries.
     assert oracle.faults == limit + 1
     assert "p0" not in oracle.finished
+    # Messages prefetched alongside the poison went back to the queue with each crash; they
+    # must not share its fate.
     innocents = oracle.dead - {"p0"}
     assert not innocents, f"messages dead-lettered with the poison: {sorted(innocents)}"
     oracle.check(max_duplicates=oracle.faults)
