@@ -122,3 +122,22 @@ def test_tls_failure_is_fatal_and_never_falls_back_to_plain(
         publisher.close()
     assert "certificate" in str(info.value).lower() or "TLS" in str(info.value), info.value
     wait_until(lambda: len(connections(tls_broker)) <= before, 10, "no new broker connections")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="TEMPORARY, bug: a certificate that fails verification is retried forever by the"
+    " runner (workerkit/transport/pika_asyncio.py translate() maps ssl.SSLCertVerificationError"
+    " to a retryable ConnectionFailed); it is bad configuration and should stop start-up",
+)
+def test_worker_with_unverifiable_certificate_stops(
+    tls_broker: PrivateBroker,
+    certs: Path,
+    workers: Callable[..., WorkerProcess],
+    unique: Callable[[str], str],
+) -> None:
+    url = tls_url(tls_broker, "127.0.0.1")  # not a name in the certificate
+    worker = workers(unique("tlsbad"), url, tls_ca_file=str(certs / "ca.pem"))
+    wait_until(lambda: worker.proc.poll() is not None, 15, "the worker to give up")
+    assert worker.proc.returncode != 0
+    assert "certificate verify failed" in worker.output()
