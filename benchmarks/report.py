@@ -14,6 +14,8 @@ from typing import Any
 
 from .latency import WARMUP
 
+LOAD_AT_START = os.getloadavg()  # noisy neighbours show up here; read when the run starts
+
 CONSUME_LABELS = {
     "aiopika_callback": "raw aio-pika, queue.consume(callback), ack each",
     "aiopika_iterator": "raw aio-pika, queue.iterator(), ack each",
@@ -238,6 +240,7 @@ def machine() -> list[str]:
     except (OSError, StopIteration):
         pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    start = ", ".join(f"{x:.2f}" for x in LOAD_AT_START)
     versions = []
     for dist in ("pika", "aio-pika", "faststream", "pydantic", "orjson"):
         try:
@@ -255,7 +258,8 @@ def machine() -> list[str]:
     except OSError:
         commit = ""
     return [
-        f"- CPU: {cpu}, {os.cpu_count()} logical cores; load average {load} when the run ended",
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores; load average {start} at the start"
+        f" and {load} at the end of the run",
         f"- {platform.system()} {platform.release()}, Python {platform.python_version()}",
         f"- Broker: RabbitMQ {broker_version()} on the same machine",
         f"- {', '.join(versions)}; workerkit at commit {commit or 'unknown'}",
@@ -325,6 +329,7 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "  and imports count) to `Runner.wait_ready()` / the aio-pika `basic.consume` returning.",
         "  Idle RSS: psutil, 2 s after it started consuming.",
         "",
+        *_profile_notes(),
         "## Rerun",
         "",
         "```",
@@ -337,6 +342,15 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _profile_notes() -> list[str]:
+    """benchmarks/PROFILE.md (hand-written profiling findings), kept across regenerations."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "PROFILE.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [f.read().rstrip(), ""]
 
 
 def chart(r: Results, path: str) -> None:
