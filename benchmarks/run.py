@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> Results:
         cases = args.publish_cases.split(",")
         results.publish = throughput("publish", cases, args.publish_count, args.repeat)
     if "latency" in sections:
-        results.latency = latency(args.rate, args.latency_seconds, max(1, args.repeat - 1))
+        results.latency = latency(args.rate, args.latency_seconds, args.repeat)
     if "footprint" in sections:
         results.startup, results.rss = footprint(args.repeat)
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")
