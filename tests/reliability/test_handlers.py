@@ -32,20 +32,33 @@ def test_poison_message_that_kills_its_process_ends_in_dlq(
     Load(oracle, url, queue, 1, body=lambda n: {"n": n, "poison": True}, prefix="p").start().join()
     Load(oracle, url, queue, 50, rate=1000, body=lambda n: {"n": n}).start().join()
 
+    started = [worker]
+
+    def deaths() -> int:
+        return sum(w.proc.poll() is not None for w in started)
+
     def supervise() -> bool:
         """Restart the worker whenever the poison killed it, like a process manager would."""
         nonlocal worker
         if worker.proc.poll() is not None:
             assert worker.proc.returncode == 3, worker.output()
-            oracle.fault()
             worker = workers(queue, url, **settings)
+            started.append(worker)
         oracle.read_dlq(url, queue)
         return "p0" in oracle.dead
 
     wait_until(supervise, 60, "the poison message in the DLQ", poll=0.2)
+    # Each delivery killed a process: the first one plus ``limit`` redeliveries. The broker can
+    # see the last death (socket closed) a moment before the process is reaped.
+    wait_until(lambda: deaths() >= limit + 1, 10, f"{limit + 1} deaths")
+    if worker.proc.poll() is not None:
+        worker = workers(queue, url, **settings)
+        started.append(worker)
+    worker.wait_healthy()
     settle(oracle, url, queue, out_dir)
-    # Each delivery killed a process: the first one plus ``limit`` redeliveries.
+    oracle.faults = deaths()
     assert oracle.faults == limit + 1
+    assert all(w.proc.returncode in (3, None) for w in started)
     assert "p0" not in oracle.finished
     # Messages prefetched alongside the poison went back to the queue with each crash; they
     # must not share its fate.
