@@ -105,22 +105,9 @@ class AsyncPublisher:
         within ``timeout`` (default ``Settings.publish_timeout``, retries included),
         :class:`MessageTooLarge` for a body above ``max_body_size``.
         """
-        message = build_outgoing(
-            self.settings.exchange,
-            routing_key,
-            body,
-            headers=headers,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            max_body_size=self.settings.max_body_size,
+        message = self._outgoing(
+            routing_key, body, headers, message_id, correlation_id, reply_to, delay
         )
-        if delay is not None and delay > 0:
-            if len(routing_key) > 190:
-                raise ValueError("a delayed message's routing key must be at most 190 bytes")
-            message.exchange, message.routing_key = self._topology.scheduled_route(
-                routing_key, delay
-            )
         await self._send(message, timeout)
         return message.message_id
 
@@ -151,6 +138,62 @@ class AsyncPublisher:
             await connection.close()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _outgoing(
+        self,
+        routing_key: str,
+        body: object,
+        headers: Mapping[str, Any] | None,
+        message_id: str | None,
+        correlation_id: str | None,
+        reply_to: str | None,
+        delay: float | None,
+    ) -> Outgoing:
+        """Encode and route a message (pure: safe to call from any thread)."""
+        message = build_outgoing(
+            self.settings.exchange,
+            routing_key,
+            body,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            max_body_size=self.settings.max_body_size,
+        )
+        if delay is not None and delay > 0:
+            if len(routing_key) > 190:
+                raise ValueError("a delayed message's routing key must be at most 190 bytes")
+            message.exchange, message.routing_key = self._topology.scheduled_route(
+                routing_key, delay
+            )
+        return message
+
+    def _submit(
+        self, message: Outgoing, limit: float, result: concurrent.futures.Future[None]
+    ) -> None:
+        """On the loop thread: publish and settle ``result`` with the confirm.
+
+        Connected, this is a plain callback (no coroutine or task per message, which is most
+        of what a hand-off from another thread costs); otherwise it takes the retrying path.
+        """
+        channel = self._channel
+        delayed = message.exchange != self.settings.exchange
+        if channel is None or not channel.is_open or (delayed and not self._delays_declared):
+            _settle_with(asyncio.ensure_future(self._send(message, limit)), result)
+            return
+        started = time.monotonic()
+        confirm = channel.publish_nowait(message, mandatory=True, timeout=limit)
+
+        def settle(done: asyncio.Future[None]) -> None:
+            error = done.exception()
+            if isinstance(error, ConnectionFailed) and not isinstance(error, AccessRefused):
+                self._forget(channel)
+                remaining = limit - (time.monotonic() - started)
+                _settle_with(asyncio.ensure_future(self._send(message, remaining)), result)
+            else:
+                _resolve(result, error)
+
+        confirm.add_done_callback(settle)
 
     async def _send(self, message: Outgoing, timeout: float | None) -> None:
         limit = timeout if timeout is not None else self.settings.publish_timeout
@@ -242,6 +285,27 @@ class AsyncPublisher:
         self._channel = None
 
 
+def _settle_with(task: asyncio.Future[None], result: concurrent.futures.Future[None]) -> None:
+    """Copy the outcome of ``task`` into the thread-safe ``result`` when it is done."""
+
+    def copy(done: asyncio.Future[None]) -> None:
+        if done.cancelled():
+            result.cancel()
+        else:
+            _resolve(result, done.exception())
+
+    task.add_done_callback(copy)
+
+
+def _resolve(result: concurrent.futures.Future[None], error: BaseException | None) -> None:
+    # The caller may have given up (and cancelled) already; its answer no longer matters.
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            result.set_exception(error)
+        else:
+            result.set_result(None)
+
+
 class _StopAt(tenacity.stop.stop_base):
     """Stop retrying once the publish deadline has passed."""
 
@@ -296,19 +360,15 @@ class Publisher:
     ) -> str:
         """Publish and block until the broker confirmed; see :meth:`AsyncPublisher.publish`."""
         publisher, loop = self._ensure()
-        coro = publisher.publish(
-            routing_key,
-            body,
-            headers=headers,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            delay=delay,
-            timeout=timeout,
+        # Encoding happens here, in the caller's thread; the I/O thread only sends.
+        message = publisher._outgoing(
+            routing_key, body, headers, message_id, correlation_id, reply_to, delay
         )
-        limit = (timeout if timeout is not None else self.settings.publish_timeout) + 5
-        result: str = self._wait(asyncio.run_coroutine_threadsafe(coro, loop), limit)
-        return result
+        limit = timeout if timeout is not None else self.settings.publish_timeout
+        confirmed: concurrent.futures.Future[None] = concurrent.futures.Future()
+        loop.call_soon_threadsafe(publisher._submit, message, limit, confirmed)
+        self._wait(confirmed, limit + 5)
+        return message.message_id
 
     def publish_many(
         self,

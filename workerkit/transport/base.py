@@ -7,6 +7,7 @@ methods run on the event loop that opened the connection. Every failure is raise
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -59,6 +60,12 @@ class Channel(Protocol):
 
         Raises Unroutable, PublishNacked, PublishTimeout or ConnectionFailed.
         """
+        ...
+
+    def publish_nowait(
+        self, message: Outgoing, *, mandatory: bool, timeout: float
+    ) -> asyncio.Future[None]:
+        """Like :meth:`publish`, for callbacks: a future settled by the broker's confirm."""
         ...
 
     async def close(self) -> None: ...

@@ -610,6 +610,11 @@ class MemoryChannel:
         if mandatory and count == 0:
             raise Unroutable(message.exchange, message.routing_key)
 
+    def publish_nowait(
+        self, message: Outgoing, *, mandatory: bool, timeout: float
+    ) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self.publish(message, mandatory=mandatory, timeout=timeout))
+
     # -- closing -----------------------------------------------------------------------------
 
     def _fail(self, error: WorkerkitError) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pika
 import pika.exceptions as px
@@ -108,6 +108,33 @@ def _parameters(settings: Settings, name: str) -> pika.URLParameters:
     return params
 
 
+class _BatchingConnection(AsyncioConnection):  # type: ignore[misc]
+    """pika writes every frame with its own send(); this one writes a loop turn's frames at once.
+
+    A publish is three frames and an ack one: batching cuts the syscalls per message several
+    fold when many publishes or acks happen in one turn of the loop.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._wk_frames: list[bytes] = []
+        self._wk_loop = kwargs["custom_ioloop"]
+        super().__init__(*args, **kwargs)
+
+    def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
+        frames = self._wk_frames
+        if not frames:
+            self._wk_loop.call_soon(self._wk_flush)
+        for frame in marshaled_frames:
+            self.bytes_sent += len(frame)
+            self.frames_sent += 1
+            frames.append(frame)
+
+    def _wk_flush(self) -> None:
+        frames, self._wk_frames = self._wk_frames, []
+        if frames and self._transport is not None:
+            self._adapter_emit_data(b"".join(frames))
+
+
 class PikaTransport:
     """Opens :class:`PikaConnection` objects on the running event loop."""
 
@@ -128,7 +155,7 @@ class PikaTransport:
             params = _parameters(settings, name)
         except (ValueError, OSError, ssl.SSLError) as exc:
             raise ConnectionFailed(f"bad connection settings: {exc}") from None
-        raw = AsyncioConnection(
+        raw = _BatchingConnection(
             params,
             on_open_callback=on_open,
             on_open_error_callback=on_open_error,
@@ -234,6 +261,14 @@ class PikaConnection:
             log.warning("connection did not close within 5s; abandoning it")
 
 
+class _Pending(NamedTuple):
+    """A publish waiting for its confirm."""
+
+    future: asyncio.Future[None]
+    message: Outgoing
+    timer: asyncio.TimerHandle
+
+
 class PikaChannel:
     """One pika channel. RPC futures are failed when the channel or connection closes."""
 
@@ -248,7 +283,7 @@ class PikaChannel:
         self.confirms = False
         # Publisher confirms: sequence number -> (future, message id).
         self._seq = 0
-        self._unconfirmed: dict[int, tuple[asyncio.Future[None], str]] = {}
+        self._unconfirmed: dict[int, _Pending] = {}
         # Returned messages, keyed like _return_key; checked when their confirm arrives.
         self._lowest = 1
         self._returned: set[str] = set()
@@ -281,9 +316,10 @@ class PikaChannel:
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
-        for fut, _ in self._unconfirmed.values():
-            if not fut.done():
-                fut.set_exception(error)
+        for entry in self._unconfirmed.values():
+            entry.timer.cancel()
+            if not entry.future.done():
+                entry.future.set_exception(error)
         self._unconfirmed.clear()
 
     def _on_cancel(self, frame: Any) -> None:
@@ -431,8 +467,20 @@ class PikaChannel:
     # -- publishing --------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing, *, mandatory: bool, timeout: float) -> None:
+        await self.publish_nowait(message, mandatory=mandatory, timeout=timeout)
+
+    def publish_nowait(
+        self, message: Outgoing, *, mandatory: bool, timeout: float
+    ) -> asyncio.Future[None]:
+        """Send now; the returned future settles with the broker's confirm (or its error).
+
+        A plain callback can use this without a coroutine and a task per message.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         if self._close_error is not None:
-            raise self._close_error
+            fut.set_exception(self._close_error)
+            return fut
         props = BasicProperties(
             content_type=message.content_type,
             content_encoding=message.content_encoding,
@@ -448,31 +496,23 @@ class PikaChannel:
                 message.exchange, message.routing_key, message.body, props, mandatory
             )
         except Exception as exc:
-            raise translate(exc, what="publishing") from None
+            fut.set_exception(translate(exc, what="publishing"))
+            return fut
         if not self.confirms:
-            return
+            fut.set_result(None)
+            return fut
         self._seq += 1
         seq = self._seq
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._unconfirmed[seq] = (
-            fut,
-            message.message_id or _route_key(message.exchange, message.routing_key),
-        )
         # A timer on the future is cheaper than asyncio.wait_for on this per-message path.
         timer = loop.call_later(timeout, self._expire, seq, timeout)
-        try:
-            await fut
-        except Unroutable:
-            raise Unroutable(message.exchange, message.routing_key) from None
-        finally:
-            timer.cancel()
+        self._unconfirmed[seq] = _Pending(fut, message, timer)
+        return fut
 
     def _expire(self, seq: int, timeout: float) -> None:
         entry = self._unconfirmed.pop(seq, None)
-        if entry is not None and not entry[0].done():
+        if entry is not None and not entry.future.done():
             blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
-            entry[0].set_exception(
+            entry.future.set_exception(
                 PublishTimeout(f"no confirm from the broker within {timeout}s{blocked}")
             )
 
@@ -492,14 +532,16 @@ class PikaChannel:
             entry = self._unconfirmed.pop(seq, None)
             if entry is None:
                 continue
-            fut, message_id = entry
+            entry.timer.cancel()
+            fut, message = entry.future, entry.message
             if fut.done():
                 continue
+            key = message.message_id or _route_key(message.exchange, message.routing_key)
             if nacked:
                 fut.set_exception(PublishNacked("the broker nacked the message"))
-            elif message_id in self._returned:
-                self._returned.discard(message_id)
-                fut.set_exception(Unroutable("", ""))
+            elif key in self._returned:
+                self._returned.discard(key)
+                fut.set_exception(Unroutable(message.exchange, message.routing_key))
             else:
                 fut.set_result(None)
         # Everything below the lowest unconfirmed sequence number is settled.
