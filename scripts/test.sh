@@ -45,7 +45,7 @@ step "virtualenv and dependencies"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 
 step "broker"
 ensure_broker
