@@ -69,7 +69,11 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
         return ConnectionFailed(f"{prefix}channel closed by the broker: {exc.reply_text}")
     if isinstance(exc, asyncio.TimeoutError):
         return ConnectionFailed(f"{prefix}timed out")
-    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+    if isinstance(exc, ssl.SSLCertVerificationError | ssl.CertificateError):
+        # Fatal like refused credentials: a wrong CA or host name does not fix itself, and a
+        # certificate we cannot trust may be an attacker's. Never retried, never downgraded.
+        return AccessRefused(f"{prefix}TLS certificate verification failed: {exc}")
+    if isinstance(exc, ssl.SSLError):
         return ConnectionFailed(f"{prefix}TLS failed: {exc}")
     if isinstance(exc, ConnectionRefusedError):
         return ConnectionFailed(f"{prefix}connection refused (is the broker running?)")
