@@ -27,6 +27,9 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
 
 
+_NOT_SETTINGS = ("WORKERKIT_TEST", "WORKERKIT_BENCH")
+
+
 class Settings(BaseSettings):
     """workerkit settings, read from ``WORKERKIT_*`` environment variables and a ``.env`` file.
 
@@ -130,8 +133,8 @@ class Settings(BaseSettings):
             for key in names
             if key.upper().startswith("WORKERKIT_") and key.upper() not in known
         )
-        # Test-only variables are read by the test suite, not by workerkit.
-        unknown = [key for key in unknown if not key.upper().startswith("WORKERKIT_TEST")]
+        # The test suite and the benchmarks read their own variables, not workerkit.
+        unknown = [key for key in unknown if not key.upper().startswith(_NOT_SETTINGS)]
         if unknown:
             raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
         return data
