@@ -124,12 +124,6 @@ def test_tls_failure_is_fatal_and_never_falls_back_to_plain(
     wait_until(lambda: len(connections(tls_broker)) <= before, 10, "no new broker connections")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TEMPORARY, bug: a certificate that fails verification is retried forever by the"
-    " runner (workerkit/transport/pika_asyncio.py translate() maps ssl.SSLCertVerificationError"
-    " to a retryable ConnectionFailed); it is bad configuration and should stop start-up",
-)
 def test_worker_with_unverifiable_certificate_stops(
     tls_broker: PrivateBroker,
     certs: Path,
