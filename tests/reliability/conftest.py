@@ -6,6 +6,7 @@ broker.py). The helper modules live next to this file and are imported by name.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -33,7 +34,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def private_broker() -> Iterator[PrivateBroker]:
     """One private node for the session; scenarios leave it running and healthy."""
     if shutil.which("rabbitmq-server") is None:
-        pytest.skip("rabbitmq-server is not installed")
+        message = "rabbitmq-server is not installed: the reliability suite needs private nodes"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # never a silent skip in CI
+        pytest.skip(message)
     broker = PrivateBroker()
     broker.start()
     try:
