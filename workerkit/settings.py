@@ -65,7 +65,12 @@ class Settings(BaseSettings):
     )
     prefetch: int = Field(default=100, ge=1, le=65535, description="Default broker QoS.")
     concurrency: int = Field(default=10, ge=1, le=10000, description="Default handlers in flight.")
-    heartbeat: int = Field(default=30, ge=0, le=3600, description="AMQP heartbeat in seconds.")
+    heartbeat: int = Field(
+        default=10,
+        ge=0,
+        le=3600,
+        description="AMQP heartbeat in seconds; a silently dead connection is found in 2-3x this.",
+    )
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to open a connection.")
     publish_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a publish may take, retries included."
