@@ -236,18 +236,6 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
                 raise DecodeError(f"body is not UTF-8: {exc}") from None
 
         return decode_str
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        model = annotation
-
-        def decode_model(message: Message) -> Any:
-            _check_plain(message, max_body_size)
-            _json_content(message)
-            try:
-                return model.model_validate_json(message.body)
-            except ValidationError as exc:
-                raise DecodeError(_summarise(exc)) from None
-
-        return decode_model
     if annotation in (dict, list, Any) or _is_plain_json_alias(annotation):
         expected: type | None = annotation if annotation in (dict, list) else None
 
@@ -265,18 +253,22 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
             return value
 
         return decode_json
-    # Any other annotation (list[int], a TypedDict, a dataclass...) is validated by pydantic.
-    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+    # A model, or any other annotation (list[int], a TypedDict, a dataclass...): pydantic
+    # validates straight from the JSON bytes, with its validator built once, here.
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        validate: Callable[[bytes], Any] = annotation.model_validate_json
+    else:
+        validate = TypeAdapter(annotation).validate_json
 
-    def decode_adapted(message: Message) -> Any:
+    def decode_validated(message: Message) -> Any:
         _check_plain(message, max_body_size)
         _json_content(message)
         try:
-            return adapter.validate_json(message.body)
+            return validate(message.body)
         except ValidationError as exc:
             raise DecodeError(_summarise(exc)) from None
 
-    return decode_adapted
+    return decode_validated
 
 
 def _is_plain_json_alias(annotation: Any) -> bool:
