@@ -216,14 +216,23 @@ class Runner:
             if any(rt.in_flight or rt.deque for rt in self.runtimes) or not self.healthy:
                 quiet = 0
                 continue
-            empty = True
-            for rt in self.runtimes:
-                assert rt.channel is not None
-                ready, _ = await rt.channel.queue_state(rt.queue)
-                empty = empty and ready == 0
-            quiet = quiet + 1 if empty else 0
+            quiet = quiet + 1 if await self._queues_empty() else 0
             if quiet >= 2:
                 return
+
+    async def _queues_empty(self) -> bool:
+        """Whether every work queue is empty; False while a channel is down (not known yet)."""
+        for rt in self.runtimes:
+            channel = rt.channel
+            if channel is None:
+                return False
+            try:
+                ready, _ = await channel.queue_state(rt.queue)
+            except WorkerkitError:
+                return False  # the connection went away meanwhile; recovery will follow
+            if ready:
+                return False
+        return True
 
     async def publish(self, message: Outgoing) -> None:
         """Confirmed publish on the runner's publish channel (retry and dead-letter copies)."""
