@@ -107,6 +107,8 @@ class Runner:
         try:
             self.runtimes = [WorkerRuntime(cls, self) for cls in self.worker_classes]
             await self._connect_with_retries()
+            if self._stop.is_set():
+                return  # stopped while the broker was unreachable: nothing to drain
             for rt in self.runtimes:
                 await rt.instance.setup()
                 rt.start_slots()
@@ -159,7 +161,9 @@ class Runner:
             log.warning("cannot connect (%s); retrying", exc)
 
         async for attempt in reconnecting(
-            max_delay=self.settings.reconnect_max_delay, before_sleep=before_sleep
+            max_delay=self.settings.reconnect_max_delay,
+            before_sleep=before_sleep,
+            sleep=self._pause_unless_stopped,
         ):
             with attempt:
                 if self._stop is not None and self._stop.is_set():
@@ -174,6 +178,13 @@ class Runner:
                         rt.detach()
                     await self._close_connections()
                     raise
+
+    async def _pause_unless_stopped(self, seconds: float) -> None:
+        """Backoff between connection attempts that SIGTERM cuts short (a stop must not wait
+        out a 30 s backoff while the broker is down)."""
+        assert self._stop is not None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _supervise(self) -> None:
         assert self._stop is not None and self._lost is not None
@@ -203,6 +214,8 @@ class Runner:
             rt.detach()
         await self._close_connections()
         await self._connect_with_retries()
+        if self._stop is not None and self._stop.is_set():
+            return
         self._lost.clear()
         self.reconnects += 1
         self.last_recovery = time.monotonic() - started
