@@ -122,7 +122,8 @@ class WorkerRuntime:
     async def attach(self, connection: Connection) -> None:
         """Open the consume channel, declare this worker's queues and start consuming."""
         channel = await connection.channel(prefetch=self.prefetch)
-        await self.runner.topology.declare(channel, [self.cls])
+        # The runner declared the exchanges and delay layout once for all workers.
+        await self.runner.topology.declare_queues(channel, [self.cls])
         loop = asyncio.get_running_loop()
         self.channel = channel
         self.tracker = AckTracker(channel, loop, self.runner.settings.ack_batching)

@@ -185,6 +185,10 @@ class Topology:
     async def declare(self, channel: Declarer, workers: Iterable[type[Worker]] = ()) -> None:
         """Declare the exchange, the delay layout and each worker's queues. Idempotent."""
         await self.declare_exchanges(channel)
+        await self.declare_queues(channel, workers)
+
+    async def declare_queues(self, channel: Declarer, workers: Iterable[type[Worker]]) -> None:
+        """Each worker's queue and DLQ with their bindings (the exchanges must exist)."""
         for worker in workers:
             for queue in self.worker_queues(worker):
                 await self._declare_queue(channel, queue)
