@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
 
 from workerkit import ConfigurationError, Reject, RetryLater, RetryPolicy
-from workerkit.errors import AccessRefused, ConnectionFailed, TopologyError
+from workerkit.errors import AccessRefused, ConnectionFailed, HandlerTimeout, TopologyError
 from workerkit.retry import Ack, DeadLetter, Retry, reconnecting
 
 
@@ -102,9 +101,11 @@ class Permanent(Transient):
 
 
 def test_retry_on_limits_what_is_retried() -> None:
-    policy = RetryPolicy(retry_on=(Transient, asyncio.TimeoutError))
+    # A handler timeout is a workerkit.errors.HandlerTimeout, which is a TimeoutError.
+    policy = RetryPolicy(retry_on=(Transient, TimeoutError))
     assert isinstance(policy.decide(Transient(), 1), Retry)
     assert isinstance(policy.decide(TimeoutError(), 1), Retry)
+    assert isinstance(policy.decide(HandlerTimeout(5.0), 1), Retry)
     assert policy.decide(KeyError("k"), 1) == DeadLetter("rejected")
 
 
