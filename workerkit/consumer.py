@@ -97,6 +97,7 @@ class WorkerRuntime:
             )
         )
         self.classic = cls.queue_type == "classic"
+        self.exchange = settings.exchange
         self.log_extra = {"worker": self.name, "queue": self.queue}
         self.deque: collections.deque[Message] = collections.deque()
         self.idle: list[asyncio.Future[None]] = []
@@ -214,6 +215,8 @@ class WorkerRuntime:
             return
         if self.settling:
             await self.settled.wait()
+        if message.exchange and message.exchange != self.exchange:
+            self._restore_route(message)
         try:
             body = self.decode(message)
         except DecodeError as exc:
@@ -335,6 +338,16 @@ class WorkerRuntime:
             if not self.settling:
                 self.settled.set()
         return True
+
+    def _restore_route(self, message: Message) -> None:
+        """A retried or scheduled message comes out of the delay layout: show the handler the
+        exchange and routing key it was published with, without the broker's x-death trail."""
+        topology = self.runner.topology
+        if topology.is_delayed(message.exchange):
+            message.exchange, message.routing_key = topology.original_route(
+                message.routing_key, message.headers
+            )
+            message.headers = _clean_headers(message.headers)
 
     def _failure_headers(self, message: Message, exc: BaseException) -> dict[str, Any]:
         now = _utc_now()

@@ -24,10 +24,11 @@ the worker, holds a waiting message, any delay works, and nothing waits behind a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .message import Header
 from .settings import Settings
 from .worker import Worker
 
@@ -91,6 +92,7 @@ class Topology:
         self.delay_out = f"{self.exchange}.delay.out"
         self.unroutable = f"{self.exchange}.unroutable"
         self._stars = ".".join(["*"] * LEVELS)
+        self._delay_prefix = f"{self.exchange}.delay."
 
     # -- names -------------------------------------------------------------------------------
 
@@ -106,6 +108,23 @@ class Topology:
         units = delay_units(seconds)
         bits = ".".join("1" if units >> level & 1 else "0" for level in reversed(range(LEVELS)))
         return self.level_name(LEVELS - 1), f"{kind}.{bits}.{target}"
+
+    def is_delayed(self, exchange: str) -> bool:
+        """Whether a delivery came out of the delay layout (its exchange is one of ours)."""
+        return exchange.startswith(self._delay_prefix)
+
+    def original_route(self, routing_key: str, headers: Mapping[str, Any]) -> tuple[str, str]:
+        """(exchange, routing key) a delayed delivery was first published with.
+
+        A retry carries them in workerkit headers; a scheduled publish's key is the delay route
+        with the kind and the bits in front of the routing key the publisher gave.
+        """
+        if routing_key.startswith(f"{RETRY}."):
+            return (
+                str(headers.get(Header.ORIGINAL_EXCHANGE, self.exchange)),
+                str(headers.get(Header.ORIGINAL_ROUTING_KEY, routing_key)),
+            )
+        return self.exchange, routing_key.split(".", 1 + LEVELS)[-1]
 
     def retry_route(self, queue: str, seconds: float) -> tuple[str, str]:
         return self.delayed_route(RETRY, queue, seconds)
