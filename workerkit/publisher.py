@@ -35,7 +35,7 @@ from .errors import (
 )
 from .message import Outgoing, build_outgoing
 from .settings import Settings, load_settings
-from .topology import Topology
+from .topology import MAX_DELAY, Topology
 from .transport.base import Channel, Connection, Transport
 
 __all__ = ["AsyncPublisher", "Publisher"]
@@ -120,8 +120,9 @@ class AsyncPublisher:
     ) -> list[str]:
         """Publish ``(routing_key, body)`` pairs with many confirms in flight; returns their ids.
 
-        Raises the first error; messages before it may already be confirmed (publishing them again
-        is safe under at-least-once delivery).
+        Raises the first error; the other messages, before and after it, may already be
+        confirmed (they are published concurrently; publishing them again is safe under
+        at-least-once delivery).
         """
         window = asyncio.Semaphore(WINDOW)
 
@@ -161,6 +162,8 @@ class AsyncPublisher:
             max_body_size=self.settings.max_body_size,
         )
         if delay is not None and delay > 0:
+            if delay > MAX_DELAY:
+                raise ValueError(f"delay {delay}s is above the longest delay, {MAX_DELAY:.0f}s")
             if len(routing_key) > 190:
                 raise ValueError("a delayed message's routing key must be at most 190 bytes")
             message.exchange, message.routing_key = self._topology.scheduled_route(
@@ -413,7 +416,7 @@ class Publisher:
         if self._pid != os.getpid():
             self._reset()  # forked: the parent's connection and thread are not ours
         publisher, loop = self._async, self._loop
-        if publisher is not None and loop is not None:
+        if publisher is not None and loop is not None and not self._closed:
             return publisher, loop
         with self._guard:
             if self._closed:

@@ -79,7 +79,10 @@ class Settings(BaseSettings):
         default=30.0, ge=0, description="Seconds in-flight handlers get to finish on shutdown."
     )
     handler_timeout: float | None = Field(
-        default=None, gt=0, description="Default per-handler time limit in seconds (None: none)."
+        default=None,
+        gt=0,
+        description="Default per-handler time limit in seconds (unset: 90% of"
+        " broker_consumer_timeout).",
     )
     broker_consumer_timeout: float = Field(
         default=1800.0,
@@ -141,7 +144,7 @@ class Settings(BaseSettings):
         # The test suite and the benchmarks read their own variables, not workerkit.
         unknown = [key for key in unknown if not key.upper().startswith(_NOT_SETTINGS)]
         if unknown:
-            raise ValueError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+            raise ValueError(f"unknown setting(s) in the environment or .env: {', '.join(unknown)}")
         return data
 
     @field_validator("log_level", mode="before")

@@ -34,6 +34,7 @@ from .worker import Worker
 
 __all__ = [
     "LEVELS",
+    "MAX_DELAY",
     "UNIT_MS",
     "ExchangeSpec",
     "QueueSpec",
@@ -44,6 +45,7 @@ __all__ = [
 LEVELS = 28  # 2**28 units of 100 ms: delays up to about 310 days
 UNIT_MS = 100
 MAX_UNITS: int = 2**LEVELS - 1
+MAX_DELAY = MAX_UNITS * UNIT_MS / 1000  # seconds: about 310 days
 
 RETRY = "r"
 SCHEDULED = "p"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from .errors import ConfigurationError
-from .message import Message
+from .message import Message, decoder_for
 from .retry import RetryPolicy
 
 __all__ = ["Handler", "Worker", "validate_queue_name"]
@@ -35,6 +35,8 @@ _SETTINGS_ATTRS = frozenset(
 
 def validate_queue_name(name: object, owner: str = "queue") -> str:
     """Return ``name`` if it is a usable workerkit queue name, else raise ConfigurationError."""
+    if name is None:
+        raise ConfigurationError(f"{owner}: set the class attribute queue = '<queue name>'")
     if not isinstance(name, str) or not _QUEUE_NAME.match(name) or len(name) > 200:
         raise ConfigurationError(
             f"{owner}: queue name {name!r} must be 1-200 characters of letters, digits, "
@@ -186,6 +188,13 @@ def _inspect_handler(cls: type[Worker], name: str) -> Handler:
         if hints.get(params[1].name, Message) is not Message:
             raise ConfigurationError(f"{name}: the second parameter of handle must be a Message")
         wants_message = True
+    try:
+        # Builds pydantic's validator now, so an unusable annotation fails at import, not at run.
+        decoder_for(body_type, 1)
+    except Exception as exc:  # pydantic raises several kinds for an unsupported type
+        raise ConfigurationError(
+            f"{name}: cannot decode bodies as {body_type!r}: {str(exc).splitlines()[0]}"
+        ) from None
     return Handler(
         body_type=body_type,
         wants_message=wants_message,

@@ -263,3 +263,19 @@ async def test_message_without_id_is_still_reported_unroutable(
     with pytest.raises(Unroutable):
         await channel.publish(message, mandatory=True, timeout=5)
     await conn.close()
+
+
+def test_publish_after_close_is_a_publish_error(settings: Settings, queue: str) -> None:
+    from workerkit import PublishError
+
+    publisher = Publisher(settings=settings)
+    publisher.publish(queue, {"first": True})
+    publisher.close()
+    with pytest.raises(PublishError, match="closed"):
+        publisher.publish(queue, {"after": "close"})
+
+
+def test_a_delay_beyond_the_longest_is_refused(settings: Settings, queue: str) -> None:
+    with Publisher(settings=settings) as publisher, pytest.raises(ValueError, match="longest"):
+        publisher.publish(queue, {}, delay=400 * 24 * 3600)
+    assert drain(settings, queue) == []

@@ -50,7 +50,7 @@ def make(**attrs: Any) -> type[Worker]:
 
 
 def test_missing_queue() -> None:
-    with pytest.raises(ConfigurationError, match=r"Probe.*queue name None"):
+    with pytest.raises(ConfigurationError, match=r"Probe.*set the class attribute queue"):
         type("Probe", (Worker,), {"handle": _async_model_handler})
 
 
@@ -190,3 +190,14 @@ def test_error_names_the_class() -> None:
     with pytest.raises(ConfigurationError) as info:
         make(prefetch=0)
     assert str(info.value).startswith(f"{__name__}.Probe: prefetch")
+
+
+class Opaque:  # no schema: pydantic cannot build a validator for it
+    pass
+
+
+def test_an_annotation_pydantic_cannot_decode_fails_at_definition() -> None:
+    async def handle(self: Worker, body: Opaque) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"Probe: cannot decode bodies as .*Opaque"):
+        type("Probe", (Worker,), {"queue": "u.opaque-body", "handle": handle})

@@ -88,8 +88,9 @@ def _explain_precondition(text: str) -> str:
     if "inequivalent arg" in text:
         detail = text.split(" - ", 1)[-1]
         return (
-            f"{detail}. The queue already exists with other arguments: delete it (after draining)"
-            " or change the Worker to match"
+            f"{detail}. The queue already exists with other arguments (a classic queue where the"
+            " Worker wants quorum reports its first differing x- argument): set queue_type,"
+            " delivery_limit... on the Worker to match, or drain and delete the queue"
         )
     return text
 
@@ -214,7 +215,7 @@ class PikaConnection:
         log.info("the broker unblocked this connection")
 
     def _on_closed(self, _c: Any, exc: BaseException) -> None:
-        error = translate(exc, what="connection lost")
+        error = translate(exc)
         for channel in self._channels:
             channel._fail_all(error)
         if not self._closed.done():
