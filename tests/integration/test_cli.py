@@ -104,7 +104,9 @@ def make_app(tmp_path: Path, settings: Settings, queue: str, sleep: float = 0.0)
 def cleanup(settings: Settings) -> Iterator[list[str]]:
     queues: list[str] = []
     yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
+    # The app module declares a second worker, "<queue>-stuck", when a test runs the module.
+    names = [*queues, *(f"{q}-stuck" for q in queues)]
+    delete_queues(settings.url.get_secret_value(), *names, *(f"{q}.dlq" for q in names))
 
 
 def workerkit(

@@ -176,12 +176,26 @@ def start_worker(
     mode: str, queue: str, url: str, exchange: str, logfile: Path, *options: str
 ) -> subprocess.Popen[bytes]:
     """Start this module as a worker process (stderr captured for failure messages)."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(FIXTURE), mode, queue, url, exchange, str(logfile), *options],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    STARTED.append(proc)
+    return proc
+
+
+# Worker processes started by tests; a failing test must not leave one consuming forever.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_leftovers() -> None:
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def log_lines(logfile: Path, kind: str) -> list[str]:
