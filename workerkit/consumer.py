@@ -145,7 +145,7 @@ class WorkerRuntime:
         self.consumer_tag = None
 
     def on_cancelled(self) -> None:
-        log.warning("the broker cancelled the consumer", extra=self.log_extra)
+        log.warning("the consumer is gone (cancelled or its channel closed)", extra=self.log_extra)
         self.consuming = False
         self.runner.connection_lost(WorkerkitError(f"consumer of {self.queue!r} cancelled"))
 

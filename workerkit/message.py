@@ -47,7 +47,6 @@ class Header:
     ORIGINAL_EXCHANGE = "workerkit-original-exchange"
     ORIGINAL_ROUTING_KEY = "workerkit-original-routing-key"
     QUEUE = "workerkit-queue"
-    TARGET = "workerkit-target"
 
 
 # Headers the broker adds on dead-lettering; a message republished by workerkit drops them so
@@ -236,7 +235,7 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
                 raise DecodeError(f"body is not UTF-8: {exc}") from None
 
         return decode_str
-    if annotation in (dict, list, Any) or _is_plain_json_alias(annotation):
+    if annotation in (dict, list, Any, object):
         expected: type | None = annotation if annotation in (dict, list) else None
 
         def decode_json(message: Message) -> Any:
@@ -269,10 +268,6 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
             raise DecodeError(_summarise(exc)) from None
 
     return decode_validated
-
-
-def _is_plain_json_alias(annotation: Any) -> bool:
-    return annotation is object
 
 
 def _summarise(exc: ValidationError) -> str:
