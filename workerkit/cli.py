@@ -491,7 +491,7 @@ def format_dead_letter(dead: dlq.DeadLetter, *, full: bool) -> list[str]:
     for key in sorted(dead.headers):
         if key == "workerkit-traceback":
             continue
-        lines.append(f"  {key}: {dead.headers[key]!r}")
+        lines.append(f"  {key}: {_plain(dead.headers[key])!r}")
     if dead.traceback:
         lines.append("traceback:")
         lines.extend("  " + row for row in dead.traceback.rstrip().splitlines())
@@ -508,3 +508,14 @@ def _short_type(qualified: str | None) -> str:
 def _one_line(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _plain(value: Any) -> Any:
+    """Header values as Python shows them (pika's AMQP long integers print as ``1L``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value

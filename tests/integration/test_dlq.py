@@ -147,6 +147,8 @@ async def test_show_prints_headers_traceback_and_body(
     assert "error:        workerkit.errors.Reject: order 1 is not valid" in out
     assert "  tenant: 'acme'" in out
     assert f"  workerkit-queue: '{q}'" in out
+    assert "  workerkit-attempt: 1\n" in out  # a plain int, not pika's AMQP long "1L"
+    assert "L\n" not in out.split("traceback:")[0]
     assert "traceback:" in out and "raise Reject(" in out
     assert '"n": 1' in out
 
