@@ -6,6 +6,7 @@ send :class:`Outgoing`.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -159,6 +160,16 @@ def encode_body(body: object) -> tuple[bytes, str]:
         ) from None
 
 
+def new_message_id() -> str:
+    """A random (version 4) UUID in hex.
+
+    Not ``uuid.uuid4()``: its ``os.urandom`` is a system call that lets go of the GIL, and with
+    many threads publishing each release is a thread switch. ``random`` is reseeded after
+    ``fork()``, so a child never repeats its parent's ids.
+    """
+    return uuid.UUID(int=random.getrandbits(128), version=4).hex
+
+
 def build_outgoing(
     exchange: str,
     routing_key: str,
@@ -186,7 +197,7 @@ def build_outgoing(
         body=payload,
         content_type=content_type,
         headers=user_headers,
-        message_id=message_id or uuid.uuid4().hex,
+        message_id=message_id or new_message_id(),
         correlation_id=correlation_id,
         timestamp=int(time.time()),
         reply_to=reply_to,

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import tenacity
@@ -44,6 +44,9 @@ log = logging.getLogger("workerkit.publisher")
 
 # publish_many keeps at most this many confirms outstanding at once.
 WINDOW = 1000
+
+# What a loop-side operation reports back: (error, value).
+Settle = Callable[[BaseException | None, Any], None]
 
 
 class AsyncPublisher:
@@ -171,32 +174,28 @@ class AsyncPublisher:
             )
         return message
 
-    def _submit(
-        self, message: Outgoing, limit: float, result: concurrent.futures.Future[None]
-    ) -> None:
-        """On the loop thread: publish and settle ``result`` with the confirm.
+    def _submit(self, message: Outgoing, limit: float, settle: Settle) -> None:
+        """On the loop: publish, then ``settle(error)`` once the broker answered.
 
         Connected, this is a plain callback (no coroutine or task per message, which is most
-        of what a hand-off from another thread costs); otherwise it takes the retrying path.
+        of what a publish from another thread would otherwise cost); else the retrying path.
         """
         channel = self._channel
         delayed = message.exchange != self.settings.exchange
         if channel is None or not channel.is_open or (delayed and not self._delays_declared):
-            _settle_with(asyncio.ensure_future(self._send(message, limit)), result)
+            _settle_when_done(asyncio.ensure_future(self._send(message, limit)), settle)
             return
         started = time.monotonic()
-        confirm = channel.publish_nowait(message, mandatory=True, timeout=limit)
 
-        def settle(done: asyncio.Future[None]) -> None:
-            error = done.exception()
+        def on_confirm(error: BaseException | None) -> None:
             if isinstance(error, ConnectionFailed) and not isinstance(error, AccessRefused):
                 self._forget(channel)
                 remaining = limit - (time.monotonic() - started)
-                _settle_with(asyncio.ensure_future(self._send(message, remaining)), result)
+                _settle_when_done(asyncio.ensure_future(self._send(message, remaining)), settle)
             else:
-                _resolve(result, error)
+                settle(error, None)
 
-        confirm.add_done_callback(settle)
+        channel.publish_nowait(message, mandatory=True, timeout=limit, on_done=on_confirm)
 
     async def _send(self, message: Outgoing, timeout: float | None) -> None:
         limit = timeout if timeout is not None else self.settings.publish_timeout
@@ -288,25 +287,18 @@ class AsyncPublisher:
         self._channel = None
 
 
-def _settle_with(task: asyncio.Future[None], result: concurrent.futures.Future[None]) -> None:
-    """Copy the outcome of ``task`` into the thread-safe ``result`` when it is done."""
+def _settle_when_done(task: asyncio.Future[Any], settle: Settle) -> None:
+    """Call ``settle`` with the outcome of ``task`` once it is done."""
 
-    def copy(done: asyncio.Future[None]) -> None:
+    def copy(done: asyncio.Future[Any]) -> None:
         if done.cancelled():
-            result.cancel()
+            settle(PublishError("the publish was cancelled"), None)
+        elif (error := done.exception()) is not None:
+            settle(error, None)
         else:
-            _resolve(result, done.exception())
+            settle(None, done.result())
 
     task.add_done_callback(copy)
-
-
-def _resolve(result: concurrent.futures.Future[None], error: BaseException | None) -> None:
-    # The caller may have given up (and cancelled) already; its answer no longer matters.
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if error is not None:
-            result.set_exception(error)
-        else:
-            result.set_result(None)
 
 
 class _StopAt(tenacity.stop.stop_base):
@@ -317,6 +309,190 @@ class _StopAt(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return time.monotonic() >= self.deadline
+
+
+class _Waiter:
+    """One synchronous call waiting for its answer, or for its turn to drive the loop.
+
+    ``wake`` is a lock held from birth: releasing it is the cheapest wake-up CPython has.
+    """
+
+    __slots__ = ("can_drive", "done", "error", "promoted", "value", "wake")
+
+    def __init__(self, can_drive: bool) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.can_drive = can_drive
+        self.done = False
+        self.promoted = False
+        self.error: BaseException | None = None
+        self.value: Any = None
+
+
+_HOUSEKEEPER = _Waiter(can_drive=False)  # marks the housekeeping thread as the driver
+
+
+class _SharedLoop:
+    """An event loop driven by the threads that wait on it (leader/follower).
+
+    A thread that calls while nobody drives runs the loop itself until its own answer is in: no
+    hand-off to an I/O thread and back, so one thread publishes about as fast as a blocking
+    client. Threads that call meanwhile queue their callback and sleep; the loop wakes each
+    with its answer, and a driver whose answer is in hands the loop to a waiting thread. A
+    housekeeping thread drives when nobody else does: heartbeats while idle, and callers that
+    cannot drive because their thread already runs an event loop.
+    """
+
+    def __init__(self, housekeeping_interval: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._interval = housekeeping_interval
+        self._mutex = threading.Lock()
+        self._driver: _Waiter | None = None
+        self._waiting: dict[_Waiter, None] = {}  # oldest first
+        self._inbox: list[tuple[Callable[[Settle], None], _Waiter]] = []
+        self._nudge = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._housekeep, name="workerkit-publisher", daemon=True
+        )
+        self._thread.start()
+
+    def call(self, start: Callable[[Settle], None], limit: float | None) -> Any:
+        """Run ``start(settle)`` on the loop; return what it settles with, or raise it.
+
+        ``limit`` bounds only the wait for a loop that another thread drives and that never
+        answers; the work itself carries its own deadlines.
+        """
+        waiter = _Waiter(can_drive=asyncio._get_running_loop() is None)
+        with self._mutex:
+            if self._stopping:
+                raise PublishError("publisher is closed")
+            driver = self._driver
+            drive = driver is None and waiter.can_drive
+            if drive:
+                self._driver = waiter
+            else:
+                self._waiting[waiter] = None
+            self._inbox.append((start, waiter))
+            first = len(self._inbox) == 1
+        if drive:
+            if first:
+                self.loop.call_soon(self._drain)
+            self._drive(waiter)
+        else:
+            # Under load the loop is awake anyway: one wake-up serves every queued call.
+            if first:
+                self.loop.call_soon_threadsafe(self._drain)
+            if driver is None:
+                self._nudge.set()
+            elif driver is _HOUSEKEEPER and waiter.can_drive:
+                self.loop.call_soon_threadsafe(self.loop.stop)  # let this thread drive instead
+            self._follow(waiter, limit)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
+
+    def _drain(self) -> None:
+        """On the loop: start every queued call."""
+        with self._mutex:
+            batch, self._inbox = self._inbox, []
+        for start, waiter in batch:
+            settle = functools.partial(self._settle, waiter)
+            try:
+                start(settle)
+            except Exception as exc:  # a bug must reach its caller, not hang it
+                settle(exc, None)
+
+    def stop(self, timeout: float) -> None:
+        """Stop the housekeeping thread and close the loop once nobody waits on it."""
+        with self._mutex:
+            self._stopping = True
+        self._nudge.set()
+        self._thread.join(timeout)
+
+    def _settle(self, waiter: _Waiter, error: BaseException | None, value: Any) -> None:
+        """On the loop: record the answer and wake whoever waits for it."""
+        with self._mutex:
+            if waiter.done:
+                return  # its caller gave up
+            waiter.done = True
+            waiter.error, waiter.value = error, value
+            self._waiting.pop(waiter, None)
+            driver = self._driver
+            idle = driver is _HOUSEKEEPER and not self._waiting
+        if driver is waiter or idle:
+            self.loop.stop()
+        if driver is not waiter:
+            waiter.wake.release()
+
+    def _drive(self, waiter: _Waiter) -> None:
+        try:
+            while not waiter.done:
+                self.loop.run_forever()
+        finally:
+            waiter.done = True  # interrupted: a late answer is dropped
+            self._hand_over()
+
+    def _follow(self, waiter: _Waiter, limit: float | None) -> None:
+        try:
+            woke = waiter.wake.acquire(timeout=-1 if limit is None else limit)
+        except BaseException:  # interrupted: never keep the loop to ourselves
+            if not self._withdraw(waiter) and waiter.promoted:
+                waiter.done = True
+                self._hand_over()
+            raise
+        if not woke:
+            if self._withdraw(waiter):
+                raise PublishTimeout(f"no answer within {limit}s: the publisher loop is stuck")
+            waiter.wake.acquire()  # answered or promoted just now: the wake-up is due
+        if waiter.promoted:
+            self._drive(waiter)
+
+    def _withdraw(self, waiter: _Waiter) -> bool:
+        """Stop waiting; False if ``waiter`` was answered or handed the loop meanwhile."""
+        with self._mutex:
+            if waiter.done or waiter.promoted:
+                return False
+            waiter.done = True
+            del self._waiting[waiter]
+            return True
+
+    def _hand_over(self) -> None:
+        """Pass the loop to the oldest waiting thread that can drive, else to the housekeeper."""
+        with self._mutex:
+            successor = next((w for w in self._waiting if w.can_drive), None)
+            self._driver = successor
+            if successor is not None:
+                del self._waiting[successor]
+                successor.promoted = True
+            unattended = successor is None and bool(self._waiting)
+        if successor is not None:
+            successor.wake.release()
+        elif unattended:
+            self._nudge.set()
+
+    def _housekeep(self) -> None:
+        while True:
+            self._nudge.wait(self._interval)
+            self._nudge.clear()
+            with self._mutex:
+                if self._driver is not None:
+                    continue
+                self._driver = _HOUSEKEEPER
+                finished = self._stopping and not self._waiting
+                if not self._waiting:
+                    self.loop.call_soon(self.loop.stop)  # one pass: timers and heartbeats
+            if finished:
+                break
+            try:
+                while True:
+                    self.loop.run_forever()
+                    with self._mutex:
+                        if not self._waiting or any(w.can_drive for w in self._waiting):
+                            break
+            finally:
+                self._hand_over()
+        self.loop.close()
 
 
 _live: weakref.WeakSet[Publisher] = weakref.WeakSet()
@@ -338,8 +514,7 @@ class Publisher:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._guard = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._shared: _SharedLoop | None = None
         self._async: AsyncPublisher | None = None
         self._closed = False
 
@@ -362,15 +537,12 @@ class Publisher:
         timeout: float | None = None,
     ) -> str:
         """Publish and block until the broker confirmed; see :meth:`AsyncPublisher.publish`."""
-        publisher, loop = self._ensure()
-        # Encoding happens here, in the caller's thread; the I/O thread only sends.
-        message = publisher._outgoing(
+        core, shared = self._ensure()
+        message = core._outgoing(
             routing_key, body, headers, message_id, correlation_id, reply_to, delay
         )
         limit = timeout if timeout is not None else self.settings.publish_timeout
-        confirmed: concurrent.futures.Future[None] = concurrent.futures.Future()
-        loop.call_soon_threadsafe(publisher._submit, message, limit, confirmed)
-        self._wait(confirmed, limit + 5)
+        shared.call(functools.partial(core._submit, message, limit), limit + 5)
         return message.message_id
 
     def publish_many(
@@ -381,66 +553,51 @@ class Publisher:
         timeout: float | None = None,
     ) -> list[str]:
         """Publish many ``(routing_key, body)`` pairs with their confirms in flight together."""
-        publisher, loop = self._ensure()
-        coro = publisher.publish_many(list(items), delay=delay, timeout=timeout)
+        core, shared = self._ensure()
+        batch = list(items)
+
+        def start(settle: Settle) -> None:
+            coro = core.publish_many(batch, delay=delay, timeout=timeout)
+            _settle_when_done(asyncio.ensure_future(coro), settle)
+
         # Each message has its own deadline; the batch as a whole gets no extra one.
-        ids: list[str] = self._wait(asyncio.run_coroutine_threadsafe(coro, loop), None)
+        ids: list[str] = shared.call(start, None)
         return ids
 
     def close(self) -> None:
-        """Close the connection and stop the I/O thread (idempotent)."""
+        """Close the connection and stop the housekeeping thread (idempotent)."""
         with self._guard:
             if self._pid != os.getpid() or self._closed:
                 return
             self._closed = True
-            loop, thread, publisher = self._loop, self._thread, self._async
-        if loop is None or thread is None or publisher is None:
+            shared, core = self._shared, self._async
+        if shared is None or core is None:
             return
         try:
-            asyncio.run_coroutine_threadsafe(publisher.close(), loop).result(10)
+            shared.call(
+                lambda settle: _settle_when_done(asyncio.ensure_future(core.close()), settle), 10
+            )
         except Exception as exc:  # closing is best effort; the broker cleans up after us
             log.debug("closing the publisher: %s", exc)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        shared.stop(10)
 
-    @staticmethod
-    def _wait(future: concurrent.futures.Future[Any], limit: float | None) -> Any:
-        """The coroutine's result; ``limit`` only guards against a wedged I/O thread."""
-        try:
-            return future.result(limit)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise PublishTimeout(f"no confirm within {limit}s") from None
-
-    def _ensure(self) -> tuple[AsyncPublisher, asyncio.AbstractEventLoop]:
+    def _ensure(self) -> tuple[AsyncPublisher, _SharedLoop]:
         if self._pid != os.getpid():
-            self._reset()  # forked: the parent's connection and thread are not ours
-        publisher, loop = self._async, self._loop
-        if publisher is not None and loop is not None and not self._closed:
-            return publisher, loop
+            self._reset()  # forked: the parent's connection and threads are not ours
+        core, shared = self._async, self._shared
+        if core is not None and shared is not None and not self._closed:
+            return core, shared
         with self._guard:
             if self._closed:
                 raise PublishError("publisher is closed")
-            if self._async is None or self._loop is None:
-                loop = asyncio.new_event_loop()
-                ready = threading.Event()
-                thread = threading.Thread(
-                    target=_serve, args=(loop, ready), name="workerkit-publisher", daemon=True
-                )
-                thread.start()
-                ready.wait()
+            if self._async is None or self._shared is None:
+                # pika sends a heartbeat every heartbeat/2 seconds when the loop runs: an idle
+                # publisher's loop must run well within that.
+                heartbeat = self.settings.heartbeat or 4
+                interval = min(1.0, max(0.05, heartbeat / 4))
+                self._shared = _SharedLoop(interval)
                 self._async = AsyncPublisher(settings=self.settings)
-                self._loop, self._thread = loop, thread
-            return self._async, self._loop
-
-
-def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-    asyncio.set_event_loop(loop)
-    loop.call_soon(ready.set)
-    try:
-        loop.run_forever()
-    finally:
-        loop.close()
+            return self._async, self._shared
 
 
 def _after_fork_in_child() -> None:

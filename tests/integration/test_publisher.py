@@ -279,3 +279,35 @@ def test_a_delay_beyond_the_longest_is_refused(settings: Settings, queue: str) -
     with Publisher(settings=settings) as publisher, pytest.raises(ValueError, match="longest"):
         publisher.publish(queue, {}, delay=400 * 24 * 3600)
     assert drain(settings, queue) == []
+
+
+def test_an_idle_publisher_keeps_its_connection(
+    settings: Settings, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody publishing means nobody drives the loop but the housekeeper: heartbeats still go
+    out, so a connection idle for several heartbeat timeouts is still the same one."""
+    publisher = Publisher(settings=settings.model_copy(update={"heartbeat": 1}))
+    publisher.publish(queue, {"n": 1})
+    core = publisher._async
+    assert core is not None
+    before = core._connection
+    threading.Event().wait(4.0)  # the idle time is the scenario: the broker gives up after ~2 s
+    publisher.publish(queue, {"n": 2})
+    assert core._connection is before
+    assert before is not None and before.is_open
+    assert "connection lost" not in caplog.text
+    publisher.close()
+    assert len(drain(settings, queue)) == 2
+
+
+def test_publish_from_inside_an_event_loop(settings: Settings, queue: str) -> None:
+    """Sync code called from a coroutine cannot drive the publisher's loop; it still works."""
+    publisher = Publisher(settings=settings)
+
+    async def handler() -> str:
+        return publisher.publish(queue, {"from": "a coroutine"})
+
+    mid = asyncio.run(handler())
+    plain = publisher.publish(queue, {"from": "a plain thread"})
+    publisher.close()
+    assert {p.message_id for p, _ in drain(settings, queue)} == {mid, plain}

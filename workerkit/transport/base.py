@@ -7,7 +7,6 @@ methods run on the event loop that opened the connection. Every failure is raise
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -17,6 +16,7 @@ from ..topology import ExchangeSpec, QueueSpec
 
 OnMessage = Callable[[Message], None]
 OnLost = Callable[[Exception], None]
+OnPublished = Callable[[BaseException | None], None]
 
 
 class Channel(Protocol):
@@ -63,9 +63,10 @@ class Channel(Protocol):
         ...
 
     def publish_nowait(
-        self, message: Outgoing, *, mandatory: bool, timeout: float
-    ) -> asyncio.Future[None]:
-        """Like :meth:`publish`, for callbacks: a future settled by the broker's confirm."""
+        self, message: Outgoing, *, mandatory: bool, timeout: float, on_done: OnPublished
+    ) -> None:
+        """Like :meth:`publish`, for callbacks: ``on_done(error or None)`` runs exactly once,
+        on the loop, when the broker answered (or the timeout or a lost channel did)."""
         ...
 
     async def close(self) -> None: ...

@@ -32,7 +32,7 @@ from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
 from ..message import Message, Outgoing
 from ..settings import Settings
 from ..topology import ExchangeSpec, QueueSpec
-from .base import OnLost, OnMessage
+from .base import OnLost, OnMessage, OnPublished
 
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
 
@@ -611,9 +611,17 @@ class MemoryChannel:
             raise Unroutable(message.exchange, message.routing_key)
 
     def publish_nowait(
-        self, message: Outgoing, *, mandatory: bool, timeout: float
-    ) -> asyncio.Future[None]:
-        return asyncio.ensure_future(self.publish(message, mandatory=mandatory, timeout=timeout))
+        self, message: Outgoing, *, mandatory: bool, timeout: float, on_done: OnPublished
+    ) -> None:
+        task = asyncio.ensure_future(self.publish(message, mandatory=mandatory, timeout=timeout))
+
+        def report(done: asyncio.Future[None]) -> None:
+            cancelled = done.cancelled()
+            on_done(
+                ConnectionFailed("the publish was cancelled") if cancelled else done.exception()
+            )
+
+        task.add_done_callback(report)
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, TypeVar
 import pika
 import pika.exceptions as px
 from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 from pika.channel import Channel as PikaRawChannel
 from pika.spec import Basic, BasicProperties
 
@@ -31,13 +32,14 @@ from ..errors import (
 from ..message import Message, Outgoing
 from ..settings import Settings
 from ..topology import ExchangeSpec, QueueSpec
-from .base import OnLost, OnMessage
+from .base import OnLost, OnMessage, OnPublished
 
 log = logging.getLogger("workerkit.transport")
 
 T = TypeVar("T")
 
 PERSISTENT = 2
+_ACTIVE = getattr(_AsyncPlaintextTransport, "_STATE_ACTIVE", object())
 
 
 def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
@@ -136,8 +138,25 @@ class _BatchingConnection(AsyncioConnection):  # type: ignore[misc]
 
     def _wk_flush(self) -> None:
         frames, self._wk_frames = self._wk_frames, []
-        if frames and self._transport is not None:
-            self._adapter_emit_data(b"".join(frames))
+        transport = self._transport
+        if not frames or transport is None:
+            return
+        data = b"".join(frames)
+        if (
+            type(transport) is _AsyncPlaintextTransport
+            and transport.get_write_buffer_size() == 0
+            and getattr(transport, "_state", None) == _ACTIVE
+        ):
+            # pika would wait a loop turn for writability (and pay two epoll_ctl calls) to send
+            # what a non-blocking send takes now; only a remainder goes through its buffer.
+            try:
+                sent = transport._sock.send(data)
+            except OSError:  # would block, or broken: pika's own send sees to it
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._adapter_emit_data(data)
 
 
 class PikaTransport:
@@ -269,7 +288,7 @@ class PikaConnection:
 class _Pending(NamedTuple):
     """A publish waiting for its confirm."""
 
-    future: asyncio.Future[None]
+    on_done: OnPublished
     message: Outgoing
     timer: asyncio.TimerHandle
 
@@ -286,7 +305,7 @@ class PikaChannel:
         self._close_error: WorkerkitError | None = None
         self._cancel_callbacks: dict[str, Callable[[], None]] = {}
         self.confirms = False
-        # Publisher confirms: sequence number -> (future, message id).
+        # Publisher confirms: sequence number -> (callback, message, timer).
         self._seq = 0
         self._unconfirmed: dict[int, _Pending] = {}
         # Returned messages, keyed like _return_key; checked when their confirm arrives.
@@ -321,11 +340,10 @@ class PikaChannel:
             if not fut.done():
                 fut.set_exception(error)
         self._pending.clear()
-        for entry in self._unconfirmed.values():
+        unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        for entry in unconfirmed.values():
             entry.timer.cancel()
-            if not entry.future.done():
-                entry.future.set_exception(error)
-        self._unconfirmed.clear()
+            entry.on_done(error)
 
     def _on_cancel(self, frame: Any) -> None:
         tag = frame.method.consumer_tag
@@ -472,20 +490,30 @@ class PikaChannel:
     # -- publishing --------------------------------------------------------------------------
 
     async def publish(self, message: Outgoing, *, mandatory: bool, timeout: float) -> None:
-        await self.publish_nowait(message, mandatory=mandatory, timeout=timeout)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if fut.done():
+                return  # the caller was cancelled
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+        self.publish_nowait(message, mandatory=mandatory, timeout=timeout, on_done=settle)
+        await fut
 
     def publish_nowait(
-        self, message: Outgoing, *, mandatory: bool, timeout: float
-    ) -> asyncio.Future[None]:
-        """Send now; the returned future settles with the broker's confirm (or its error).
+        self, message: Outgoing, *, mandatory: bool, timeout: float, on_done: OnPublished
+    ) -> None:
+        """Send now; ``on_done(error or None)`` runs on the loop once the broker answered.
 
-        A plain callback can use this without a coroutine and a task per message.
+        The plain callback is what keeps this path free of a future, a task and the extra turn
+        of the loop that an asyncio future's callbacks take.
         """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
         if self._close_error is not None:
-            fut.set_exception(self._close_error)
-            return fut
+            on_done(self._close_error)
+            return
         props = BasicProperties(
             content_type=message.content_type,
             content_encoding=message.content_encoding,
@@ -501,25 +529,22 @@ class PikaChannel:
                 message.exchange, message.routing_key, message.body, props, mandatory
             )
         except Exception as exc:
-            fut.set_exception(translate(exc, what="publishing"))
-            return fut
+            on_done(translate(exc, what="publishing"))
+            return
         if not self.confirms:
-            fut.set_result(None)
-            return fut
+            on_done(None)
+            return
         self._seq += 1
         seq = self._seq
-        # A timer on the future is cheaper than asyncio.wait_for on this per-message path.
-        timer = loop.call_later(timeout, self._expire, seq, timeout)
-        self._unconfirmed[seq] = _Pending(fut, message, timer)
-        return fut
+        # A timer per publish is cheaper than asyncio.wait_for on this per-message path.
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, seq, timeout)
+        self._unconfirmed[seq] = _Pending(on_done, message, timer)
 
     def _expire(self, seq: int, timeout: float) -> None:
         entry = self._unconfirmed.pop(seq, None)
-        if entry is not None and not entry.future.done():
+        if entry is not None:
             blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
-            entry.future.set_exception(
-                PublishTimeout(f"no confirm from the broker within {timeout}s{blocked}")
-            )
+            entry.on_done(PublishTimeout(f"no confirm from the broker within {timeout}s{blocked}"))
 
     def _on_return(
         self, _ch: Any, _method: Basic.Return, props: BasicProperties, _body: bytes
@@ -538,17 +563,15 @@ class PikaChannel:
             if entry is None:
                 continue
             entry.timer.cancel()
-            fut, message = entry.future, entry.message
-            if fut.done():
-                continue
+            message = entry.message
             key = message.message_id or _route_key(message.exchange, message.routing_key)
             if nacked:
-                fut.set_exception(PublishNacked("the broker nacked the message"))
+                entry.on_done(PublishNacked("the broker nacked the message"))
             elif key in self._returned:
                 self._returned.discard(key)
-                fut.set_exception(Unroutable(message.exchange, message.routing_key))
+                entry.on_done(Unroutable(message.exchange, message.routing_key))
             else:
-                fut.set_result(None)
+                entry.on_done(None)
         # Everything below the lowest unconfirmed sequence number is settled.
         while self._lowest <= self._seq and self._lowest not in self._unconfirmed:
             self._lowest += 1
