@@ -311,3 +311,13 @@ def test_publish_from_inside_an_event_loop(settings: Settings, queue: str) -> No
     plain = publisher.publish(queue, {"from": "a plain thread"})
     publisher.close()
     assert {p.message_id for p, _ in drain(settings, queue)} == {mid, plain}
+
+
+def test_a_body_larger_than_a_frame_arrives_whole(settings: Settings, queue: str) -> None:
+    """Bodies above the negotiated frame size (128 KiB) are split into several body frames."""
+    body = bytes(range(256)) * 1200  # 300 KiB, not a multiple of the frame size
+    with Publisher(settings=settings) as publisher:
+        publisher.publish(queue, body)
+    [(props, raw)] = drain(settings, queue)
+    assert raw == body
+    assert props.content_type == "application/octet-stream"
