@@ -350,6 +350,7 @@ class _SharedLoop:
         self._driver: _Waiter | None = None
         self._waiting: dict[_Waiter, None] = {}  # oldest first
         self._inbox: list[tuple[Callable[[Settle], None], _Waiter]] = []
+        self._wakeups: list[_Waiter] = []
         self._nudge = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(
@@ -423,6 +424,15 @@ class _SharedLoop:
         if driver is waiter or idle:
             self.loop.stop()
         if driver is not waiter:
+            # Woken now, the thread would fight this one for the GIL at each of its system
+            # calls; at the end of the turn this thread is about to block instead.
+            self._wakeups.append(waiter)
+            if len(self._wakeups) == 1:
+                self.loop.call_soon(self._wake_all)
+
+    def _wake_all(self) -> None:
+        wakeups, self._wakeups = self._wakeups, []
+        for waiter in wakeups:
             waiter.wake.release()
 
     def _drive(self, waiter: _Waiter) -> None:
