@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import selectors
 import threading
 import time
 import weakref
@@ -311,6 +312,33 @@ class _StopAt(tenacity.stop.stop_base):
         return time.monotonic() >= self.deadline
 
 
+class _TurnEndSelector(selectors.DefaultSelector):
+    """The loop's selector, running ``turn_end`` callbacks just before each poll.
+
+    Before the poll is the end of a turn of the loop: frames queued during the turn go out
+    and answered threads are woken there, without a turn (and a poll that lets go of the
+    GIL) of their own, and without waking a thread while this one still has work to do.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turn_end: list[Callable[[], object]] = []
+
+    def end_turn(self) -> None:
+        while self.turn_end:
+            callbacks = self.turn_end[:]
+            del self.turn_end[:]
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # one broken callback must not stop the loop or the others
+                    log.exception("publisher loop: end-of-turn callback failed")
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        self.end_turn()
+        return super().select(timeout)
+
+
 class _Waiter:
     """One synchronous call waiting for its answer, or for its turn to drive the loop.
 
@@ -344,13 +372,14 @@ class _SharedLoop:
     """
 
     def __init__(self, housekeeping_interval: float) -> None:
-        self.loop = asyncio.new_event_loop()
+        self._selector = _TurnEndSelector()
+        self.loop = asyncio.SelectorEventLoop(self._selector)
+        self.loop.wk_turn_end = self._selector.turn_end  # type: ignore[attr-defined]
         self._interval = housekeeping_interval
         self._mutex = threading.Lock()
         self._driver: _Waiter | None = None
         self._waiting: dict[_Waiter, None] = {}  # oldest first
         self._inbox: list[tuple[Callable[[Settle], None], _Waiter]] = []
-        self._wakeups: list[_Waiter] = []
         self._nudge = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(
@@ -426,19 +455,13 @@ class _SharedLoop:
         if driver is not waiter:
             # Woken now, the thread would fight this one for the GIL at each of its system
             # calls; at the end of the turn this thread is about to block instead.
-            self._wakeups.append(waiter)
-            if len(self._wakeups) == 1:
-                self.loop.call_soon(self._wake_all)
-
-    def _wake_all(self) -> None:
-        wakeups, self._wakeups = self._wakeups, []
-        for waiter in wakeups:
-            waiter.wake.release()
+            self._selector.turn_end.append(waiter.wake.release)
 
     def _drive(self, waiter: _Waiter) -> None:
         try:
             while not waiter.done:
                 self.loop.run_forever()
+                self._selector.end_turn()  # stop() ends the loop before its turn's end
         finally:
             waiter.done = True  # interrupted: a late answer is dropped
             self._hand_over()
@@ -497,6 +520,7 @@ class _SharedLoop:
             try:
                 while True:
                     self.loop.run_forever()
+                    self._selector.end_turn()
                     with self._mutex:
                         if not self._waiting or any(w.can_drive for w in self._waiting):
                             break

@@ -127,12 +127,20 @@ class _BatchingConnection(AsyncioConnection):  # type: ignore[misc]
         self._wk_frames: list[bytes] = []
         self._wk_routes: dict[tuple[int, str, str, bool], bytes] = {}
         self._wk_loop = kwargs["custom_ioloop"]
+        # A loop may offer to run callbacks at the end of its turn (the sync Publisher's does):
+        # then the frames go out without a turn of their own.
+        self._wk_turn_end: list[Callable[[], None]] | None = getattr(
+            self._wk_loop, "wk_turn_end", None
+        )
         super().__init__(*args, **kwargs)
 
     def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
         frames = self._wk_frames
         if not frames:
-            self._wk_loop.call_soon(self._wk_flush)
+            if self._wk_turn_end is not None:
+                self._wk_turn_end.append(self._wk_flush)
+            else:
+                self._wk_loop.call_soon(self._wk_flush)
         for frame in marshaled_frames:
             self.bytes_sent += len(frame)
             self.frames_sent += 1
