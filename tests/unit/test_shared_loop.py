@@ -245,3 +245,29 @@ def test_many_threads_each_get_their_own_answer(shared: _SharedLoop) -> None:
     assert not any(t.is_alive() for t in threads)
     assert results == {(t, i): (t, i) for t in range(8) for i in range(150)}
     wait_until(lambda: not shared._waiting and shared._driver is None)
+
+
+def test_answers_given_in_the_drivers_last_turn_still_wake_their_threads() -> None:
+    """The driver's own answer stops the loop before its turn's end, where wake-ups happen.
+
+    The housekeeper is slowed down so that it cannot be what wakes b.
+    """
+    shared = _SharedLoop(housekeeping_interval=3600)
+    mine, theirs = Held(shared), Held(shared)
+    a = Caller(shared, mine, name="caller-a")
+    a.start()
+    assert mine.started.wait(DEADLINE)
+    b = Caller(shared, theirs, name="caller-b", limit=None)
+    b.start()
+    assert theirs.started.wait(DEADLINE)
+    settle_a, settle_b = mine._settle, theirs._settle
+    assert settle_a is not None and settle_b is not None
+
+    def both() -> None:  # one callback: both answers in the same turn
+        settle_b(None, "b")
+        settle_a(None, "a")
+
+    shared.loop.call_soon_threadsafe(both)
+    assert a.outcome() == "a"
+    assert b.outcome() == "b"
+    shared.stop(DEADLINE)
