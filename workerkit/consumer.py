@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import logging
 import random
+import threading
 import time
 import traceback
 from datetime import datetime, timezone
@@ -96,6 +97,9 @@ class WorkerRuntime:
                 max_workers=self.concurrency, thread_name_prefix=f"workerkit-{self.queue}"
             )
         )
+        # Plain def handlers: outcomes of finished handlers, waiting for the loop to pick them up.
+        self._finished: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        self._finished_lock = threading.Lock()
         self.classic = cls.queue_type == "classic"
         self.exchange = settings.exchange
         self.log_extra = {"worker": self.name, "queue": self.queue}
@@ -230,10 +234,8 @@ class WorkerRuntime:
                     await self.instance.handle(body, message)
                 else:
                     await self.instance.handle(body)
-            elif self.wants_message:
-                await loop.run_in_executor(self.pool, self.instance.handle, body, message)
             else:
-                await loop.run_in_executor(self.pool, self.instance.handle, body)
+                await self._in_thread(body, message, loop)
         except asyncio.CancelledError:
             slot.deadline = 0.0
             if not slot.timed_out:
@@ -250,6 +252,48 @@ class WorkerRuntime:
         slot.timed_out = False
         self.processed += 1
         tracker.done(message.delivery_tag)
+
+    def _in_thread(
+        self, body: Any, message: Message, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[None]:
+        """Run a plain ``def`` handler in the pool; the future settles on the loop.
+
+        Not ``run_in_executor``: that wakes the loop once per finished handler. Here finished
+        handlers queue their outcome and only the first of a batch wakes the loop.
+        """
+        assert self.pool is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        args = (body, message) if self.wants_message else (body,)
+        self.pool.submit(self._call_handler, fut, args, loop)
+        return fut
+
+    def _call_handler(
+        self, fut: asyncio.Future[None], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """In a pool thread."""
+        if fut.cancelled():
+            return  # timed out or shut down before it started: never run it late
+        error: BaseException | None = None
+        try:
+            self.instance.handle(*args)
+        except BaseException as exc:  # handed to the loop like run_in_executor would
+            error = exc
+        with self._finished_lock:
+            self._finished.append((fut, error))
+            first = len(self._finished) == 1
+        if first:
+            loop.call_soon_threadsafe(self._settle_finished)
+
+    def _settle_finished(self) -> None:
+        with self._finished_lock:
+            finished, self._finished = self._finished, []
+        for fut, error in finished:
+            if fut.cancelled():
+                continue  # its slot gave up on it (handler timeout or shutdown)
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
 
     async def _watch_timeouts(self) -> None:
         """Cancel handlers that run past ``timeout``; the slot turns that into a failure."""

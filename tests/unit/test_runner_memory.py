@@ -568,3 +568,56 @@ async def test_a_message_that_keeps_killing_its_worker_ends_in_the_dlq(
         assert dead.headers[Header.REASON] == "delivery-limit"
     else:  # the quorum queue's own delivery limit
         assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
+
+
+async def test_sync_handler_errors_reach_the_retry_policy(
+    broker: MemoryBroker, publisher: AsyncPublisher
+) -> None:
+    queue = qname("sync-fail")
+    attempts: list[int] = []
+
+    def handle(self: Any, body: bytes, message: Message) -> None:
+        attempts.append(message.attempt)
+        raise RuntimeError("disk full")
+
+    policy = RetryPolicy(max_attempts=2, delay=0.05)
+    runner, _ = in_memory([worker(queue, handle, retry=policy)], broker=broker, settings=settings())
+    async with running(runner):
+        await publisher.publish(queue, b"payload")
+        await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 1, 10)
+    (dead,) = broker.messages(f"{queue}.dlq")
+    assert attempts == [1, 2]
+    assert dead.headers[Header.REASON] == "exhausted"
+    assert dead.headers[Header.ERROR_TYPE] == "builtins.RuntimeError"
+    no_protocol_errors(broker)
+
+
+async def test_sync_handlers_past_their_timeout_fail_and_unstarted_ones_never_run(
+    broker: MemoryBroker, publisher: AsyncPublisher
+) -> None:
+    """One pool thread, stuck: the first handler times out; the second, queued behind it in
+    the pool, times out before it starts and must not run once the thread is free again."""
+    queue = qname("sync-stuck")
+    started: list[bytes] = []
+    unstick = threading.Event()
+
+    def handle(self: Any, body: bytes) -> None:
+        started.append(body)
+        unstick.wait(10)
+
+    policy = RetryPolicy(max_attempts=1)
+    stuck = worker(queue, handle, retry=policy, concurrency=1, handler_timeout=0.2)
+    runner, _ = in_memory([stuck], broker=broker, settings=settings())
+    async with running(runner):
+        await publisher.publish(queue, b"first")
+        await publisher.publish(queue, b"second")
+        await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 2, 10)
+        unstick.set()
+        # The pool thread is free again; give it the chance to (wrongly) start "second".
+        await wait_for(lambda: broker.unacked() == 0, 5)
+        await publisher.publish(queue, b"third")
+        await wait_for(lambda: b"third" in started, 5)
+    assert started == [b"first", b"third"]
+    dead = broker.messages(f"{queue}.dlq")
+    assert [d.headers[Header.ERROR_TYPE] for d in dead] == ["workerkit.errors.HandlerTimeout"] * 2
+    no_protocol_errors(broker)
