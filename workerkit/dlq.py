@@ -8,13 +8,18 @@ twins for scripts and shells.
 Guarantees:
 
 * Listing and showing never lose or reorder messages: every message that was in the DLQ when the
-  call started is read with ``basic.get`` (manual ack) and handed back with
-  ``basic.nack(requeue=True)`` one by one in the order it was read. (A quorum queue delivers
-  returned messages first, in the order they were returned; closing the channel would return them
-  in reverse, and returning only a prefix would rotate the queue.) Each return counts as a
-  delivery on the DLQ, which has no delivery limit, so nothing moves.
-* Replay publishes a copy to the work queue and waits for the broker's confirm before it acks the
-  dead message: a crash in between leaves a duplicate, never a loss. The copy keeps its body,
+  call started is read with manual acks and handed back with ``basic.nack(requeue=True)`` one by
+  one in the order it was read. (A quorum queue delivers returned messages first, in the order they
+  were returned; closing the channel would return them in reverse, and returning only a prefix
+  would rotate the queue.) Each return counts as a delivery on the DLQ, which has no delivery
+  limit, so nothing moves.
+* Messages are read ahead by a consumer whose prefetch covers the whole count (basic.get costs a
+  round trip per message), falling back to ``basic.get`` when the consumer stalls. Returns go back
+  in batches of at most ``RETURN_BATCH``, each waited for: RabbitMQ 3.10 applies a larger batch of
+  returns to a quorum queue in hash order (over 32 at once came back shuffled here).
+* Replay publishes a copy to the work queue and acks the dead message only once the broker
+  confirmed *that* copy: a crash in between leaves a duplicate, never a loss. Up to
+  ``REPLAY_WINDOW`` copies are in flight at once, in reading order. The copy keeps its body,
   message id and user headers; workerkit's failure headers and attempt count, and the broker's
   death headers, are dropped so the message starts over as a first attempt.
 * Replay only looks at the messages that were in the DLQ when it started, so a replayed message
@@ -28,7 +33,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,7 +46,7 @@ from .errors import PublishError, TopologyError, WorkerkitError
 from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing
 from .settings import Settings, load_settings
 from .topology import Topology
-from .transport.base import Channel
+from .transport.base import Channel, Connection
 
 __all__ = [
     "DeadLetter",
@@ -63,6 +69,16 @@ T = TypeVar("T")
 log = logging.getLogger("workerkit.dlq")
 
 RETURN_TIMEOUT = 30.0
+# Confirms in flight during replay: enough to hide the quorum work queue's commit latency, few
+# enough that a failure leaves little to wait for.
+REPLAY_WINDOW = 256
+# basic.qos prefetch_count is a 16-bit field; a longer DLQ is read on with basic.get.
+MAX_READ_AHEAD = 65535
+# No delivery for this long while the consumer could take more: finish with basic.get, which
+# also tells an emptied queue (another tool took messages since the count) from a slow one.
+STALL_TIMEOUT = 1.0
+# Returns per batch; 32 is the largest that RabbitMQ 3.10 keeps in order (see the docstring).
+RETURN_BATCH = 32
 
 # The quorum DLQ rewrites this on every return, so it must not count towards a message's identity.
 _VOLATILE_HEADERS = frozenset({"x-delivery-count"})
@@ -205,35 +221,96 @@ def _readable(body: bytes, content_type: str | None) -> str:
 
 
 @asynccontextmanager
-async def _dlq_channel(settings: Settings) -> AsyncIterator[Channel]:
+async def _dlq_connection(settings: Settings) -> AsyncIterator[Connection]:
     from .transport.pika_asyncio import PikaTransport
 
     connection = await PikaTransport().connect(
         settings, name="workerkit-dlq", on_lost=lambda _exc: None
     )
     try:
-        yield await connection.channel(confirms=True)
+        yield connection
     finally:
         await connection.close()
+
+
+@asynccontextmanager
+async def _dlq_channel(settings: Settings) -> AsyncIterator[Channel]:
+    async with _dlq_connection(settings) as connection:
+        yield await connection.channel(confirms=True)
 
 
 class _Reader:
     """Reads a queue with manual acks and hands back, in order, whatever it did not settle."""
 
-    def __init__(self, channel: Channel, queue: str) -> None:
+    @classmethod
+    async def open(cls, connection: Connection, queue: str, count: int) -> _Reader:
+        """A reader on its own channel, with a prefetch for ``count`` messages."""
+        # The prefetch must cover every message held unsettled (all of them, when listing), or
+        # the consumer would stall; past MAX_READ_AHEAD the reader goes on with basic.get.
+        read_ahead = max(1, min(count, MAX_READ_AHEAD))
+        return cls(await connection.channel(prefetch=read_ahead), queue, read_ahead)
+
+    def __init__(self, channel: Channel, queue: str, read_ahead: int) -> None:
         self.channel = channel
         self.queue = queue
+        self.read_ahead = read_ahead
         self._held: dict[int, None] = {}  # insertion-ordered: the order of reading
+        self._arrived: deque[Message] = deque()
+        self._wakeup = asyncio.Event()
+        self._consumer: str | None = None
+        self._consumer_gone = False
 
-    async def read(self, limit: int | None) -> AsyncIterator[Message]:
-        count = 0
-        while limit is None or count < limit:
-            message = await self.channel.get(self.queue)
+    def _on_message(self, message: Message) -> None:
+        # Held from arrival, even past the count: deliveries in flight when the consumer is
+        # cancelled must be given back too, behind the rest, where they were in the queue.
+        self._held[message.delivery_tag] = None
+        self._arrived.append(message)
+        self._wakeup.set()
+
+    def _on_cancelled(self) -> None:
+        self._consumer_gone = True
+        self._wakeup.set()
+
+    async def read(self, count: int) -> AsyncGenerator[Message, None]:
+        """The first ``count`` messages (fewer if the queue runs out first).
+
+        The consumer stays until :meth:`give_back`: RabbitMQ 3.10 loses some acks that reach a
+        quorum queue after their consumer was cancelled (the messages came back as duplicates).
+        """
+        if count <= 0:
+            return
+        self._consumer = await self.channel.consume(
+            self.queue, self._on_message, self._on_cancelled
+        )
+        for _ in range(count):
+            message = await self._next()
             if message is None:
                 return
-            count += 1
-            self._held[message.delivery_tag] = None
             yield message
+
+    async def _next(self) -> Message | None:
+        while not self._arrived:
+            if self._consumer is None:
+                message = await self.channel.get(self.queue)
+                if message is not None:
+                    self._held[message.delivery_tag] = None
+                return message
+            if self._consumer_gone or len(self._held) >= self.read_ahead:
+                await self._stop()
+                continue
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), STALL_TIMEOUT)
+            except asyncio.TimeoutError:
+                await self._stop()
+        return self._arrived.popleft()
+
+    async def _stop(self) -> None:
+        # Deliveries sent before the cancel arrive before its answer, so once this returns no
+        # message can arrive behind a return (a live consumer would be handed its returns).
+        tag, self._consumer = self._consumer, None
+        if tag is not None and self.channel.is_open:
+            await self.channel.cancel(tag)
 
     def settle(self, message: Message) -> None:
         """Ack ``message``: it is gone from the queue."""
@@ -242,27 +319,38 @@ class _Reader:
 
     async def give_back(self) -> None:
         """Return every unsettled message in reading order, and wait until the queue has them."""
-        returned = len(self._held)
-        for tag in self._held:  # ascending: keeps the queue's order (see the module docstring)
-            self.channel.nack(tag, requeue=True)
+        tags = list(self._held)  # ascending: keeps the queue's order (see the module docstring)
         self._held.clear()
-        if returned and self.channel.is_open:
-            try:
-                await _wait_returned(self.channel, self.queue, returned)
-            except WorkerkitError as exc:  # they come back anyway; only the wait is lost
-                log.warning("%s: could not watch the returns come back: %s", self.queue, exc)
+        self._arrived.clear()
+        if not self.channel.is_open:
+            return  # the broker returns them itself (in reverse: nothing better is possible)
+        returned = 0
+        try:
+            await self._stop()
+            visible = await _ready_count(self.channel, self.queue) if tags else 0
+            while returned < len(tags):
+                batch = tags[returned : returned + RETURN_BATCH]
+                for tag in batch:
+                    self.channel.nack(tag, requeue=True)
+                returned += len(batch)
+                visible += len(batch)
+                await _wait_returned(self.channel, self.queue, visible)
+        except WorkerkitError as exc:  # they come back anyway; only the wait (and order) is lost
+            log.warning("%s: could not return messages in order: %s", self.queue, exc)
+            for tag in tags[returned:]:
+                self.channel.nack(tag, requeue=True)
 
 
-async def _wait_returned(channel: Channel, queue: str, returned: int) -> None:
-    """A quorum queue applies returns asynchronously (3,000 took about 0.1 s here): wait for them,
-    or the next command would see a partial queue, stop short and rotate it."""
+async def _wait_returned(channel: Channel, queue: str, ready: int) -> None:
+    """Wait until ``queue`` shows ``ready`` messages: a quorum queue applies returns
+    asynchronously, and the next batch (or command) must not start before them."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RETURN_TIMEOUT
-    while await _ready_count(channel, queue) < returned:
+    while await _ready_count(channel, queue) < ready:
         if loop.time() > deadline:
             log.warning("%s: returned messages not all visible after %.0fs", queue, RETURN_TIMEOUT)
             return
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.001)
 
 
 async def _ready_count(channel: Channel, queue: str) -> int:
@@ -287,9 +375,10 @@ async def list_dead(
     """The DLQ of ``queue``, oldest first (at most ``limit`` messages); nothing is removed."""
     settings = load_settings(settings, url)
     dlq = dlq_of(queue)
-    async with _dlq_channel(settings) as channel:
+    async with _dlq_connection(settings) as connection:
+        channel = await connection.channel()
         present = await _ready_count(channel, dlq)  # a missing DLQ: TopologyError, not "empty"
-        reader = _Reader(channel, dlq)
+        reader = await _Reader.open(connection, dlq, present)
         found: list[DeadLetter] = []
         try:
             # Read all of it even with a limit: a quorum queue puts returned messages behind the
@@ -300,7 +389,7 @@ async def list_dead(
             return found
         finally:
             await reader.give_back()
-            await channel.close()
+            await reader.channel.close()
 
 
 async def show(
@@ -309,6 +398,61 @@ async def show(
     """Every message in the DLQ of ``queue`` with id ``message_id`` (usually one, or none)."""
     found = await list_dead(queue, settings=settings, url=url)
     return [dead for dead in found if dead.id == message_id]
+
+
+class _Copies:
+    """Replay copies in flight, in reading order; each original is acked when its copy is."""
+
+    def __init__(self, channel: Channel, reader: _Reader, *, timeout: float) -> None:
+        self.channel = channel
+        self.reader = reader
+        self.timeout = timeout
+        self.sent: list[str] = []  # keys, in reading order
+        self.confirmed: set[int] = set()  # indexes into sent
+        self._flying: dict[int, Message] = {}
+        self.failure: tuple[str, BaseException] | None = None  # the first failed, in send order
+        self._failed_at: int | None = None
+        self._in_flight = 0
+        self._answered = asyncio.Event()
+
+    async def send(self, key: str, message: Message, copy: Outgoing) -> None:
+        """Publish ``copy`` once fewer than REPLAY_WINDOW are unanswered."""
+        while self._in_flight >= REPLAY_WINDOW:
+            self._answered.clear()
+            await self._answered.wait()
+        index = len(self.sent)
+        self.sent.append(key)
+        self._flying[index] = message
+        self._in_flight += 1
+        self.channel.publish_nowait(
+            copy,
+            mandatory=True,
+            timeout=self.timeout,
+            on_done=lambda error: self._on_done(index, error),
+        )
+
+    def _on_done(self, index: int, error: BaseException | None) -> None:
+        self._in_flight -= 1
+        self._answered.set()
+        message = self._flying.pop(index)
+        if error is None:
+            # Only this original: a multiple ack could take an earlier one whose copy failed.
+            # A later copy confirmed after an earlier failure is acked too: its copy is safely
+            # in the work queue, and keeping the original would only make a duplicate.
+            self.reader.settle(message)
+            self.confirmed.add(index)
+        elif self._failed_at is None or index < self._failed_at:
+            self._failed_at = index
+            self.failure = (self.sent[index], error)
+
+    async def drain(self) -> None:
+        """Wait for every answer (each publish is answered: a confirm, a timeout or a close)."""
+        while self._in_flight:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def replayed(self) -> list[str]:
+        return [key for index, key in enumerate(self.sent) if index in self.confirmed]
 
 
 async def replay(
@@ -326,33 +470,35 @@ async def replay(
     settings = load_settings(settings, url)
     dlq, target = dlq_of(queue), work_queue_of(queue)
     wanted = None if ids is None else set(ids)
-    replayed: list[str] = []
-    async with _dlq_channel(settings) as channel:
+    async with _dlq_connection(settings) as connection:
+        channel = await connection.channel(confirms=True)
         await _ready_count(channel, target)  # refuse early if the work queue does not exist
         # Only what is there now: a replayed message that fails again must not come round again.
         present = await _ready_count(channel, dlq)
-        reader = _Reader(channel, dlq)
+        reader = await _Reader.open(connection, dlq, present)
+        copies = _Copies(channel, reader, timeout=settings.publish_timeout)
         try:
             async for message in reader.read(present):
+                if copies.failure is not None:
+                    break
                 key = message_key(message)
-                if wanted is not None and key not in wanted:
-                    continue
-                try:
-                    await channel.publish(
-                        _fresh_copy(message, target),
-                        mandatory=True,
-                        timeout=settings.publish_timeout,
-                    )
-                except PublishError as exc:
-                    raise PublishError(
-                        f"replaying {key!r} to {target!r}: {exc} ({len(replayed)} message(s)"
-                        f" replayed before; the rest are still in {dlq!r})"
-                    ) from exc
-                reader.settle(message)
-                replayed.append(key)
+                if wanted is None or key in wanted:
+                    await copies.send(key, message, _fresh_copy(message, target))
         finally:
+            # Even when failing: the copies in flight are answered before anything is given back,
+            # so no original is returned while its copy may still be confirmed and acked.
+            await copies.drain()
             await reader.give_back()
-            await channel.close()
+            await reader.channel.close()
+        replayed = copies.replayed()
+        if copies.failure is not None:
+            key, exc = copies.failure
+            if not isinstance(exc, PublishError):
+                raise exc  # a lost connection says so itself (and exits 4, not 1)
+            raise PublishError(
+                f"replaying {key!r} to {target!r}: {exc} ({len(replayed)} message(s)"
+                f" replayed; the rest are still in {dlq!r})"
+            ) from exc
     missing = sorted(wanted - set(replayed)) if wanted is not None else []
     return ReplayResult(replayed=replayed, not_found=missing)
 

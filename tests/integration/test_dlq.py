@@ -17,11 +17,18 @@ from click.testing import CliRunner
 
 from workerkit import Message, Reject, RetryPolicy, Runner, Settings, Worker, dlq
 from workerkit.cli import cli
-from workerkit.errors import TopologyError
+from workerkit.errors import PublishError, TopologyError
 from workerkit.message import Header
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues, publish_many_raw, publish_raw, ready_count
+from .workers_fixture import (
+    declare_raw,
+    delete_queues,
+    get_all,
+    publish_many_raw,
+    publish_raw,
+    ready_count,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -381,7 +388,37 @@ async def test_back_to_back_commands_see_every_message_of_a_large_quorum_dlq(
     second = await dlq.list_dead(q, settings=settings, limit=10)
     assert [d.body for d in first] == bodies
     assert [d.id for d in second] == [d.id for d in first[:10]]
+    # Handed back twice by now: RabbitMQ shuffles a batch of more than 32 returns.
+    assert [d.body for d in await dlq.list_dead(q, settings=settings)] == bodies
     result = await dlq.replay(q, settings=settings)
-    assert len(result.replayed) == 1500
+    assert result.replayed == [d.id for d in first]
     await _wait_ready(url, q, 1500)
     assert await asyncio.to_thread(ready_count, url, f"{q}.dlq") == 0
+    assert [got.body for got in await asyncio.to_thread(get_all, url, q)] == bodies
+
+
+async def test_a_copy_refused_mid_window_leaves_its_original_and_the_rest_in_order(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    """The work queue takes 5 copies and nacks the rest (reject-publish) while many are in
+    flight: only the originals of confirmed copies may be acked, and the others stay in order."""
+    q = unique("dlq-refused")
+    cleanup.append(q)
+    url = settings.url.get_secret_value()
+    quorum = {"x-queue-type": "quorum"}
+    await asyncio.to_thread(declare_raw, url, f"{q}.dlq", quorum)
+    # Classic: a quorum queue enforces its length limit only approximately.
+    full_at_5 = {"x-max-length": 5, "x-overflow": "reject-publish"}
+    await asyncio.to_thread(declare_raw, url, q, full_at_5)
+    bodies = [orjson.dumps({"n": n}) for n in range(300)]
+    await asyncio.to_thread(publish_many_raw, url, "", f"{q}.dlq", bodies)
+    await _wait_ready(url, f"{q}.dlq", 300)
+    ids = [d.id for d in await dlq.list_dead(q, settings=settings)]
+
+    with pytest.raises(PublishError) as failed:
+        await dlq.replay(q, settings=settings)
+    assert f"replaying {ids[5]!r} to {q!r}: " in str(failed.value)
+    assert f"(5 message(s) replayed; the rest are still in '{q}.dlq')" in str(failed.value)
+    await _wait_ready(url, f"{q}.dlq", 295)
+    assert [d.id for d in await dlq.list_dead(q, settings=settings)] == ids[5:]
+    assert [got.body for got in await asyncio.to_thread(get_all, url, q)] == bodies[:5]
