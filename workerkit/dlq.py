@@ -334,23 +334,30 @@ class _Reader:
                     self.channel.nack(tag, requeue=True)
                 returned += len(batch)
                 visible += len(batch)
-                await _wait_returned(self.channel, self.queue, visible)
+                if not await _wait_returned(self.channel, self.queue, visible):
+                    # Someone else is taking from this queue: the count cannot tell, and one
+                    # timeout is enough to wait; the rest go back at once.
+                    for tag in tags[returned:]:
+                        self.channel.nack(tag, requeue=True)
+                    return
         except WorkerkitError as exc:  # they come back anyway; only the wait (and order) is lost
             log.warning("%s: could not return messages in order: %s", self.queue, exc)
             for tag in tags[returned:]:
                 self.channel.nack(tag, requeue=True)
 
 
-async def _wait_returned(channel: Channel, queue: str, ready: int) -> None:
+async def _wait_returned(channel: Channel, queue: str, ready: int) -> bool:
     """Wait until ``queue`` shows ``ready`` messages: a quorum queue applies returns
-    asynchronously, and the next batch (or command) must not start before them."""
+    asynchronously, and the next batch (or command) must not start before them. False when
+    they did not show up within RETURN_TIMEOUT."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RETURN_TIMEOUT
     while await _ready_count(channel, queue) < ready:
         if loop.time() > deadline:
             log.warning("%s: returned messages not all visible after %.0fs", queue, RETURN_TIMEOUT)
-            return
+            return False
         await asyncio.sleep(0.001)
+    return True
 
 
 async def _ready_count(channel: Channel, queue: str) -> int:
