@@ -321,3 +321,43 @@ def test_a_body_larger_than_a_frame_arrives_whole(settings: Settings, queue: str
     [(props, raw)] = drain(settings, queue)
     assert raw == body
     assert props.content_type == "application/octet-stream"
+
+
+def test_close_while_threads_publish_ends_every_call(settings: Settings, queue: str) -> None:
+    """close() racing four publishing threads: every call returns or raises PublishError (none
+    hangs), and every publish that returned is in the queue."""
+    from workerkit import PublishError
+
+    publisher = Publisher(settings=settings)
+    confirmed: list[str] = []
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    enough = threading.Event()
+
+    def produce(thread: int) -> None:
+        for i in range(10_000):
+            try:
+                mid = publisher.publish(queue, {"thread": thread, "i": i}, timeout=5)
+            except PublishError as exc:
+                with lock:
+                    outcomes.append(type(exc).__name__)
+                return
+            with lock:
+                confirmed.append(mid)
+                if len(confirmed) >= 200:
+                    enough.set()
+        with lock:
+            outcomes.append("finished")
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    assert enough.wait(30)
+    publisher.close()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a publish hung across close()"
+    assert len(outcomes) == 4
+    assert set(outcomes) <= {"PublishError", "PublishTimeout"}, outcomes
+    received = {p.message_id for p, _ in drain(settings, queue)}
+    assert set(confirmed) <= received
