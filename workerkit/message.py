@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -160,6 +159,11 @@ def encode_body(body: object) -> tuple[bytes, str]:
         ) from None
 
 
+# The version (4) and RFC 4122 variant bits of a random UUID, as uuid.UUID(version=4) sets them.
+_UUID4_CLEAR = ~((0xF << 76) | (0x3 << 62))
+_UUID4_SET = (0x4 << 76) | (0x2 << 62)
+
+
 def new_message_id() -> str:
     """A random (version 4) UUID in hex.
 
@@ -167,7 +171,7 @@ def new_message_id() -> str:
     many threads publishing each release is a thread switch. ``random`` is reseeded after
     ``fork()``, so a child never repeats its parent's ids.
     """
-    return uuid.UUID(int=random.getrandbits(128), version=4).hex
+    return "%032x" % (random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
 
 
 def build_outgoing(

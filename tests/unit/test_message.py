@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import uuid
 from typing import Any
 
 import orjson
@@ -10,7 +12,14 @@ import pytest
 from pydantic import BaseModel
 
 from workerkit.errors import DecodeError, MessageTooLarge
-from workerkit.message import Header, Message, build_outgoing, decoder_for, encode_body
+from workerkit.message import (
+    Header,
+    Message,
+    build_outgoing,
+    decoder_for,
+    encode_body,
+    new_message_id,
+)
 
 LIMIT = 1024 * 1024
 
@@ -221,3 +230,28 @@ def test_attempt_comes_from_the_workerkit_header_only(headers: Any, attempt: int
 
 def test_broker_delivery_count_does_not_count_as_attempt() -> None:
     assert Message(b"", headers={"x-delivery-count": 7}).attempt == 1
+
+
+def test_message_ids_are_random_version_4_uuids() -> None:
+    ids = [new_message_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for mid in ids:
+        parsed = uuid.UUID(mid)
+        assert (parsed.version, parsed.variant, parsed.hex) == (4, uuid.RFC_4122, mid)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_children_do_not_repeat_their_parents_ids() -> None:
+    """``random`` is reseeded in a child: without that, the child's first id would be the
+    parent's next one."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, new_message_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32
+    assert child != new_message_id()

@@ -41,6 +41,7 @@ T = TypeVar("T")
 
 PERSISTENT = 2
 _ACTIVE = getattr(_AsyncPlaintextTransport, "_STATE_ACTIVE", object())
+SWEEP_INTERVAL = 0.05  # how often unconfirmed publishes are checked against their deadline
 
 
 def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
@@ -329,7 +330,8 @@ class _Pending(NamedTuple):
 
     on_done: OnPublished
     message: Outgoing
-    timer: asyncio.TimerHandle
+    deadline: float  # loop time
+    timeout: float
 
 
 class PikaChannel:
@@ -344,9 +346,10 @@ class PikaChannel:
         self._close_error: WorkerkitError | None = None
         self._cancel_callbacks: dict[str, Callable[[], None]] = {}
         self.confirms = False
-        # Publisher confirms: sequence number -> (callback, message, timer).
+        # Publisher confirms: sequence number -> (callback, message, deadline).
         self._seq = 0
         self._unconfirmed: dict[int, _Pending] = {}
+        self._sweeping = False
         # Returned messages, keyed like _return_key; checked when their confirm arrives.
         self._lowest = 1
         self._returned: set[str] = set()
@@ -381,7 +384,6 @@ class PikaChannel:
         self._pending.clear()
         unconfirmed, self._unconfirmed = self._unconfirmed, {}
         for entry in unconfirmed.values():
-            entry.timer.cancel()
             entry.on_done(error)
 
     def _on_cancel(self, frame: Any) -> None:
@@ -583,15 +585,27 @@ class PikaChannel:
             return
         self._seq += 1
         seq = self._seq
-        # A timer per publish is cheaper than asyncio.wait_for on this per-message path.
-        timer = asyncio.get_running_loop().call_later(timeout, self._expire, seq, timeout)
-        self._unconfirmed[seq] = _Pending(on_done, message, timer)
+        loop = asyncio.get_running_loop()
+        self._unconfirmed[seq] = _Pending(on_done, message, loop.time() + timeout, timeout)
+        if not self._sweeping:
+            # One timer for all unconfirmed publishes, not one per publish (heap work on the
+            # hot path); it costs a timeout up to SWEEP_INTERVAL of lateness.
+            self._sweeping = True
+            loop.call_later(SWEEP_INTERVAL, self._expire)
 
-    def _expire(self, seq: int, timeout: float) -> None:
-        entry = self._unconfirmed.pop(seq, None)
-        if entry is not None:
-            blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
-            entry.on_done(PublishTimeout(f"no confirm from the broker within {timeout}s{blocked}"))
+    def _expire(self) -> None:
+        """Fail the publishes whose confirm is overdue; look again while any are unconfirmed."""
+        now = asyncio.get_running_loop().time()
+        overdue = [seq for seq, entry in self._unconfirmed.items() if entry.deadline <= now]
+        blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
+        for seq in overdue:
+            entry = self._unconfirmed.pop(seq)
+            entry.on_done(
+                PublishTimeout(f"no confirm from the broker within {entry.timeout}s{blocked}")
+            )
+        self._sweeping = bool(self._unconfirmed)
+        if self._sweeping:
+            asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._expire)
 
     def _on_return(
         self, _ch: Any, _method: Basic.Return, props: BasicProperties, _body: bytes
@@ -609,7 +623,6 @@ class PikaChannel:
             entry = self._unconfirmed.pop(seq, None)
             if entry is None:
                 continue
-            entry.timer.cancel()
             message = entry.message
             key = message.message_id or _route_key(message.exchange, message.routing_key)
             if nacked:
