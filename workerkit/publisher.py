@@ -374,6 +374,7 @@ class _SharedLoop:
     def __init__(self, housekeeping_interval: float) -> None:
         self._selector = _TurnEndSelector()
         self.loop = asyncio.SelectorEventLoop(self._selector)
+        # The pika transport looks for this to send a turn's frames at its end (not next turn).
         self.loop.wk_turn_end = self._selector.turn_end  # type: ignore[attr-defined]
         self._interval = housekeeping_interval
         self._mutex = threading.Lock()
