@@ -394,9 +394,9 @@ def dlq_list(queue: str, limit: int, url: str | None) -> None:
     ]
     for line in format_table(("ID", "REASON", "ERROR", "ATTEMPTS", "FAILED AT"), rows):
         click.echo(line)
-    more = run_async(lambda: dlq.count(queue, settings=settings)) - len(dead)
-    footer = f"{len(dead)} message(s) in {dlq.dlq_of(queue)}"
-    click.echo(footer + (f" (showing the first {limit}; {more} more)" if more > 0 else ""))
+    total = run_async(lambda: dlq.count(queue, settings=settings))
+    footer = f"{total} message(s) in {dlq.dlq_of(queue)}"
+    click.echo(footer + (f" (showing the first {len(dead)})" if total > len(dead) else ""))
 
 
 @dlq_group.command(name="show")

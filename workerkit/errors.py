@@ -10,7 +10,8 @@
     ├── PublishError                  a publish did not reach the broker's durable state
     │   ├── Unroutable                no queue is bound for the routing key (mandatory return)
     │   ├── PublishTimeout            no confirm within the timeout (broker down, blocked, slow)
-    │   ├── MessageTooLarge           body above ``max_body_size``; never sent
+    │   ├── InvalidMessage            cannot be sent as given (also a ValueError); never sent
+    │   │   └── MessageTooLarge       body above ``max_body_size``
     │   └── PublishNacked             the broker refused the message (nack)
     ├── DecodeError                   a body that cannot be decoded or validated (goes to the DLQ)
     └── HandlerTimeout                a handler ran past its time limit (retried like a failure)
@@ -31,7 +32,7 @@ class WorkerkitError(Exception):
     """Base class of every error raised by workerkit."""
 
 
-class ConfigurationError(WorkerkitError):
+class ConfigurationError(WorkerkitError, ValueError):
     """Settings, a Worker class or a CLI target is invalid; start-up stops."""
 
 
@@ -66,7 +67,12 @@ class PublishTimeout(PublishError):
     """No confirm arrived in time (broker down, blocked by an alarm, or overloaded)."""
 
 
-class MessageTooLarge(PublishError):
+class InvalidMessage(PublishError, ValueError):
+    """The message cannot be sent as given: routing key, reserved header, delay or a body that
+    cannot be encoded. Raised before anything is sent."""
+
+
+class MessageTooLarge(InvalidMessage):
     """The encoded body is larger than the configured ``max_body_size``."""
 
 

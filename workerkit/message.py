@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .errors import DecodeError, MessageTooLarge
+from .errors import DecodeError, InvalidMessage, MessageTooLarge
 
 __all__ = [
     "Decoder",
@@ -154,7 +154,7 @@ def encode_body(body: object) -> tuple[bytes, str]:
     try:
         return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), JSON
     except TypeError as exc:
-        raise TypeError(
+        raise InvalidMessage(
             f"cannot encode body of type {type(body).__name__} as JSON: {exc}"
         ) from None
 
@@ -187,14 +187,16 @@ def build_outgoing(
 ) -> Outgoing:
     """The one place where both publishers turn user input into an :class:`Outgoing`."""
     if not routing_key or len(routing_key.encode()) > 255:
-        raise ValueError("routing key must be 1 to 255 bytes")
+        raise InvalidMessage("routing key must be 1 to 255 bytes")
     payload, content_type = encode_body(body)
     if len(payload) > max_body_size:
         raise MessageTooLarge(f"body is {len(payload)} bytes, above max_body_size={max_body_size}")
     user_headers = dict(headers) if headers else {}
     for key in user_headers:
         if key.lower().startswith(Header.PREFIX):
-            raise ValueError(f"header {key!r}: workerkit-* headers are written by workerkit only")
+            raise InvalidMessage(
+                f"header {key!r}: workerkit-* headers are written by workerkit only"
+            )
     return Outgoing(
         exchange=exchange,
         routing_key=routing_key,

@@ -22,7 +22,7 @@ import selectors
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import tenacity
@@ -30,6 +30,7 @@ import tenacity
 from .errors import (
     AccessRefused,
     ConnectionFailed,
+    InvalidMessage,
     PublishError,
     PublishTimeout,
     WorkerkitError,
@@ -86,9 +87,17 @@ class AsyncPublisher:
         await self.close()
 
     async def connect(self, timeout: float | None = None) -> None:
-        """Open the connection now instead of on the first publish."""
-        deadline = time.monotonic() + (timeout or self.settings.publish_timeout)
-        await self._channel_before(deadline)
+        """Open the connection now instead of on the first publish.
+
+        Retried like a publish within ``timeout`` (default ``Settings.publish_timeout``): past
+        it :class:`PublishTimeout`; refused credentials raise :class:`AccessRefused` at once.
+        """
+        limit = timeout if timeout is not None else self.settings.publish_timeout
+        deadline = time.monotonic() + limit
+        with self._timeout_after(limit, "connect"):
+            async for attempt in self._retrying(deadline):
+                with attempt:
+                    await self._channel_before(deadline)
 
     async def publish(
         self,
@@ -124,17 +133,24 @@ class AsyncPublisher:
     ) -> list[str]:
         """Publish ``(routing_key, body)`` pairs with many confirms in flight; returns their ids.
 
-        Raises the first error; the other messages, before and after it, may already be
-        confirmed (they are published concurrently; publishing them again is safe under
-        at-least-once delivery).
+        They are sent in the list's order. Raises the first error; the other messages, before
+        and after it, may already be confirmed (they are published concurrently; publishing
+        them again is safe under at-least-once delivery).
         """
+        batch = list(items)
+        if not batch:
+            return []
+        # The first goes alone: it connects (and declares the delay exchanges), so the rest all
+        # take the connected path and leave in order, not in the order they got the connection.
+        first = await self.publish(*batch[0], delay=delay, timeout=timeout)
         window = asyncio.Semaphore(WINDOW)
 
         async def one(routing_key: str, body: object) -> str:
             async with window:
                 return await self.publish(routing_key, body, delay=delay, timeout=timeout)
 
-        return list(await asyncio.gather(*(one(rk, body) for rk, body in items)))
+        rest = await asyncio.gather(*(one(rk, body) for rk, body in batch[1:]))
+        return [first, *rest]
 
     async def close(self) -> None:
         self._closed = True
@@ -167,9 +183,9 @@ class AsyncPublisher:
         )
         if delay is not None and delay > 0:
             if delay > MAX_DELAY:
-                raise ValueError(f"delay {delay}s is above the longest delay, {MAX_DELAY:.0f}s")
+                raise InvalidMessage(f"delay {delay}s is above the longest delay, {MAX_DELAY:.0f}s")
             if len(routing_key) > 190:
-                raise ValueError("a delayed message's routing key must be at most 190 bytes")
+                raise InvalidMessage("a delayed message's routing key must be at most 190 bytes")
             message.exchange, message.routing_key = self._topology.scheduled_route(
                 routing_key, delay
             )
@@ -210,17 +226,8 @@ class AsyncPublisher:
                 return
             except ConnectionFailed:
                 self._forget(channel)
-        backoff = tenacity.wait_random_exponential(multiplier=0.1, max=2.0)
-        retrying = tenacity.AsyncRetrying(
-            # Never sleep past the deadline: the caller was promised an answer by then.
-            wait=lambda state: min(backoff(state), max(0.0, deadline - time.monotonic())),
-            stop=_StopAt(deadline),
-            retry=tenacity.retry_if_exception_type(ConnectionFailed)
-            & tenacity.retry_if_not_exception_type(AccessRefused),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
+        with self._timeout_after(limit, "publish"):
+            async for attempt in self._retrying(deadline):
                 with attempt:
                     channel = await self._channel_before(deadline)
                     if delayed and not self._delays_declared:
@@ -234,11 +241,30 @@ class AsyncPublisher:
                     except ConnectionFailed:
                         self._forget(channel)
                         raise
+
+    @staticmethod
+    def _retrying(deadline: float) -> tenacity.AsyncRetrying:
+        """Jittered retries of a lost or refused connection until ``deadline``."""
+        backoff = tenacity.wait_random_exponential(multiplier=0.1, max=2.0)
+        return tenacity.AsyncRetrying(
+            # Never sleep past the deadline: the caller was promised an answer by then.
+            wait=lambda state: min(backoff(state), max(0.0, deadline - time.monotonic())),
+            stop=_StopAt(deadline),
+            retry=tenacity.retry_if_exception_type(ConnectionFailed)
+            & tenacity.retry_if_not_exception_type(AccessRefused),
+            reraise=True,
+        )
+
+    @contextlib.contextmanager
+    def _timeout_after(self, limit: float, what: str) -> Iterator[None]:
+        """A connection problem that outlived the retries is a PublishTimeout naming its cause."""
+        try:
+            yield
         except AccessRefused:
             raise  # credentials or permissions: retrying cannot help, and it is not a timeout
         except ConnectionFailed as exc:
             cause = self._last_error or exc
-            raise PublishTimeout(f"could not publish within {limit}s: {cause}") from exc
+            raise PublishTimeout(f"could not {what} within {limit}s: {cause}") from exc
 
     def _forget(self, channel: Channel) -> None:
         if self._channel is channel:

@@ -156,10 +156,24 @@ class Settings(BaseSettings):
     @classmethod
     def _check_url(cls, value: SecretStr) -> SecretStr:
         raw = value.get_secret_value()
-        scheme = urlsplit(raw).scheme
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError(f"must start with amqp:// or amqps://, got {scheme or 'no'} scheme")
+        parts = urlsplit(raw)
+        if parts.scheme not in ("amqp", "amqps"):
+            scheme = parts.scheme or "no"
+            raise ValueError(f"must start with amqp:// or amqps://, got {scheme} scheme")
+        if parts.username is not None and parts.password is None:
+            raise ValueError("names a user but no password (amqp://user:password@host/)")
+        try:
+            parts.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError:
+            raise ValueError("has a port that is not a number") from None
         return value
+
+    def __init__(self, *args: Any, **values: Any) -> None:
+        # One readable ConfigurationError (a WorkerkitError), not pydantic's ValidationError.
+        try:
+            super().__init__(*args, **values)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from None
 
     @property
     def redacted_url(self) -> str:
@@ -171,13 +185,10 @@ def load_settings(settings: Settings | None = None, url: str | None = None) -> S
 
     A bad value raises :class:`ConfigurationError` with one line naming the variable.
     """
-    try:
-        base = settings if settings is not None else Settings()
-        if url is not None:
-            return type(base)(**{**base.model_dump(), "url": SecretStr(url)})
-        return base
-    except ValidationError as exc:
-        raise ConfigurationError(_describe(exc)) from None
+    base = settings if settings is not None else Settings()
+    if url is not None:
+        return type(base)(**{**base.model_dump(), "url": SecretStr(url)})
+    return base
 
 
 def _describe(exc: ValidationError) -> str:

@@ -361,3 +361,55 @@ def test_close_while_threads_publish_ends_every_call(settings: Settings, queue: 
     assert set(outcomes) <= {"PublishError", "PublishTimeout"}, outcomes
     received = {p.message_id for p, _ in drain(settings, queue)}
     assert set(confirmed) <= received
+
+
+async def test_async_with_a_dead_broker_retries_then_raises_publish_timeout(
+    settings: Settings,
+) -> None:
+    """Connecting in ``async with`` follows the publish rule: retried within the timeout, then a
+    PublishTimeout (a PublishError), not a bare ConnectionFailed on the first refusal."""
+    from workerkit import PublishError
+
+    dead = settings.model_copy(update={"publish_timeout": 1.5})
+    url = f"amqp://guest:guest@127.0.0.1:{_free_port()}/"
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout, match=r"could not connect within 1\.5s") as info:
+        async with AsyncPublisher(url=url, settings=dead):
+            pass
+    elapsed = time.monotonic() - started
+    assert isinstance(info.value, PublishError)
+    assert 1.0 < elapsed < 1.5 + 2.5  # retried for the bound, then gave up
+
+
+def test_publish_many_on_a_new_publisher_keeps_the_order(settings: Settings, queue: str) -> None:
+    """More items than the window: the first connects, the rest leave in the list's order."""
+    with Publisher(settings=settings) as publisher:
+        ids = publisher.publish_many([(queue, {"i": i}) for i in range(1500)])
+    received = drain(settings, queue)
+    assert [orjson.loads(body)["i"] for _, body in received] == list(range(1500))
+    assert [p.message_id for p, _ in received] == ids
+
+
+def test_bad_input_is_an_invalid_message_and_a_value_error(settings: Settings, queue: str) -> None:
+    from workerkit import InvalidMessage
+
+    with Publisher(settings=settings) as publisher:
+        for bad in (
+            lambda: publisher.publish(queue, {}, headers={"workerkit-attempt": 1}),
+            lambda: publisher.publish("", {}),
+            lambda: publisher.publish(queue, object()),
+            lambda: publisher.publish(queue, {}, delay=400 * 24 * 3600),
+        ):
+            with pytest.raises(InvalidMessage) as info:
+                bad()
+            assert isinstance(info.value, ValueError)
+    assert drain(settings, queue) == []
+
+
+def test_a_missing_vhost_says_so(settings: Settings) -> None:
+    from workerkit import AccessRefused
+
+    url = settings.url.get_secret_value().rstrip("/") + "/no-such-vhost-for-workerkit"
+    with Publisher(url=url, settings=settings) as publisher, pytest.raises(AccessRefused) as info:
+        publisher.publish("anything", {}, timeout=5)
+    assert "vhost no-such-vhost-for-workerkit not found" in str(info.value)

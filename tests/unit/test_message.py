@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from workerkit.errors import DecodeError, MessageTooLarge
+from workerkit.errors import DecodeError, InvalidMessage, MessageTooLarge
 from workerkit.message import (
     Header,
     Message,
@@ -57,7 +57,7 @@ def test_encode_str_and_bytes() -> None:
 
 
 def test_encode_unserialisable_is_a_type_error_naming_the_type() -> None:
-    with pytest.raises(TypeError, match="object"):
+    with pytest.raises(InvalidMessage, match="object"):
         encode_body(object())
 
 

@@ -37,6 +37,7 @@ EXPECTED = {
     "Runner",
     "Settings",
     "TopologyError",
+    "InvalidMessage",
     "Unroutable",
     "Worker",
     "WorkerkitError",
@@ -79,6 +80,7 @@ def test_error_tree() -> None:
         "ConfigurationError",
         "ConnectionFailed",
         "DecodeError",
+        "InvalidMessage",
         "MessageTooLarge",
         "PublishError",
         "PublishNacked",
@@ -88,6 +90,11 @@ def test_error_tree() -> None:
     ]
     for name in errors:
         assert issubclass(getattr(workerkit, name), workerkit.WorkerkitError), name
+    # Bad input is also what Python code expects it to be.
+    assert issubclass(workerkit.InvalidMessage, workerkit.PublishError)
+    assert issubclass(workerkit.InvalidMessage, ValueError)
+    assert issubclass(workerkit.MessageTooLarge, workerkit.InvalidMessage)
+    assert issubclass(workerkit.ConfigurationError, ValueError)
     # Control flow raised by handlers is not an error of workerkit's own.
     assert not issubclass(workerkit.Reject, workerkit.WorkerkitError)
     assert not issubclass(workerkit.RetryLater, workerkit.WorkerkitError)

@@ -137,7 +137,7 @@ def test_password_not_in_url_override_errors() -> None:
 
 
 def test_password_not_in_direct_settings_errors() -> None:
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(ConfigurationError) as info:
         Settings(url=f"http://alice:{SECRET}@rabbit/")  # type: ignore[arg-type]
     assert SECRET not in str(info.value)
 
@@ -158,3 +158,22 @@ def test_settings_are_frozen() -> None:
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_direct_settings_errors_are_configuration_errors() -> None:
+    """Settings() itself raises workerkit's error, with one readable line, not pydantic's."""
+    with pytest.raises(ConfigurationError, match="WORKERKIT_PREFETCH"):
+        Settings(prefetch=0)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("amqp://guest@127.0.0.1:5672/", "names a user but no password"),
+        ("amqp://guest:guest@127.0.0.1:notaport/", "port that is not a number"),
+    ],
+)
+def test_urls_pika_cannot_use_are_refused_up_front(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError, match=problem) as info:
+        Settings(url=url)  # type: ignore[arg-type]
+    assert "WORKERKIT_URL" in str(info.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
@@ -60,9 +61,9 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
         return translate(inner, what=what)
     prefix = f"{what}: " if what else ""
     if isinstance(exc, px.ProbableAuthenticationError | px.AuthenticationError):
-        return AccessRefused(f"{prefix}the broker refused the credentials")
+        return AccessRefused(f"{prefix}the broker refused the credentials{_broker_words(exc)}")
     if isinstance(exc, px.ProbableAccessDeniedError):
-        return AccessRefused(f"{prefix}access to the virtual host was refused")
+        return AccessRefused(f"{prefix}access to the virtual host was refused{_broker_words(exc)}")
     if isinstance(exc, px.ConnectionClosedByBroker) and exc.reply_code in (403, 530):
         return AccessRefused(f"{prefix}{exc.reply_text}")
     if isinstance(exc, px.ChannelClosedByBroker):
@@ -84,6 +85,12 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
     if isinstance(exc, OSError):
         return ConnectionFailed(f"{prefix}{exc.strerror or exc}")
     return ConnectionFailed(f"{prefix}{type(exc).__name__}: {exc}".rstrip(": "))
+
+
+def _broker_words(exc: BaseException) -> str:
+    """The broker's reason, when pika kept it: ' (NOT_ALLOWED - vhost x not found)'."""
+    found = re.search(r"\(\d+\) '([^']+)'", str(exc))
+    return f" ({found[1]})" if found else ""
 
 
 def _explain_precondition(text: str) -> str:
@@ -217,7 +224,7 @@ class PikaTransport:
 
         try:
             params = _parameters(settings, name)
-        except (ValueError, OSError, ssl.SSLError) as exc:
+        except (ValueError, TypeError, OSError, ssl.SSLError) as exc:
             raise ConnectionFailed(f"bad connection settings: {exc}") from None
         raw = _BatchingConnection(
             params,
