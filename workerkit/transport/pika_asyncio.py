@@ -189,15 +189,17 @@ class _BatchingConnection(AsyncioConnection):  # type: ignore[misc]
         if not frames or transport is None:
             return
         data = b"".join(frames)
+        sock = getattr(transport, "_sock", None)  # private: without it, pika's own path
         if (
-            type(transport) is _AsyncPlaintextTransport
+            sock is not None
+            and type(transport) is _AsyncPlaintextTransport
             and transport.get_write_buffer_size() == 0
             and getattr(transport, "_state", None) == _ACTIVE
         ):
             # pika would wait a loop turn for writability (and pay two epoll_ctl calls) to send
             # what a non-blocking send takes now; only a remainder goes through its buffer.
             try:
-                sent = transport._sock.send(data)
+                sent = sock.send(data)
             except OSError:  # would block, or broken: pika's own send sees to it
                 sent = 0
             if sent == len(data):
