@@ -62,7 +62,7 @@ def publish_connection(broker: MemoryBroker) -> MemoryConnection:
     return conn
 
 
-# -- issue 9 item 1: a handler's own CancelledError -----------------------------------------------
+# -- issue 9 item 1: a handler's own CancelledError ------
 
 
 async def test_a_handler_that_lets_cancelled_error_escape_is_retried_and_slots_survive(
@@ -120,7 +120,9 @@ async def test_a_dead_slot_turns_the_worker_unhealthy_and_is_restarted(
     async def handle(self: Any, body: bytes) -> None:
         handled.append(body)
 
-    runner, _ = in_memory([worker(queue, handle, concurrency=1)], broker=broker, settings=settings())
+    runner, _ = in_memory(
+        [worker(queue, handle, concurrency=1)], broker=broker, settings=settings()
+    )
     async with running(runner):
         rt = runner.runtimes[0]
         old = rt.slots[0].task
@@ -138,7 +140,7 @@ async def test_a_dead_slot_turns_the_worker_unhealthy_and_is_restarted(
     assert seen_unhealthy or rt.slot_restarts == 1
 
 
-# -- issue 9 item 2: the publish path ---------------------------------------------------------------
+# -- issue 9 item 2: the publish path ------
 
 
 async def test_publish_channel_reopened_after_a_channel_error(
@@ -193,7 +195,7 @@ async def test_publish_connection_lost_while_recovering_is_recovered(
         await wait_for(lambda: attempts == [1, 2], 5, "the retry copy published and handled")
 
 
-# -- issue 9 item 6: classic redelivery keeps the route ---------------------------------------------
+# -- issue 9 item 6: classic redelivery keeps the route ------
 
 
 async def test_classic_redelivery_keeps_the_original_route(
@@ -219,7 +221,7 @@ async def test_classic_redelivery_keeps_the_original_route(
     assert seen[1][:2] == (EXCHANGE, "audit.created"), seen
 
 
-# -- issue 9 item 10: stuck handler threads ---------------------------------------------------------
+# -- issue 9 item 10: stuck handler threads ------
 
 
 async def test_stuck_threads_do_not_dead_letter_unstarted_messages(
@@ -244,9 +246,12 @@ async def test_stuck_threads_do_not_dead_letter_unstarted_messages(
             await wait_for(lambda: not runner.healthy, 5, "unhealthy: every thread stuck")
             await asyncio.sleep(0.5)  # well past the handler timeout of the waiting messages
             dead = broker.messages(f"{queue}.dlq")
-            assert all(m.headers[Header.ERROR_TYPE] != "workerkit.errors.HandlerTimeout"
-                       or m.body.startswith(b'{"n":0') or m.body.startswith(b'{"n":1')
-                       for m in dead), [m.body for m in dead]
+            assert all(
+                m.headers[Header.ERROR_TYPE] != "workerkit.errors.HandlerTimeout"
+                or m.body.startswith(b'{"n":0')
+                or m.body.startswith(b'{"n":1')
+                for m in dead
+            ), [m.body for m in dead]
             assert handled == []
             release.set()
             await wait_for(lambda: sorted(handled) == [2, 3, 4], 10, "the waiting ones ran")
@@ -255,7 +260,7 @@ async def test_stuck_threads_do_not_dead_letter_unstarted_messages(
         release.set()
 
 
-# -- issue 9 item 5: deliveries that waited too long locally ----------------------------------------
+# -- issue 9 item 5: deliveries that waited too long locally ------
 
 
 async def test_deliveries_are_given_back_before_the_consumer_timeout(
@@ -298,7 +303,7 @@ async def test_deliveries_are_given_back_before_the_consumer_timeout(
     assert max(held) < consumer_timeout, max(held)
 
 
-# -- issue 9 item 13 ---------------------------------------------------------------------------------
+# -- issue 9 item 13 ------
 
 
 async def test_second_sigterm_skips_the_grace_period(
