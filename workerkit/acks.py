@@ -15,6 +15,10 @@ class AckTracker:
     A delivery below the floor is acked only when it finished, so batching never acks a message
     whose handler has not returned. Finished tags stuck behind a slow one are acked singly on the
     next flush so that they do not hold the prefetch window.
+
+    Above the floor the tracker remembers the *unsettled* tags up to the highest tag settled
+    singly (``_gaps``), not the settled ones: unsettled deliveries are at most ``prefetch``, so
+    one long handler cannot make it grow without bound.
     """
 
     __slots__ = (
@@ -22,9 +26,10 @@ class AckTracker:
         "_channel",
         "_done",
         "_floor",
+        "_gaps",
+        "_high",
         "_loop",
         "_scheduled",
-        "_singly",
         "dead",
     )
 
@@ -32,11 +37,17 @@ class AckTracker:
         self._channel = channel
         self._loop = loop
         self._batching = batching
-        self._floor = 0  # every tag <= floor is acked
+        self._floor = 0  # every tag <= floor is settled
+        self._high = 0  # every tag in (floor, high] is settled unless it is in _gaps
+        self._gaps: set[int] = set()
         self._done: set[int] = set()
-        self._singly: set[int] = set()
         self._scheduled = False
         self.dead = False
+
+    @property
+    def remembered(self) -> int:
+        """Tags held in memory (bounded by the prefetch window)."""
+        return len(self._gaps) + len(self._done)
 
     def done(self, tag: int) -> None:
         if self.dead:
@@ -50,46 +61,72 @@ class AckTracker:
             self._loop.call_soon(self.flush)
 
     def requeue(self, tag: int) -> None:
-        """Give the message back to the broker (its copy could not be published)."""
+        """Give the message back to the broker (to its queue)."""
         if self.dead:
             return
         self.flush()
         self._channel.nack(tag, requeue=True)
-        self._singly.add(tag)
-        self._advance_over_settled()
+        self._settled_singly(tag)
+        self._advance()
 
-    def _advance_over_settled(self) -> None:
-        floor = self._floor
-        while floor + 1 in self._singly:
-            floor += 1
-            self._singly.discard(floor)
-        self._floor = floor
+    def reject(self, tag: int) -> None:
+        """Give the message to the queue's dead-letter exchange (nack without requeue)."""
+        if self.dead:
+            return
+        self.flush()
+        self._channel.nack(tag, requeue=False)
+        self._settled_singly(tag)
+        self._advance()
+
+    def _settled_singly(self, tag: int) -> None:
+        high = self._high
+        if tag > high:
+            start = max(high, self._floor) + 1
+            if tag - start > 1:
+                self._gaps.update(range(start, tag))
+            elif tag - start == 1:
+                self._gaps.add(start)
+            self._high = tag
+        else:
+            self._gaps.discard(tag)
+
+    def _advance(self) -> None:
+        gaps = self._gaps
+        if not gaps:
+            self._floor = max(self._floor, self._high)
+        else:
+            self._floor = min(gaps) - 1
 
     def flush(self) -> None:
         self._scheduled = False
         if self.dead or not self._done:
             return
-        done, singly = self._done, self._singly
-        floor = self._floor
+        done, gaps = self._done, self._gaps
+        floor, high = self._floor, self._high
         last_unsettled = 0
         while True:
             nxt = floor + 1
             if nxt in done:
                 done.discard(nxt)
+                gaps.discard(nxt)
                 last_unsettled = nxt
-            elif nxt in singly:
-                singly.discard(nxt)
+                floor = nxt
+            elif nxt <= high and nxt not in gaps:
+                # Settled singly earlier: skip to just below the next unsettled tag.
+                floor = min(gaps) - 1 if gaps else high
             else:
                 break
-            floor = nxt
         self._floor = floor
+        if high < floor:
+            self._high = floor
         if last_unsettled:
             self._channel.ack(last_unsettled, True)
         if done:
-            for tag in done:
+            for tag in sorted(done):
                 self._channel.ack(tag)
-            singly.update(done)
+                self._settled_singly(tag)
             done.clear()
+            self._advance()
 
     def close(self) -> None:
         self.flush()

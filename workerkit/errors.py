@@ -108,7 +108,7 @@ class RetryLater(Exception):
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
         super().__init__(reason)
-        if delay is not None and delay < 0:
-            raise ValueError("RetryLater delay must be >= 0")
+        if delay is not None and not 0 <= delay < float("inf"):  # also refuses NaN
+            raise ValueError(f"RetryLater delay must be a finite number >= 0, not {delay!r}")
         self.delay = delay
         self.reason = reason

@@ -107,13 +107,22 @@ class RetryPolicy:
         if isinstance(error, RetryLater):
             if attempt >= self.max_attempts:
                 return DeadLetter("exhausted")
-            delay = error.delay if error.delay is not None else self.delay_for(attempt, rand)
+            delay = error.delay
+            if delay is None or not 0 <= delay < math.inf:  # None, or NaN/inf/negative slipped in
+                delay = self.delay_for(attempt, rand)
             return Retry(delay=delay, attempt=attempt + 1)
-        if isinstance(error, self.never_retry) or not isinstance(error, self.retry_on):
+        if isinstance(error, self.never_retry) or not self._retries(error):
             return DeadLetter("rejected")
         if attempt >= self.max_attempts:
             return DeadLetter("exhausted")
         return Retry(delay=self.delay_for(attempt, rand), attempt=attempt + 1)
+
+    def _retries(self, error: BaseException) -> bool:
+        # A BaseException that is not an Exception (a handler's own CancelledError, SystemExit)
+        # is a handler failure like any other when the policy retries every Exception.
+        if isinstance(error, self.retry_on):
+            return True
+        return not isinstance(error, Exception) and Exception in self.retry_on
 
 
 _FATAL = (AccessRefused, TopologyError, ConfigurationError)

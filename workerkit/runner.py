@@ -1,36 +1,48 @@
 """The runner: connects, declares, starts each worker's consumer, recovers, drains on shutdown.
 
-Per-message work lives in ``consumer.py`` (WorkerRuntime) and ``acks.py`` (AckTracker); this
-module is the lifecycle around them: connect with jittered retries, prove consumers are back
-after a reconnect, stop consuming on SIGTERM/SIGINT, let in-flight handlers finish within the
-grace period, exit.
+Per-message work lives in ``runtime.py`` (WorkerRuntime), ``decision.py`` and ``acks.py``;
+this module is the lifecycle around them: connect with jittered retries, prove consumers are back
+after a reconnect, keep the publish path open, restart a slot that died, stop consuming on
+SIGTERM/SIGINT (a second one skips the grace period), let in-flight handlers finish within the
+grace period, exit. :attr:`Runner.state` says where in that life the runner is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from .consumer import WorkerRuntime
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
 from .retry import reconnecting
+from .runtime import LEASE, WorkerRuntime
 from .settings import Settings, load_settings
 from .topology import Topology
 from .transport.base import Channel, Connection, Transport
 from .worker import Worker
 
-__all__ = ["Runner", "exit_past_stuck_handlers", "run"]
+__all__ = ["Runner", "RunnerState", "exit_past_stuck_handlers", "run"]
 
 log = logging.getLogger("workerkit.runner")
+
+
+class RunnerState(str, enum.Enum):
+    """Where a :class:`Runner` is in its life (``Runner.state``)."""
+
+    STARTING = "starting"  # connecting and declaring, before the first consume
+    CONSUMING = "consuming"  # every consumer attached
+    RECONNECTING = "reconnecting"  # a connection or consumer was lost; recovering
+    DRAINING = "draining"  # stopping: consumers cancelled, handlers finishing
+    STOPPED = "stopped"  # run() returned (or never started)
 
 
 class Runner:
@@ -60,7 +72,7 @@ class Runner:
 
             transport = PikaTransport()
         self.transport = transport
-        self.topology = Topology(self.settings)
+        self._topology = Topology(self.settings)
         self.prefetch = prefetch
         self.concurrency = concurrency
         self.burst = burst
@@ -70,18 +82,40 @@ class Runner:
         self._consume_conn: Connection | None = None
         self._publish_conn: Connection | None = None
         self._publish_channel: Channel | None = None
+        self._generation = 0  # connections of an older generation report no losses
         self._stop: asyncio.Event | None = None
         self._lost: asyncio.Event | None = None
+        self._repair: asyncio.Event | None = None  # publish channel closed or a slot died
         self.ready: asyncio.Event | None = None
+        self._state = RunnerState.STOPPED
         self.reconnects = 0
         self.last_recovery: float | None = None
 
     # -- public ------------------------------------------------------------------------------
 
     @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    @property
+    def state(self) -> RunnerState:
+        """Where the runner is in its life: starting, consuming, reconnecting, draining, stopped."""
+        return self._state
+
+    @property
     def healthy(self) -> bool:
-        """True while every worker has a live consumer."""
-        return bool(self.runtimes) and all(rt.consuming for rt in self.runtimes)
+        """True only while the runner can do its job (see docs/reliability.md, "Health"): it is
+        consuming, its publish channel is open, and every worker has its own consumer on an open
+        channel, all of its slots alive and (``def`` handlers) a handler thread that is not stuck.
+        """
+        channel = self._publish_channel
+        return (
+            self._state is RunnerState.CONSUMING
+            and channel is not None
+            and channel.is_open
+            and bool(self.runtimes)
+            and all(rt.healthy for rt in self.runtimes)
+        )
 
     def stop(self) -> None:
         """Ask for a graceful shutdown (safe to call from a signal handler on the loop)."""
@@ -100,18 +134,26 @@ class Runner:
         """Consume until stop() or SIGTERM/SIGINT, then drain; raises on fatal configuration."""
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
+        self._repair = asyncio.Event()
         self.ready = asyncio.Event()
+        self._state = RunnerState.STARTING
         loop = asyncio.get_running_loop()
         self._warn_about_timeouts()
         installed = self._install_signals(loop) if self.handle_signals else []
         try:
-            self.runtimes = [WorkerRuntime(cls, self) for cls in self.worker_classes]
+            self.runtimes = [
+                WorkerRuntime(
+                    cls, self, self.settings, prefetch=self.prefetch, concurrency=self.concurrency
+                )
+                for cls in self.worker_classes
+            ]
             await self._connect_with_retries()
             if self._stop.is_set():
                 return  # stopped while the broker was unreachable: nothing to drain
             for rt in self.runtimes:
                 await rt.instance.setup()
                 rt.start_slots()
+            self._state = RunnerState.CONSUMING
             self.ready.set()
             log.info(
                 "consuming from %s",
@@ -119,9 +161,31 @@ class Runner:
             )
             await self._supervise()
         finally:
+            self._state = RunnerState.DRAINING
             await self._shutdown()
+            self._state = RunnerState.STOPPED
             for sig in installed:
                 loop.remove_signal_handler(sig)
+
+    # -- what the runtimes need (runtime.Host) -------------------------------------------------
+
+    async def publish_copy(self, copy: Outgoing, timeout: float) -> None:
+        """Confirmed publish of a retry, dead-letter or recount copy on the publish channel."""
+        channel = self._publish_channel
+        if channel is None or not channel.is_open:
+            channel = await self._reopen_publish_channel()
+        await channel.publish(copy, mandatory=True, timeout=timeout)
+
+    async def publish(self, message: Outgoing) -> None:
+        """Confirmed publish on the runner's publish channel (retry and dead-letter copies)."""
+        await self.publish_copy(message, self.settings.publish_timeout)
+
+    def consumer_lost(self, error: Exception) -> None:
+        self.connection_lost(error)
+
+    def slot_died(self) -> None:
+        if self._repair is not None:
+            self._repair.set()
 
     # -- connection management ---------------------------------------------------------------
 
@@ -134,20 +198,70 @@ class Runner:
         log.warning("connection lost: %s", error)
         if self._lost is not None:
             self._lost.set()
+        if self._state is RunnerState.CONSUMING:
+            self._state = RunnerState.RECONNECTING
+
+    def _on_lost_of(self, generation: int) -> Callable[[Exception], None]:
+        """on_lost for a connection of ``generation``: a connection already given up (a failed
+        start-up attempt, the one before a reconnect) must not trigger another reconnect."""
+
+        def on_lost(error: Exception) -> None:
+            if generation == self._generation:
+                self.connection_lost(error)
+
+        return on_lost
+
+    def _publish_channel_closed(self, generation: int, error: Exception) -> None:
+        if generation != self._generation or self._state is not RunnerState.CONSUMING:
+            return  # its connection is being replaced, or the runner is stopping
+        log.warning("the publish channel closed (%s); reopening it", error)
+        if self._repair is not None:
+            self._repair.set()
+
+    async def _reopen_publish_channel(self) -> Channel:
+        conn = self._publish_conn
+        if conn is None or not conn.is_open:
+            raise WorkerkitError("the publish connection is not open")
+        generation = self._generation
+        channel = await conn.channel(
+            confirms=True, on_closed=lambda exc: self._publish_channel_closed(generation, exc)
+        )
+        self._publish_channel = channel
+        # Redeclared: an operator may have deleted a delay exchange (the 404 that closed it).
+        await self._topology.declare_exchanges(channel)
+        return channel
 
     async def _connect(self) -> None:
+        self._generation += 1
+        on_lost = self._on_lost_of(self._generation)
         self._consume_conn = await self.transport.connect(
-            self.settings, name="workerkit-consume", on_lost=self.connection_lost
+            self.settings, name="workerkit-consume", on_lost=on_lost
         )
         self._publish_conn = await self.transport.connect(
-            self.settings, name="workerkit-publish", on_lost=self.connection_lost
+            self.settings, name="workerkit-publish", on_lost=on_lost
         )
-        self._publish_channel = await self._publish_conn.channel(confirms=True)
-        await self.topology.declare_exchanges(self._publish_channel)
+        await self._reopen_publish_channel()
         for rt in self.runtimes:
             await rt.attach(self._consume_conn)
+        if not self._connected():
+            raise WorkerkitError("a connection closed while consumers were being attached")
+        # Both connections are open now: a loss reported earlier was of a connection this
+        # attempt (or a failed one) gave up, and must not trigger a reconnect. No await between
+        # the check and here, so a loss of these connections cannot be cleared by mistake.
+        if self._lost is not None:
+            self._lost.clear()
+
+    def _connected(self) -> bool:
+        conns = (self._consume_conn, self._publish_conn)
+        channel = self._publish_channel
+        return (
+            all(conn is not None and conn.is_open for conn in conns)
+            and channel is not None
+            and channel.is_open
+        )
 
     async def _close_connections(self) -> None:
+        self._generation += 1  # what these report from now on is not a loss
         for conn in (self._consume_conn, self._publish_conn):
             if conn is not None:
                 with contextlib.suppress(WorkerkitError):
@@ -187,36 +301,63 @@ class Runner:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _supervise(self) -> None:
-        assert self._stop is not None and self._lost is not None
+        assert self._stop is not None and self._lost is not None and self._repair is not None
         stop_wait = asyncio.ensure_future(self._stop.wait())
         try:
             while not self._stop.is_set():
                 lost_wait = asyncio.ensure_future(self._lost.wait())
-                waits: set[asyncio.Future[Any]] = {stop_wait, lost_wait}
+                repair_wait = asyncio.ensure_future(self._repair.wait())
+                waits: set[asyncio.Future[Any]] = {stop_wait, lost_wait, repair_wait}
                 if self.burst:
                     waits.add(asyncio.ensure_future(self._burst_done()))
                 _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for fut in pending - {stop_wait}:
                     fut.cancel()
-                if self.burst and not self._stop.is_set() and not self._lost.is_set():
+                if self.burst and not self._stop.is_set() and _done - {lost_wait, repair_wait}:
                     self._stop.set()
                     break
-                if self._lost.is_set() and not self._stop.is_set():
+                if self._stop.is_set():
+                    break
+                if self._lost.is_set():
                     await self._recover()
+                elif self._repair.is_set():
+                    await self._repair_in_place()
         finally:
             stop_wait.cancel()
 
-    async def _recover(self) -> None:
-        assert self._lost is not None
-        started = time.monotonic()
-        self._lost.clear()
+    async def _repair_in_place(self) -> None:
+        """Restart dead slots and reopen a closed publish channel; a lost connection (or a
+        publish channel that cannot be reopened) turns into a full recovery."""
+        assert self._repair is not None and self._lost is not None
+        self._repair.clear()
         for rt in self.runtimes:
-            rt.detach()
-        await self._close_connections()
-        await self._connect_with_retries()
+            rt.revive()
+        channel = self._publish_channel
+        if channel is not None and channel.is_open:
+            return
+        try:
+            await self._reopen_publish_channel()
+            log.info("publish channel reopened")
+        except WorkerkitError as exc:
+            self.connection_lost(exc)
+
+    async def _recover(self) -> None:
+        assert self._lost is not None and self._repair is not None
+        self._state = RunnerState.RECONNECTING
+        started = time.monotonic()
+        while self._lost.is_set() and not (self._stop is not None and self._stop.is_set()):
+            self._lost.clear()
+            self._repair.clear()
+            for rt in self.runtimes:
+                rt.detach()
+            await self._close_connections()
+            await self._connect_with_retries()
+            # A loss while consumers were being attached set _lost again: go round once more.
         if self._stop is not None and self._stop.is_set():
             return
-        self._lost.clear()
+        for rt in self.runtimes:
+            rt.revive()
+        self._state = RunnerState.CONSUMING
         self.reconnects += 1
         self.last_recovery = time.monotonic() - started
         log.info("reconnected; consumers are back after %.2fs", self.last_recovery)
@@ -226,12 +367,17 @@ class Runner:
         quiet = 0
         while True:
             await asyncio.sleep(0.05)
-            if any(rt.in_flight or rt.deque for rt in self.runtimes) or not self.healthy:
+            if self._busy():
                 quiet = 0
                 continue
-            quiet = quiet + 1 if await self._queues_empty() else 0
+            empty = await self._queues_empty()
+            # A delivery may have arrived during that round trip.
+            quiet = quiet + 1 if empty and not self._busy() else 0
             if quiet >= 2:
                 return
+
+    def _busy(self) -> bool:
+        return any(rt.in_flight or rt.deque for rt in self.runtimes) or not self.healthy
 
     async def _queues_empty(self) -> bool:
         """Whether every work queue is empty; False while a channel is down (not known yet)."""
@@ -247,51 +393,11 @@ class Runner:
                 return False
         return True
 
-    async def publish(self, message: Outgoing) -> None:
-        """Confirmed publish on the runner's publish channel (retry and dead-letter copies)."""
-        channel = self._publish_channel
-        if channel is None or not channel.is_open:
-            raise WorkerkitError("publish channel is not open")
-        await channel.publish(message, mandatory=True, timeout=self.settings.publish_timeout)
-
     # -- shutdown ----------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
-        for rt in self.runtimes:
-            await rt.stop_consuming()
         grace = self.settings.shutdown_grace
-        slots = [slot.task for rt in self.runtimes for slot in rt.slots]
-        if slots:
-            _done, pending = await asyncio.wait(slots, timeout=grace)
-            if pending:
-                busy = sum(rt.in_flight for rt in self.runtimes)
-                log.warning(
-                    "%d handler(s) still running after the %.0fs grace period; leaving their"
-                    " messages to the broker",
-                    busy,
-                    grace,
-                )
-                for rt in self.runtimes:
-                    if rt.tracker is not None:
-                        rt.tracker.flush()
-                        rt.tracker.dead = True
-                for task in pending:
-                    task.cancel()
-                await asyncio.wait(pending, timeout=1)
-        for rt in self.runtimes:
-            if rt.watchdog is not None:
-                rt.watchdog.cancel()
-            if rt.tracker is not None:
-                rt.tracker.close()
-            if rt.channel is not None:
-                with contextlib.suppress(WorkerkitError):
-                    await rt.channel.close()
-            try:
-                await rt.instance.teardown()
-            except Exception:
-                log.exception("teardown failed", extra=rt.log_extra)
-            if rt.pool is not None:
-                rt.pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.gather(*(rt.close(grace) for rt in self.runtimes))
         await self._close_connections()
         log.info("stopped")
 
@@ -306,7 +412,12 @@ class Runner:
         return installed
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("received %s; draining", sig.name)
+        if self._stop is not None and self._stop.is_set():
+            log.warning("received %s again; not waiting for running handlers", sig.name)
+            for rt in self.runtimes:
+                rt.hurry()
+            return
+        log.info("received %s; draining (send it again to stop at once)", sig.name)
         self.stop()
 
     def _warn_about_timeouts(self) -> None:
@@ -321,6 +432,30 @@ class Runner:
                     timeout,
                     limit,
                 )
+            self._warn_about_waiting(cls, timeout, limit)
+
+    def _warn_about_waiting(self, cls: type[Worker], timeout: float | None, limit: float) -> None:
+        """Prefetched deliveries wait for a slot, and the broker's clock runs from delivery:
+        with slow handlers, the last of a prefetch window can wait ``waves`` handler times."""
+        if timeout is None:
+            return  # only the 90% safety net: no claim about how long handlers take
+        prefetch = self.prefetch or cls.prefetch or self.settings.prefetch
+        concurrency = self.concurrency or cls.concurrency or self.settings.concurrency
+        waves = -(-prefetch // concurrency) - 1
+        max_wait = max(limit * LEASE - timeout, limit * (1 - LEASE))
+        if waves > 0 and waves * timeout > max_wait:
+            log.warning(
+                "%s: with prefetch %d and concurrency %d a delivery can wait %.0fs for a slot"
+                " if handlers run to their %.0fs limit; past %.0fs it is given back to the"
+                " broker before consumer_timeout (%.0fs). Lower prefetch or handler_timeout.",
+                cls.describe(),
+                prefetch,
+                concurrency,
+                waves * timeout,
+                timeout,
+                max_wait,
+                limit,
+            )
 
 
 def run(

@@ -159,3 +159,22 @@ async def test_a_dead_tracker_never_acks() -> None:
     finish(channel, tracker, 2)
     await settle()
     assert channel.calls == []
+
+
+async def test_memory_stays_bounded_behind_one_long_handler() -> None:
+    """Tag 1 never finishes while 20 000 later deliveries do (prefetch 10): what the tracker
+    remembers stays within the prefetch window, not one entry per acked tag."""
+    channel = StrictChannel(20_001)
+    tracker = tracker_for(channel)
+    for tag in range(2, 20_002):
+        finish(channel, tracker, tag)
+        if tag % 10 == 0:
+            await settle()
+    await settle()
+    remembered = len(getattr(tracker, "_singly", ())) + getattr(tracker, "remembered", 0)
+    assert remembered <= 10, remembered
+    assert channel.outstanding == {1}
+    finish(channel, tracker, 1)
+    await settle()
+    assert channel.outstanding == set()
+    assert channel.calls[-1] == ("ack", 1, True) or channel.calls[-1] == ("ack", 1, False)

@@ -592,11 +592,12 @@ async def test_sync_handler_errors_reach_the_retry_policy(
     no_protocol_errors(broker)
 
 
-async def test_sync_handlers_past_their_timeout_fail_and_unstarted_ones_never_run(
+async def test_sync_handlers_past_their_timeout_fail_and_unstarted_ones_wait_for_a_thread(
     broker: MemoryBroker, publisher: AsyncPublisher
 ) -> None:
-    """One pool thread, stuck: the first handler times out; the second, queued behind it in
-    the pool, times out before it starts and must not run once the thread is free again."""
+    """One pool thread, stuck: the first handler times out and its thread stays busy (counted;
+    the worker is unhealthy). The second waits for a thread instead of being dead-lettered as
+    HandlerTimeout without running, and runs once the thread is free again."""
     queue = qname("sync-stuck")
     started: list[bytes] = []
     unstick = threading.Event()
@@ -611,13 +612,16 @@ async def test_sync_handlers_past_their_timeout_fail_and_unstarted_ones_never_ru
     async with running(runner):
         await publisher.publish(queue, b"first")
         await publisher.publish(queue, b"second")
-        await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 2, 10)
+        await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 1, 10)
+        await wait_for(lambda: runner.runtimes[0].stuck_threads == 1, 5)
+        assert not runner.healthy
+        assert started == [b"first"]
         unstick.set()
-        # The pool thread is free again; give it the chance to (wrongly) start "second".
         await wait_for(lambda: broker.unacked() == 0, 5)
         await publisher.publish(queue, b"third")
         await wait_for(lambda: b"third" in started, 5)
-    assert started == [b"first", b"third"]
+        await wait_for(lambda: runner.healthy, 5)
+    assert started == [b"first", b"second", b"third"]
     dead = broker.messages(f"{queue}.dlq")
-    assert [d.headers[Header.ERROR_TYPE] for d in dead] == ["workerkit.errors.HandlerTimeout"] * 2
+    assert [d.headers[Header.ERROR_TYPE] for d in dead] == ["workerkit.errors.HandlerTimeout"]
     no_protocol_errors(broker)

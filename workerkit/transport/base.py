@@ -17,6 +17,7 @@ from ..topology import ExchangeSpec, QueueSpec
 OnMessage = Callable[[Message], None]
 OnLost = Callable[[Exception], None]
 OnPublished = Callable[[BaseException | None], None]
+OnClosed = Callable[[Exception], None]
 
 
 class Channel(Protocol):
@@ -51,6 +52,15 @@ class Channel(Protocol):
 
     async def cancel(self, consumer_tag: str) -> None: ...
 
+    def has_consumer(self, consumer_tag: str) -> bool:
+        """Whether this channel's consumer ``consumer_tag`` is still active (neither cancelled by
+        the broker nor gone with the channel): a local check, no round trip."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once the frames buffered so far (acks, publishes) are handed to the socket."""
+        ...
+
     def ack(self, delivery_tag: int, multiple: bool = False) -> None: ...
 
     def nack(self, delivery_tag: int, requeue: bool = True) -> None: ...
@@ -76,7 +86,16 @@ class Connection(Protocol):
     @property
     def is_open(self) -> bool: ...
 
-    async def channel(self, *, prefetch: int | None = None, confirms: bool = False) -> Channel: ...
+    async def channel(
+        self,
+        *,
+        prefetch: int | None = None,
+        confirms: bool = False,
+        on_closed: OnClosed | None = None,
+    ) -> Channel:
+        """Open a channel; ``on_closed(error)`` runs once if the broker or the connection closes
+        it (not when it is closed by :meth:`Channel.close`)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -32,7 +32,7 @@ from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
 from ..message import Message, Outgoing
 from ..settings import Settings
 from ..topology import ExchangeSpec, QueueSpec
-from .base import OnLost, OnMessage, OnPublished
+from .base import OnClosed, OnLost, OnMessage, OnPublished
 
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
 
@@ -440,8 +440,15 @@ def _shown(arguments: dict[str, Any], name: str) -> str:
 class MemoryChannel:
     """A channel on a :class:`MemoryBroker`; the same contract as the pika channel."""
 
-    def __init__(self, connection: MemoryConnection, prefetch: int | None, confirms: bool) -> None:
+    def __init__(
+        self,
+        connection: MemoryConnection,
+        prefetch: int | None,
+        confirms: bool,
+        on_closed: OnClosed | None = None,
+    ) -> None:
         self.connection = connection
+        self._on_closed = on_closed
         self.broker = connection.broker
         self.prefetch = prefetch or 0
         self.confirms = confirms
@@ -540,6 +547,12 @@ class MemoryChannel:
             if consumer in consumer.queue.consumers:
                 consumer.queue.consumers.remove(consumer)
         await self._rpc()
+
+    def has_consumer(self, consumer_tag: str) -> bool:
+        return self.is_open and consumer_tag in self.consumers
+
+    async def flush(self) -> None:
+        await asyncio.sleep(0)  # nothing is buffered; a turn of the loop like a socket write
 
     def has_room(self) -> bool:
         return self.prefetch == 0 or len(self.unacked) < self.prefetch
@@ -641,10 +654,14 @@ class MemoryChannel:
             self.broker.give_back(*unacked[tag])
         if self in self.connection.channels:
             self.connection.channels.remove(self)
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            asyncio.get_running_loop().call_soon(on_closed, error)
 
     async def close(self) -> None:
         if self._close_error is not None:
             return
+        self._on_closed = None  # closed by its owner: nobody to tell
         self._fail(ConnectionFailed("channel closed"))
         await asyncio.sleep(0)
 
@@ -662,12 +679,16 @@ class MemoryConnection:
         return self._open
 
     async def channel(
-        self, *, prefetch: int | None = None, confirms: bool = False
+        self,
+        *,
+        prefetch: int | None = None,
+        confirms: bool = False,
+        on_closed: OnClosed | None = None,
     ) -> MemoryChannel:
         if not self._open:
             raise ConnectionFailed("connection is closed")
         await asyncio.sleep(0)
-        channel = MemoryChannel(self, prefetch, confirms)
+        channel = MemoryChannel(self, prefetch, confirms, on_closed)
         self.channels.append(channel)
         return channel
 

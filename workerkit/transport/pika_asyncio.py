@@ -34,7 +34,7 @@ from ..errors import (
 from ..message import Message, Outgoing
 from ..settings import Settings
 from ..topology import ExchangeSpec, QueueSpec
-from .base import OnLost, OnMessage, OnPublished
+from .base import OnClosed, OnLost, OnMessage, OnPublished
 
 log = logging.getLogger("workerkit.transport")
 
@@ -292,12 +292,19 @@ class PikaConnection:
             self._closing = True
             self._on_lost(error)
 
-    async def channel(self, *, prefetch: int | None = None, confirms: bool = False) -> PikaChannel:
+    async def channel(
+        self,
+        *,
+        prefetch: int | None = None,
+        confirms: bool = False,
+        on_closed: OnClosed | None = None,
+    ) -> PikaChannel:
         if not self.is_open:
             raise ConnectionFailed("connection is closed")
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[PikaRawChannel] = loop.create_future()
         channel = PikaChannel(self)
+        channel._on_closed = on_closed
 
         def on_open(raw: PikaRawChannel) -> None:
             if not opened.done():
@@ -354,6 +361,7 @@ class PikaChannel:
         self._pending: set[asyncio.Future[Any]] = set()
         self._close_error: WorkerkitError | None = None
         self._cancel_callbacks: dict[str, Callable[[], None]] = {}
+        self._on_closed: OnClosed | None = None
         self.confirms = False
         # Publisher confirms: sequence number -> (callback, message, deadline).
         self._seq = 0
@@ -375,9 +383,13 @@ class PikaChannel:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _on_close(self, _raw: Any, exc: BaseException) -> None:
-        self._fail_all(translate(exc, what="channel closed"))
+        error = translate(exc, what="channel closed")
+        self._fail_all(error)
         if isinstance(exc, px.ChannelClosedByClient | px.ConnectionClosedByClient):
             return
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed(error)
         # The broker closed a consuming channel (consumer_timeout, a protocol error): its
         # consumers are gone, which the runner must hear about rather than sit idle.
         callbacks, self._cancel_callbacks = self._cancel_callbacks, {}
@@ -527,6 +539,15 @@ class PikaChannel:
             lambda cb: self._raw.basic_cancel(consumer_tag, callback=cb),
             what="cancelling consumer",
         )
+
+    def has_consumer(self, consumer_tag: str) -> bool:
+        # The broker's basic.cancel and a channel close both drop the tag (_on_cancel, _on_close).
+        return self.is_open and consumer_tag in self._cancel_callbacks
+
+    async def flush(self) -> None:
+        if self._close_error is None and self._raw.is_open:
+            self._raw.connection._wk_flush()  # write what this turn buffered now
+        await asyncio.sleep(0)
 
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
         # A closed channel means the broker already requeued the message: nothing to ack.

@@ -1,0 +1,56 @@
+"""Issue 9 item 5 on a real node: a private RabbitMQ with a short ``consumer_timeout``.
+
+The broker counts from delivery, the handler limit from handler start; with prefetch far above
+concurrency the last deliveries of a window wait locally. workerkit gives them back before the
+broker's clock runs out, so the broker never closes the channel (which would redeliver
+everything in flight and raise delivery counts)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from reliability.broker import PrivateBroker
+
+from workerkit import Settings, Worker
+from workerkit.publisher import AsyncPublisher
+from workerkit.runner import Runner
+from workerkit.testing import running, wait_for
+
+CONSUMER_TIMEOUT_MS = 5000
+
+
+def set_consumer_timeout(broker: PrivateBroker) -> None:
+    # Read when a channel opens: every channel opened from now on has the short timeout.
+    broker.ctl("eval", f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_MS}).")
+
+
+async def test_waiting_deliveries_are_given_back_before_the_consumer_timeout(
+    private_broker: PrivateBroker,
+) -> None:
+    set_consumer_timeout(private_broker)
+    queue = f"rel.lease.{uuid.uuid4().hex[:8]}"
+    handled: list[int] = []
+
+    async def handle(self: Any, body: dict[str, Any]) -> None:
+        await asyncio.sleep(0.8)
+        handled.append(body["n"])
+
+    attrs = {"queue": queue, "concurrency": 1, "prefetch": 20, "handler_timeout": 2.0}
+    Slow: type[Worker] = type("Slow", (Worker,), {**attrs, "handle": handle})
+    settings = Settings(
+        url=private_broker.url,
+        exchange=f"rel.lease.{uuid.uuid4().hex[:6]}",
+        broker_consumer_timeout=CONSUMER_TIMEOUT_MS / 1000,
+        shutdown_grace=3.0,
+    )
+    runner = Runner([Slow], settings=settings, handle_signals=False)
+    async with running(runner):
+        async with AsyncPublisher(settings=settings) as pub:
+            for n in range(14):
+                await pub.publish(queue, {"n": n})
+        await wait_for(lambda: set(handled) == set(range(14)), 90, "every message handled")
+        assert runner.reconnects == 0, "the broker's consumer_timeout closed the channel"
+        assert runner.runtimes[0].given_back > 0  # some waited too long and went back in time
+        assert runner.healthy

@@ -1,0 +1,750 @@
+"""One worker at run time: its consumer, handler slots, decoding, and carrying out decisions.
+
+The per-message path (the rules are in ``decision.py``; this module only carries them out)::
+
+    transport callback -> on_message            append to the local buffer; wake an idle slot
+    slot               -> _process              classic redelivery? decode, run the handler
+                       -> decide(what, ...)     one pure function: Ack | Retry | DeadLetter |
+                                                Recount | GiveBack
+                       -> _carry_out(decision)  match + assert_never: ack / confirmed copy then
+                                                ack / nack; a copy not confirmed -> decide again
+                       -> _finished(outcome)    the one place a delivery's outcome is known
+    watchdog (1 task)  -> handler timeouts; deliveries that waited too long locally: GiveBack
+
+``concurrency`` long-lived slot coroutines bound the handlers in flight; ``prefetch`` bounds what
+the broker sends ahead. Plain ``def`` handlers run in the worker's thread pool and their results
+come back to the loop, so acks are only ever sent from the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Awaitable
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import assert_never
+
+from .acks import AckTracker
+from .decision import (
+    Ack,
+    DeadLetter,
+    Decision,
+    GiveBack,
+    Happened,
+    Outcome,
+    Recount,
+    Retry,
+    decide,
+    outcome_of,
+)
+from .errors import DecodeError, HandlerTimeout, WorkerkitError
+from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing, decoder_for
+from .retry import RetryPolicy
+from .settings import Settings
+from .topology import Topology
+from .transport.base import Channel, Connection
+from .worker import Worker
+
+__all__ = ["Host", "WorkerRuntime"]
+
+log = logging.getLogger("workerkit.runtime")
+
+MAX_ERROR_MESSAGE = 1000
+MAX_TRACEBACK = 8000
+# Share of the broker's consumer_timeout a delivery may be held (waiting + handler + copy);
+# the rest covers the ack's trip and clock differences.
+LEASE = 0.95
+
+
+class Host(Protocol):
+    """What a runtime needs from the runner that hosts it."""
+
+    @property
+    def topology(self) -> Topology: ...
+
+    async def publish_copy(self, copy: Outgoing, timeout: float) -> None:
+        """Confirmed publish of a retry, dead-letter or recount copy."""
+        ...
+
+    def consumer_lost(self, error: Exception) -> None:
+        """This runtime's consumer or channel is gone: reconnect."""
+        ...
+
+    def slot_died(self) -> None:
+        """A slot ended unexpectedly: call :meth:`WorkerRuntime.revive` soon."""
+        ...
+
+
+class Slot:
+    """One of a worker's ``concurrency`` handler coroutines, and the deadline of its handler."""
+
+    __slots__ = ("call", "closing", "deadline", "started", "task", "timed_out")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None]
+        self.deadline = 0.0  # loop time the running handler must finish by; 0 when idle
+        self.timed_out = False  # the watchdog cancelled the handler
+        self.closing = False  # the runtime cancelled the slot (shutdown past the grace period)
+        self.started = True  # False while a def handler waits for a free pool thread
+        self.call: asyncio.Future[None] | None = None  # the running def handler's future
+
+
+def _uncancel(task: asyncio.Task[None]) -> None:
+    # Python 3.11+ counts cancellations; a timeout we turned into a failure is not one.
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
+class WorkerRuntime:
+    """One worker class at run time: its instance, decoder, slots, channel and acks."""
+
+    def __init__(
+        self,
+        cls: type[Worker],
+        host: Host,
+        settings: Settings,
+        *,
+        prefetch: int | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self.cls = cls
+        self.host = host
+        self.name = cls.__qualname__
+        self.queue = cls.queue
+        self.instance = cls()
+        self.policy = cls.retry or RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            delay=settings.retry_delay,
+            backoff=settings.retry_backoff,
+            max_delay=settings.retry_max_delay,
+        )
+        self.prefetch = prefetch or cls.prefetch or settings.prefetch
+        self.concurrency = concurrency or cls.concurrency or settings.concurrency
+        limit = settings.broker_consumer_timeout
+        self.timeout = cls.handler_timeout or settings.handler_timeout or limit * 0.9
+        # How long a delivery may wait locally for a slot (or a thread) before it is given back
+        # so that the broker's consumer_timeout never fires (it counts from the delivery).
+        self.max_wait = max(limit * LEASE - self.timeout, limit * (1 - LEASE))
+        self.lease = limit * LEASE
+        self.publish_timeout = settings.publish_timeout
+        self.delivery_limit = cls.delivery_limit or settings.delivery_limit
+        self.ack_batching = settings.ack_batching
+        handler = cls._handler
+        self.decode = decoder_for(handler.body_type, settings.max_body_size)
+        self.wants_message = handler.wants_message
+        self.is_async = handler.is_async
+        self.pool = (
+            None
+            if handler.is_async
+            else concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.concurrency, thread_name_prefix=f"workerkit-{self.queue}"
+            )
+        )
+        # Plain def handlers: outcomes of finished handlers, waiting for the loop to pick them up.
+        self._finished_calls: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        self._finished_lock = threading.Lock()
+        # Threads still running a handler that timed out (their futures), and their count.
+        self._abandoned: set[asyncio.Future[None]] = set()
+        self.stuck_threads = 0
+        self.classic = cls.queue_type == "classic"
+        self.exchange = settings.exchange
+        self.log_extra = {"worker": self.name, "queue": self.queue}
+        # Unstarted deliveries and, in step, the loop time each arrived (a coarse clock
+        # advanced by the watchdog, so that on_message allocates nothing).
+        self.deque: collections.deque[Message] = collections.deque()
+        self.arrivals: collections.deque[float] = collections.deque()
+        self.tick = 0.0
+        self.idle: list[asyncio.Future[None]] = []
+        self.tracker: AckTracker | None = None
+        self.channel: Channel | None = None
+        self.consumer_tag: str | None = None
+        self.slots: list[Slot] = []
+        self.watchdog: asyncio.Task[None] | None = None
+        self.in_flight = 0
+        self.stopping = False
+        self.consuming = False
+        self.slot_restarts = 0
+        self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        self._hurry = asyncio.Event()
+        # Classic queues: redelivered originals whose counted copy is published but whose ack
+        # may not be on the wire yet. No handler starts meanwhile (see _recount).
+        self.settling = 0
+        self.settled = asyncio.Event()
+        self.settled.set()
+
+    # -- counters and health -----------------------------------------------------------------
+
+    @property
+    def processed(self) -> int:
+        return self.outcomes[Outcome.ACKED]
+
+    @property
+    def retried(self) -> int:
+        return self.outcomes[Outcome.RETRIED]
+
+    @property
+    def dead_lettered(self) -> int:
+        """Copies published to the DLQ (exhausted, delivery-limit, rejected, invalid)."""
+        o = self.outcomes
+        return o[Outcome.DEAD_LETTERED] + o[Outcome.REJECTED] + o[Outcome.INVALID]
+
+    @property
+    def given_back(self) -> int:
+        return self.outcomes[Outcome.GIVEN_BACK]
+
+    @property
+    def healthy(self) -> bool:
+        """Consuming with its own consumer, every slot alive, a handler thread free."""
+        channel, tag = self.channel, self.consumer_tag
+        return (
+            self.consuming
+            and channel is not None
+            and tag is not None
+            and channel.is_open
+            and channel.has_consumer(tag)
+            and len(self.slots) == self.concurrency
+            and not any(slot.task.done() for slot in self.slots)
+            and (self.pool is None or self.stuck_threads < self.concurrency)
+        )
+
+    # -- channel lifecycle -------------------------------------------------------------------
+
+    async def attach(self, connection: Connection) -> None:
+        """Open the consume channel, declare this worker's queues and start consuming."""
+        channel = await connection.channel(prefetch=self.prefetch)
+        # The runner declared the exchanges and delay layout once for all workers.
+        await self.host.topology.declare_queues(channel, [self.cls])
+        loop = asyncio.get_running_loop()
+        self.channel = channel
+        self.tracker = AckTracker(channel, loop, self.ack_batching)
+        tag = await channel.consume(self.queue, self.on_message, self.on_cancelled)
+        self.consumer_tag = tag
+        await channel.queue_state(self.queue)  # a round trip: the broker has seen the consume
+        if not channel.has_consumer(tag):  # our own consumer, not "some consumer exists"
+            raise WorkerkitError(f"the consumer of {self.queue!r} is gone right after consuming")
+        self.consuming = True
+
+    def detach(self) -> None:
+        """The channel is gone: unstarted deliveries belong to the broker again."""
+        self.consuming = False
+        self.deque.clear()
+        self.arrivals.clear()
+        if self.tracker is not None:
+            self.tracker.dead = True
+        self.tracker = None
+        self.channel = None
+        self.consumer_tag = None
+
+    def on_cancelled(self) -> None:
+        log.warning("the consumer is gone (cancelled or its channel closed)", extra=self.log_extra)
+        self.consuming = False
+        self.host.consumer_lost(WorkerkitError(f"consumer of {self.queue!r} cancelled"))
+
+    async def stop_consuming(self) -> None:
+        self.stopping = True
+        channel, tag = self.channel, self.consumer_tag
+        self.consuming = False
+        self.consumer_tag = None
+        if channel is not None and tag is not None:
+            try:
+                await channel.cancel(tag)
+            except WorkerkitError as exc:
+                log.debug("cancel failed: %s", exc, extra=self.log_extra)
+        # Prefetched but unstarted: left to the broker (returned when the channel closes).
+        self.deque.clear()
+        self.arrivals.clear()
+        for fut in self.idle:
+            if not fut.done():
+                fut.set_result(None)
+        self.idle.clear()
+
+    def hurry(self) -> None:
+        """Stop waiting for running handlers (a second SIGTERM)."""
+        self._hurry.set()
+
+    async def close(self, grace: float) -> None:
+        """Stop consuming, let running handlers finish within ``grace``, then tear down."""
+        await self.stop_consuming()
+        tasks = [slot.task for slot in self.slots if not slot.task.done()]
+        if tasks:
+            all_done = asyncio.ensure_future(asyncio.wait(tasks))
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait(
+                {all_done, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+            )
+            all_done.cancel()
+            hurry.cancel()
+            pending = [task for task in tasks if not task.done()]
+            if pending:
+                log.warning(
+                    "%d handler(s) still running; leaving their messages to the broker",
+                    self.in_flight,
+                    extra=self.log_extra,
+                )
+                if self.tracker is not None:
+                    self.tracker.flush()
+                    self.tracker.dead = True
+                for slot in self.slots:
+                    slot.closing = True
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1)
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.channel is not None:
+            try:
+                await self.channel.flush()
+                await self.channel.close()
+            except WorkerkitError:
+                pass
+        try:
+            await self.instance.teardown()
+        except Exception:
+            log.exception("teardown failed", extra=self.log_extra)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def on_message(self, message: Message) -> None:
+        self.deque.append(message)
+        self.arrivals.append(self.tick)
+        if self.idle:
+            self.idle.pop().set_result(None)
+
+    def start_slots(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tick = loop.time()
+        self.slots = [self._new_slot(loop) for _ in range(self.concurrency)]
+        self.watchdog = loop.create_task(self._watch())
+
+    def _new_slot(self, loop: asyncio.AbstractEventLoop) -> Slot:
+        slot = Slot()
+        slot.task = loop.create_task(self._slot(slot))
+        slot.task.add_done_callback(self._slot_ended)
+        return slot
+
+    def _slot_ended(self, task: asyncio.Task[None]) -> None:
+        if self.stopping:
+            return
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("a handler slot ended (%s); restarting it", reason, extra=self.log_extra)
+        self.host.slot_died()
+
+    def revive(self) -> None:
+        """Replace slots that ended while the worker was running."""
+        if self.stopping:
+            return
+        loop = asyncio.get_running_loop()
+        for i, slot in enumerate(self.slots):
+            if slot.task.done():
+                self.slots[i] = self._new_slot(loop)
+                self.slot_restarts += 1
+
+    async def _slot(self, slot: Slot) -> None:
+        deque, arrivals = self.deque, self.arrivals
+        loop = asyncio.get_running_loop()
+        while True:
+            if not deque:
+                if self.stopping:
+                    return
+                fut = loop.create_future()
+                self.idle.append(fut)
+                await fut
+                continue
+            message = deque.popleft()
+            arrived = arrivals.popleft()
+            tracker = self.tracker
+            if tracker is None:
+                continue
+            self.in_flight += 1
+            try:
+                await self._process(message, tracker, slot, arrived, loop)
+            except BaseException:
+                if slot.closing:
+                    raise  # shutdown past the grace period: not acked, the broker redelivers
+                # A bug of ours must not silently end the slot (and shrink concurrency).
+                log.exception(
+                    "unexpected error while processing; giving the message back",
+                    extra={**self.log_extra, "message_id": message.message_id},
+                )
+                self._carry_out(message, tracker, GiveBack(), None, arrived)
+            finally:
+                self.in_flight -= 1
+
+    # -- the per-message path ----------------------------------------------------------------
+
+    async def _process(
+        self,
+        message: Message,
+        tracker: AckTracker,
+        slot: Slot,
+        arrived: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        if message.redelivered and self.classic:
+            deliveries = _deliveries(message) + 1
+            counted = decide(
+                Happened.REDELIVERED,
+                self.policy,
+                deliveries=deliveries,
+                delivery_limit=self.delivery_limit,
+            )
+            crashed = RuntimeError(f"delivered {deliveries - 1} times without an ack (crashed?)")
+            pending = self._carry_out(message, tracker, counted, crashed, arrived)
+            if pending is not None:
+                await pending
+            return
+        if self.settling:
+            await self.settled.wait()
+        if message.exchange != self.exchange:
+            self._restore_route(message)
+        what: Happened = Happened.HANDLED
+        error: BaseException | None = None
+        try:
+            body = self.decode(message)
+            slot.deadline = loop.time() + self.timeout
+            if self.is_async:
+                if self.wants_message:
+                    await self.instance.handle(body, message)
+                else:
+                    await self.instance.handle(body)
+            else:
+                await self._in_thread(body, message, slot, loop)
+        except DecodeError as exc:
+            what, error = Happened.INVALID, exc
+        except asyncio.CancelledError as exc:
+            what, error = self._cancelled(slot, exc)
+        except BaseException as exc:  # anything a handler raises is its failure
+            what, error = Happened.FAILED, exc
+        slot.deadline = 0.0
+        slot.timed_out = False
+        if what is Happened.HANDLED:
+            decision: Decision = decide(what, self.policy)
+        else:
+            decision = decide(what, self.policy, attempt=message.attempt, error=error)
+        pending = self._carry_out(message, tracker, decision, error, arrived)
+        if pending is not None:
+            await pending
+
+    def _cancelled(
+        self, slot: Slot, exc: asyncio.CancelledError
+    ) -> tuple[Happened, BaseException | None]:
+        """What a CancelledError out of a handler means: the runtime's own cancellation is
+        re-raised; a timeout or the handler's own cancellation is a failure like any other."""
+        if slot.closing:
+            raise exc
+        if not slot.timed_out:
+            return Happened.FAILED, exc  # the handler's own (e.g. it awaited a cancelled task)
+        _uncancel(slot.task)
+        if not slot.started:
+            return Happened.WAITED, None  # no handler thread came free in time
+        return Happened.TIMED_OUT, HandlerTimeout(self.timeout)
+
+    def _carry_out(
+        self,
+        message: Message,
+        tracker: AckTracker,
+        decision: Decision,
+        error: BaseException | None,
+        arrived: float,
+    ) -> Awaitable[None] | None:
+        """Carry out a decision; an awaitable when a copy must be published first."""
+        match decision:
+            case Ack():
+                tracker.done(message.delivery_tag)
+                self._finished(message, Outcome.ACKED)
+                return None
+            case GiveBack(requeue=requeue, pause=pause):
+                if pause:
+                    return self._give_back_later(message, tracker, decision)
+                if requeue:
+                    tracker.requeue(message.delivery_tag)
+                else:
+                    tracker.reject(message.delivery_tag)
+                self._finished(message, Outcome.GIVEN_BACK)
+                return None
+            case Retry() | DeadLetter() | Recount():
+                return self._copy_then_ack(message, tracker, decision, error, arrived)
+            case _:
+                assert_never(decision)
+
+    def _finished(self, message: Message, outcome: Outcome) -> None:
+        """The one place where the final outcome of a delivery is known (and carried out)."""
+        self.outcomes[outcome] += 1
+
+    async def _give_back_later(
+        self, message: Message, tracker: AckTracker, decision: GiveBack
+    ) -> None:
+        await asyncio.sleep(decision.pause)
+        self._carry_out(message, tracker, GiveBack(requeue=decision.requeue), None, 0.0)
+
+    async def _copy_then_ack(
+        self,
+        message: Message,
+        tracker: AckTracker,
+        decision: Retry | DeadLetter | Recount,
+        error: BaseException | None,
+        arrived: float,
+    ) -> None:
+        """Publish the copy a decision calls for and wait for its confirm, then ack."""
+        copy = self._copy(message, decision, error)
+        self._log_copy(message, decision, error)
+        # Wait for the confirm as long as the delivery may be held: under a memory alarm a copy
+        # that timed out sooner would still be delivered later, and the original given back
+        # with it would double the message on every timeout.
+        timeout = max(self.publish_timeout, arrived + self.lease - self.tick)
+        recount = isinstance(decision, Recount)
+        if recount:
+            self._settling(+1)
+        try:
+            try:
+                await self.host.publish_copy(copy, timeout)
+            except WorkerkitError as exc:
+                log.error(
+                    "could not publish the %s copy (%s); giving the original back",
+                    outcome_of(decision).value,
+                    exc,
+                    extra={**self.log_extra, "message_id": message.message_id},
+                )
+                after = decide(Happened.COPY_FAILED, self.policy, error=exc)
+                pending = self._carry_out(message, tracker, after, exc, arrived)
+                if pending is not None:
+                    await pending
+                return
+            tracker.done(message.delivery_tag)
+            self._finished(message, outcome_of(decision))
+            if recount and self.channel is not None:
+                # The copy can reach another slot before the original's ack is sent. If that
+                # handler then kills the process, both come back and the message doubles on
+                # every crash; so handlers wait until the ack is handed to the socket.
+                tracker.flush()
+                await self.channel.flush()
+        finally:
+            if recount:
+                self._settling(-1)
+
+    def _settling(self, step: int) -> None:
+        self.settling += step
+        if self.settling:
+            self.settled.clear()
+        else:
+            self.settled.set()
+
+    # -- plain def handlers ------------------------------------------------------------------
+
+    def _in_thread(
+        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[None]:
+        """Run a plain ``def`` handler in the pool; the future settles on the loop.
+
+        Not ``run_in_executor``: that wakes the loop once per finished handler. Here finished
+        handlers queue their outcome and only the first of a batch wakes the loop. The handler's
+        time limit starts when a thread picks it up; until then it may wait ``max_wait``.
+        """
+        assert self.pool is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        args = (body, message) if self.wants_message else (body,)
+        slot.started = False
+        slot.call = fut
+        slot.deadline = loop.time() + self.max_wait
+        self.pool.submit(self._call_handler, fut, args, slot, loop)
+        return fut
+
+    def _call_handler(
+        self,
+        fut: asyncio.Future[None],
+        args: tuple[Any, ...],
+        slot: Slot,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        """In a pool thread."""
+        if fut.cancelled():
+            return  # timed out or shut down before it started: never run it late
+        slot.deadline = loop.time() + self.timeout  # a float store: safe from this thread
+        slot.started = True
+        error: BaseException | None = None
+        try:
+            self.instance.handle(*args)
+        except BaseException as exc:  # handed to the loop like run_in_executor would
+            error = exc
+        with self._finished_lock:
+            self._finished_calls.append((fut, error))
+            first = len(self._finished_calls) == 1
+        if first:
+            loop.call_soon_threadsafe(self._settle_finished)
+
+    def _settle_finished(self) -> None:
+        with self._finished_lock:
+            finished, self._finished_calls = self._finished_calls, []
+        for fut, error in finished:
+            if fut.cancelled():
+                if fut in self._abandoned:  # a timed-out handler's thread is free again
+                    self._abandoned.discard(fut)
+                    self.stuck_threads -= 1
+                continue
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+    # -- the watchdog ------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Cancel handlers past their deadline; give back deliveries that waited too long."""
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, max(0.05, min(self.timeout, self.max_wait) / 10))
+        while not self.stopping:
+            await asyncio.sleep(interval)
+            now = self.tick = loop.time()
+            for slot in self.slots:
+                if slot.deadline and now >= slot.deadline and not slot.timed_out:
+                    self._time_out(slot)
+            self._give_back_waited(now)
+
+    def _time_out(self, slot: Slot) -> None:
+        slot.timed_out = True
+        call = slot.call
+        if self.pool is not None and slot.started and call is not None and not call.done():
+            # The thread keeps running the handler: count it until it returns.
+            self._abandoned.add(call)
+            self.stuck_threads += 1
+            if self.stuck_threads >= self.concurrency:
+                log.error(
+                    "every handler thread is stuck in a handler past its time limit",
+                    extra=self.log_extra,
+                )
+        slot.task.cancel()
+
+    def _give_back_waited(self, now: float) -> None:
+        tracker, deque, arrivals = self.tracker, self.deque, self.arrivals
+        if tracker is None:
+            return
+        given = 0
+        while arrivals and now - arrivals[0] > self.max_wait:
+            message = deque.popleft()
+            arrivals.popleft()
+            self._carry_out(message, tracker, decide(Happened.WAITED, self.policy), None, 0.0)
+            given += 1
+        if given:
+            log.warning(
+                "gave back %d deliveries that waited over %.0fs for a slot (the broker's"
+                " consumer_timeout counts from delivery); consider a lower prefetch",
+                given,
+                self.max_wait,
+                extra=self.log_extra,
+            )
+
+    # -- copies ------------------------------------------------------------------------------
+
+    def _copy(
+        self, message: Message, decision: Retry | DeadLetter | Recount, error: BaseException | None
+    ) -> Outgoing:
+        match decision:
+            case Retry(delay=delay, attempt=attempt):
+                headers = self._failure_headers(message, error)
+                headers[Header.ATTEMPT] = attempt
+                exchange, routing_key = self.host.topology.retry_route(self.queue, delay)
+            case DeadLetter(reason=reason):
+                headers = self._failure_headers(message, error)
+                headers[Header.REASON] = reason
+                headers[Header.ATTEMPT] = message.attempt
+                exchange, routing_key = "", Topology.dlq_name(self.queue)
+            case Recount(deliveries=deliveries):
+                self._restore_route(message)
+                headers = _clean_headers(message.headers)
+                headers[Header.DELIVERIES] = deliveries
+                # Delivered again from ("", queue): keep the route the handler must see.
+                headers.setdefault(Header.ORIGINAL_EXCHANGE, message.exchange)
+                headers.setdefault(Header.ORIGINAL_ROUTING_KEY, message.routing_key)
+                exchange, routing_key = "", self.queue
+            case _:
+                assert_never(decision)
+        return Outgoing(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=message.body,
+            content_type=message.content_type,
+            headers=headers,
+            message_id=message.message_id or "",
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp or int(time.time()),
+            reply_to=message.reply_to,
+            content_encoding=message.content_encoding,
+        )
+
+    def _log_copy(
+        self, message: Message, decision: Retry | DeadLetter | Recount, error: BaseException | None
+    ) -> None:
+        extra = {**self.log_extra, "message_id": message.message_id, "attempt": message.attempt}
+        what = f"{type(error).__name__}: {_short(str(error), 200)}"
+        if isinstance(decision, Retry):
+            log.warning("handler failed (%s); retrying in %.1fs", what, decision.delay, extra=extra)
+        elif isinstance(decision, DeadLetter):
+            log.error("dead-lettered (%s): %s", decision.reason, what, extra=extra)
+
+    def _restore_route(self, message: Message) -> None:
+        """Show the handler the exchange and routing key a message was published with: out of
+        the delay layout (retried, scheduled) or counted again on a classic queue."""
+        topology = self.host.topology
+        if topology.is_delayed(message.exchange):
+            message.exchange, message.routing_key = topology.original_route(
+                message.routing_key, message.headers
+            )
+            message.headers = _clean_headers(message.headers)
+        elif (
+            message.exchange == ""
+            and message.routing_key == self.queue
+            and Header.DELIVERIES in message.headers
+        ):
+            headers = message.headers
+            message.exchange = str(headers.get(Header.ORIGINAL_EXCHANGE, ""))
+            message.routing_key = str(headers.get(Header.ORIGINAL_ROUTING_KEY, self.queue))
+
+    def _failure_headers(self, message: Message, exc: BaseException | None) -> dict[str, Any]:
+        now = _utc_now()
+        headers = _clean_headers(message.headers)
+        headers.setdefault(Header.FIRST_FAILURE, now)
+        headers[Header.LAST_FAILURE] = now
+        if exc is not None:
+            headers[Header.ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            headers[Header.ERROR_MESSAGE] = _short(str(exc), MAX_ERROR_MESSAGE)
+            headers[Header.TRACEBACK] = _short(
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                MAX_TRACEBACK,
+            )
+        headers.setdefault(Header.ORIGINAL_EXCHANGE, message.exchange)
+        headers.setdefault(Header.ORIGINAL_ROUTING_KEY, message.routing_key)
+        headers[Header.QUEUE] = self.queue
+        return headers
+
+
+def _deliveries(message: Message) -> int:
+    count = message.headers.get(Header.DELIVERIES, 1)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 1
+
+
+def _clean_headers(headers: Any) -> dict[str, Any]:
+    return {k: v for k, v in headers.items() if k not in BROKER_DEATH_HEADERS}
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 15] + "... [truncated]"
