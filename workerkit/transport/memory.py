@@ -866,8 +866,9 @@ class _RemoteChannel:
     async def consume(
         self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
     ) -> str:
-        back_message, back_cancelled = _back_on(self._loop, on_message), _back_on(
-            self._loop, on_cancelled
+        back_message, back_cancelled = (
+            _back_on(self._loop, on_message),
+            _back_on(self._loop, on_cancelled),
         )
         return await _on(self._home, self._inner.consume(queue, back_message, back_cancelled))
 
