@@ -394,19 +394,7 @@ class MemoryBroker:
             return
         key = queue.arguments.get("x-dead-letter-routing-key", env.routing_key)
         dead = env.copy()
-        deaths = list(dead.headers.get("x-death", []))
-        deaths.insert(
-            0,
-            {
-                "count": 1,
-                "reason": reason,
-                "queue": queue.name,
-                "exchange": env.exchange,
-                "routing-keys": [env.routing_key],
-                "time": int(time.time()),
-            },
-        )
-        dead.headers["x-death"] = deaths
+        _record_death(dead.headers, queue.name, reason, env)
         dead.headers.pop("x-delivery-count", None)
         dead.exchange = exchange
         dead.routing_key = str(key)
@@ -450,6 +438,32 @@ class MemoryBroker:
 
     def new_consumer_tag(self) -> str:
         return f"memory.ctag.{next(self._consumer_tags)}"
+
+
+def _record_death(headers: dict[str, Any], queue: str, reason: str, env: _Envelope) -> None:
+    """The headers RabbitMQ (3.10) writes when it dead-letters: an ``x-death`` entry per
+    (queue, reason), counted and moved to the front when it happens again, and the
+    ``x-first-death-*`` headers of the first time."""
+    deaths = [dict(d) for d in headers.get("x-death", [])]
+    found = next((d for d in deaths if d.get("queue") == queue and d.get("reason") == reason), None)
+    if found is not None:
+        deaths.remove(found)
+        found["count"] = int(found.get("count", 1)) + 1
+    else:
+        found = {
+            "count": 1,
+            "reason": reason,
+            "queue": queue,
+            "exchange": env.exchange,
+            "routing-keys": [env.routing_key],
+            "time": int(time.time()),
+        }
+    deaths.insert(0, found)
+    headers["x-death"] = deaths
+    if "x-first-death-reason" not in headers:
+        headers["x-first-death-reason"] = reason
+        headers["x-first-death-queue"] = queue
+        headers["x-first-death-exchange"] = env.exchange
 
 
 def _next_with_room(queue: _Queue) -> _Consumer | None:
