@@ -307,11 +307,26 @@ def publish(
 @cli.command()
 @click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
 @url_option
-def topology(targets: tuple[str, ...], url: str | None) -> None:
+@click.option("--check", is_flag=True, help="Compare with the broker instead; exit 1 on drift.")
+@click.option("--prune", is_flag=True, help="With --check: remove stale bindings.")
+@click.option("--yes", is_flag=True, help="With --prune: do not ask for confirmation.")
+@click.option("--management-url", default=None, help="Management API (default: host:15672).")
+def topology(
+    targets: tuple[str, ...],
+    url: str | None,
+    check: bool,
+    prune: bool,
+    yes: bool,
+    management_url: str | None,
+) -> None:
     """Declare the exchanges and queues of TARGET workers (idempotent) and list them."""
     settings = settings_from(url)
     with reported():
         workers = load_targets(targets)
+    if check or prune:
+        from .drift import check_command
+
+        sys.exit(check_command(settings, workers, prune, yes, management_url))
     run_async(lambda: _declare(settings, workers))
     for line in describe_topology(settings, workers):
         click.echo(line)
