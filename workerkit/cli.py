@@ -376,6 +376,19 @@ def _short_key(key: str) -> str:
     return key.replace(stars, f"<{LEVELS} delay bits>")
 
 
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
+@click.option("--yaml", "as_yaml", is_flag=True, help="YAML instead of JSON.")
+@click.option("--title", default="workerkit workers", help="The document's info.title.")
+def asyncapi(targets: tuple[str, ...], as_yaml: bool, title: str) -> None:
+    """Print the AsyncAPI 3.0 document of TARGET workers (no broker needed)."""
+    from .asyncapi import document, render
+
+    with reported():
+        workers = load_targets(targets)
+        click.echo(render(document(settings_from(None), workers, title=title), yaml=as_yaml))
+
+
 # -- dlq ---------------------------------------------------------------------------------------
 
 
