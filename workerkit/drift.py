@@ -48,7 +48,7 @@ class Drift:
         sign = {"stale-binding": "-", "missing-binding": "+", "missing-queue": "+"}.get(
             self.kind, "~"
         )
-        return f"{sign} {self.kind:<15} {self.queue}: {self.detail}"
+        return f"{sign} {self.kind} {self.queue}: {self.detail}"
 
 
 @dataclass
