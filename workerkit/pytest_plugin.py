@@ -57,6 +57,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini("workerkit_broker", "memory (default), rabbitmq or both", default="memory")
     parser.addini(
+        "workerkit_broker_wait",
+        "seconds to wait for WORKERKIT_TEST_URL's broker to accept a connection (default 10)",
+        default="10",
+    )
+    parser.addini(
         "workerkit_skip_without_broker",
         "skip (instead of fail) tests that need RabbitMQ when none is found",
         type="bool",
@@ -148,7 +153,7 @@ def workerkit_url(pytestconfig: pytest.Config) -> Iterator[str]:
     url = os.environ.get("WORKERKIT_TEST_URL")
     if url:
         try:
-            _wait_amqp(url, 30)
+            _wait_amqp(url, float(pytestconfig.getini("workerkit_broker_wait")))
         except RuntimeError as exc:
             _no_broker(pytestconfig, f"WORKERKIT_TEST_URL: {exc}")
         yield url
