@@ -34,6 +34,7 @@ from .errors import (
 )
 from .log import configure_logging
 from .settings import Settings, load_settings
+from .transport.base import Transport
 from .worker import Worker
 
 __all__ = ["cli", "load_targets", "main"]
@@ -332,11 +333,16 @@ def topology(
         click.echo(line)
 
 
-async def _declare(settings: Settings, workers: Sequence[type[Worker]]) -> None:
+async def _declare(
+    settings: Settings, workers: Sequence[type[Worker]], transport: Transport | None = None
+) -> None:
     from .topology import Topology
-    from .transport.pika_asyncio import PikaTransport
 
-    connection = await PikaTransport().connect(
+    if transport is None:
+        from .transport.pika_asyncio import PikaTransport
+
+        transport = PikaTransport()
+    connection = await transport.connect(
         settings, name="workerkit-topology", on_lost=lambda _exc: None
     )
     try:

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from .publisher import AsyncPublisher, Publisher
-from .settings import Settings
+from .settings import Settings, redact_url
 from .testing import BrokerHarness, LoopThread, delete_layout
 from .transport.memory import MemoryBroker
 
@@ -117,19 +117,27 @@ def _listening(host: str, port: int) -> bool:
 
 def _wait_amqp(url: str, deadline_s: float = 60.0) -> None:
     """A real AMQP handshake within the deadline, not only an open port."""
-    import pika
-
+    settings = Settings(url=url, connect_timeout=min(5.0, max(deadline_s, 0.5)))
     deadline = time.monotonic() + deadline_s
     while True:
         try:
-            pika.BlockingConnection(pika.URLParameters(url)).close()
+            asyncio.run(_handshake(settings))
             return
         except Exception as exc:  # still booting, or wrong credentials: say which at the end
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"no AMQP handshake with {url} within {deadline_s}s: {exc}"
+                    f"no AMQP handshake with {redact_url(url)} within {deadline_s}s: {exc}"
                 ) from None
             time.sleep(0.5)
+
+
+async def _handshake(settings: Settings) -> None:
+    from .transport.pika_asyncio import PikaTransport
+
+    connection = await PikaTransport().connect(
+        settings, name="workerkit-pytest", on_lost=lambda _e: None
+    )
+    await connection.close()
 
 
 def _no_broker(config: pytest.Config, why: str) -> None:
