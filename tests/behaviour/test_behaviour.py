@@ -333,3 +333,58 @@ async def test_a_queue_declared_with_other_arguments_stops_the_runner(
     with pytest.raises(TopologyError, match="inequivalent arg"):
         async with workerkit_broker.run(Once):
             pass
+
+
+# -- the DLQ tools and join() itself -----------------------------------------------------------
+
+
+async def test_a_dead_letter_replayed_with_the_dlq_tools_is_handled_again(
+    workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher
+) -> None:
+    from workerkit import dlq
+
+    handled: list[int] = []
+    fixed = asyncio.Event()
+
+    class Fragile(Worker):
+        queue = name("fragile")
+
+        async def handle(self, body: dict[str, int]) -> None:
+            if not fixed.is_set():
+                raise Reject("downstream rejects it")
+            handled.append(body["n"])
+
+    queue = workerkit_broker.queue_name(Fragile)
+    options: dict[str, Any] = {
+        "settings": workerkit_broker.settings,
+        "transport": workerkit_broker.transport(),
+    }
+    async with workerkit_broker.run(Fragile):
+        await async_publisher.publish(Fragile.queue, {"n": 1})
+        await workerkit_broker.join_async()
+        assert await dlq.count(queue, **options) == 1
+        fixed.set()
+        result = await dlq.replay(queue, **options)
+        assert len(result.replayed) == 1 and result.not_found == []
+        await workerkit_broker.join_async(raise_errors=False)
+    assert handled == [1]
+    assert await dlq.count(queue, **options) == 0
+
+
+async def test_join_says_what_is_still_busy_when_it_times_out(
+    workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher
+) -> None:
+    release = asyncio.Event()
+
+    class Slow(Worker):
+        queue = name("slow")
+
+        async def handle(self, body: bytes) -> None:
+            await release.wait()
+
+    async with workerkit_broker.run(Slow):
+        await async_publisher.publish(Slow.queue, b"x")
+        with pytest.raises(AssertionError, match=r"still busy after 0\.5s: .*slow"):
+            await workerkit_broker.join_async(timeout=0.5)
+        release.set()
+        await workerkit_broker.join_async()

@@ -137,6 +137,21 @@ async def test_memory_broker_sees_argument_drift_and_stale_bindings_and_prunes()
     assert [d.kind for d in after.drifts] == ["argument"]
 
 
+async def test_topology_declares_on_the_memory_broker_without_drift() -> None:
+    from workerkit.cli import _declare
+
+    settings = Settings(exchange="wkt")
+    transport = MemoryTransport(MemoryBroker())
+    await _declare(settings, [DriftWorker], transport)
+    report, why = await run_check(settings, [DriftWorker], transport=transport)
+    assert (report.method, why, report.drifts, report.not_checked) == (
+        "memory broker",
+        None,
+        [],
+        [],
+    )
+
+
 async def test_management_view_reads_the_api_format() -> None:
     """The management API's JSON (as RabbitMQ 3.10 serves it) read through httpx; the live
     path is tested above when the broker has the plugin."""
