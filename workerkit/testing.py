@@ -171,6 +171,7 @@ class BrokerHarness:
         self._publishers: list[Publisher] = []
         self._declared: list[str] = []  # queues to delete at the end (RabbitMQ)
         self._workers: dict[type[Worker], type[Worker]] = {}
+        self._registered: dict[str, type[Worker] | None] = {}
 
     # -- what tests use ----------------------------------------------------------------------
 
@@ -256,7 +257,10 @@ class BrokerHarness:
         """``worker`` under this broker's queue name, recording its handler's exceptions."""
         made = self._workers.get(worker)
         if made is None:
-            made = _recording_subclass(worker, self.queue_name(worker.queue), self.errors)
+            queue = self.queue_name(worker.queue)
+            # Defining the subclass registers it under its queue: put back what was there after.
+            self._registered.setdefault(queue, Worker.registry.get(queue))
+            made = _recording_subclass(worker, queue, self.errors)
             self._workers[worker] = made
             if self.kind == "rabbitmq":
                 name = made.queue
@@ -324,9 +328,11 @@ class BrokerHarness:
             run.stop()
         for publisher in self._publishers:
             publisher.close()
-        for made in self._workers.values():
-            if Worker.registry.get(made.queue) is made:
-                del Worker.registry[made.queue]
+        for queue, previous in self._registered.items():
+            if previous is None:
+                Worker.registry.pop(queue, None)
+            else:
+                Worker.registry[queue] = previous
         if self.kind == "rabbitmq":
             self._loop_thread().call(self._clean_up(), 60)
 

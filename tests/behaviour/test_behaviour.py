@@ -388,3 +388,17 @@ async def test_join_says_what_is_still_busy_when_it_times_out(
             await workerkit_broker.join_async(timeout=0.5)
         release.set()
         await workerkit_broker.join_async()
+
+
+def test_the_worker_registry_is_left_as_it_was(workerkit_broker: BrokerHarness) -> None:
+    class Registered(Worker):
+        queue = name("registered")
+
+        def handle(self, body: bytes) -> None:  # pragma: no cover - never run
+            pass
+
+    before = dict(Worker.registry)
+    testable = workerkit_broker.testable(Registered)
+    assert testable is not Registered and issubclass(testable, Registered)
+    workerkit_broker.close()
+    assert Worker.registry == before
