@@ -34,6 +34,7 @@ from .errors import (
 )
 from .log import configure_logging
 from .settings import Settings, load_settings
+from .transport.base import Transport
 from .worker import Worker
 
 __all__ = ["cli", "load_targets", "main"]
@@ -307,21 +308,41 @@ def publish(
 @cli.command()
 @click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
 @url_option
-def topology(targets: tuple[str, ...], url: str | None) -> None:
+@click.option("--check", is_flag=True, help="Compare with the broker instead; exit 1 on drift.")
+@click.option("--prune", is_flag=True, help="With --check: remove stale bindings.")
+@click.option("--yes", is_flag=True, help="With --prune: do not ask for confirmation.")
+@click.option("--management-url", default=None, help="Management API (default: host:15672).")
+def topology(
+    targets: tuple[str, ...],
+    url: str | None,
+    check: bool,
+    prune: bool,
+    yes: bool,
+    management_url: str | None,
+) -> None:
     """Declare the exchanges and queues of TARGET workers (idempotent) and list them."""
     settings = settings_from(url)
     with reported():
         workers = load_targets(targets)
+    if check or prune:
+        from .drift import check_command
+
+        sys.exit(check_command(settings, workers, prune, yes, management_url))
     run_async(lambda: _declare(settings, workers))
     for line in describe_topology(settings, workers):
         click.echo(line)
 
 
-async def _declare(settings: Settings, workers: Sequence[type[Worker]]) -> None:
+async def _declare(
+    settings: Settings, workers: Sequence[type[Worker]], transport: Transport | None = None
+) -> None:
     from .topology import Topology
-    from .transport.pika_asyncio import PikaTransport
 
-    connection = await PikaTransport().connect(
+    if transport is None:
+        from .transport.pika_asyncio import PikaTransport
+
+        transport = PikaTransport()
+    connection = await transport.connect(
         settings, name="workerkit-topology", on_lost=lambda _exc: None
     )
     try:
@@ -359,6 +380,19 @@ def _short_key(key: str) -> str:
 
     stars = ".".join(["*"] * LEVELS)
     return key.replace(stars, f"<{LEVELS} delay bits>")
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
+@click.option("--yaml", "as_yaml", is_flag=True, help="YAML instead of JSON.")
+@click.option("--title", default="workerkit workers", help="The document's info.title.")
+def asyncapi(targets: tuple[str, ...], as_yaml: bool, title: str) -> None:
+    """Print the AsyncAPI 3.0 document of TARGET workers (no broker needed)."""
+    from .asyncapi import document, render
+
+    with reported():
+        workers = load_targets(targets)
+        click.echo(render(document(settings_from(None), workers, title=title), yaml=as_yaml))
 
 
 # -- dlq ---------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from .errors import PublishError, TopologyError, WorkerkitError
 from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing
 from .settings import Settings, load_settings
 from .topology import Topology
-from .transport.base import Channel, Connection
+from .transport.base import Channel, Connection, Transport
 
 __all__ = [
     "DeadLetter",
@@ -221,12 +221,14 @@ def _readable(body: bytes, content_type: str | None) -> str:
 
 
 @asynccontextmanager
-async def _dlq_connection(settings: Settings) -> AsyncIterator[Connection]:
-    from .transport.pika_asyncio import PikaTransport
+async def _dlq_connection(
+    settings: Settings, transport: Transport | None = None
+) -> AsyncIterator[Connection]:
+    if transport is None:
+        from .transport.pika_asyncio import PikaTransport
 
-    connection = await PikaTransport().connect(
-        settings, name="workerkit-dlq", on_lost=lambda _exc: None
-    )
+        transport = PikaTransport()
+    connection = await transport.connect(settings, name="workerkit-dlq", on_lost=lambda _exc: None)
     try:
         yield connection
     finally:
@@ -234,8 +236,10 @@ async def _dlq_connection(settings: Settings) -> AsyncIterator[Connection]:
 
 
 @asynccontextmanager
-async def _dlq_channel(settings: Settings) -> AsyncIterator[Channel]:
-    async with _dlq_connection(settings) as connection:
+async def _dlq_channel(
+    settings: Settings, transport: Transport | None = None
+) -> AsyncIterator[Channel]:
+    async with _dlq_connection(settings, transport) as connection:
         yield await connection.channel(confirms=True)
 
 
@@ -378,11 +382,12 @@ async def list_dead(
     settings: Settings | None = None,
     url: str | None = None,
     limit: int | None = None,
+    transport: Transport | None = None,
 ) -> list[DeadLetter]:
     """The DLQ of ``queue``, oldest first (at most ``limit`` messages); nothing is removed."""
     settings = load_settings(settings, url)
     dlq = dlq_of(queue)
-    async with _dlq_connection(settings) as connection:
+    async with _dlq_connection(settings, transport) as connection:
         channel = await connection.channel()
         present = await _ready_count(channel, dlq)  # a missing DLQ: TopologyError, not "empty"
         reader = await _Reader.open(connection, dlq, present)
@@ -400,10 +405,15 @@ async def list_dead(
 
 
 async def show(
-    queue: str, message_id: str, *, settings: Settings | None = None, url: str | None = None
+    queue: str,
+    message_id: str,
+    *,
+    settings: Settings | None = None,
+    url: str | None = None,
+    transport: Transport | None = None,
 ) -> list[DeadLetter]:
     """Every message in the DLQ of ``queue`` with id ``message_id`` (usually one, or none)."""
-    found = await list_dead(queue, settings=settings, url=url)
+    found = await list_dead(queue, settings=settings, url=url, transport=transport)
     return [dead for dead in found if dead.id == message_id]
 
 
@@ -468,6 +478,7 @@ async def replay(
     *,
     settings: Settings | None = None,
     url: str | None = None,
+    transport: Transport | None = None,
 ) -> ReplayResult:
     """Move messages from the DLQ of ``queue`` back to ``queue`` as first attempts.
 
@@ -477,7 +488,7 @@ async def replay(
     settings = load_settings(settings, url)
     dlq, target = dlq_of(queue), work_queue_of(queue)
     wanted = None if ids is None else set(ids)
-    async with _dlq_connection(settings) as connection:
+    async with _dlq_connection(settings, transport) as connection:
         channel = await connection.channel(confirms=True)
         await _ready_count(channel, target)  # refuse early if the work queue does not exist
         # Only what is there now: a replayed message that fails again must not come round again.
@@ -532,18 +543,30 @@ def _fresh_copy(message: Message, queue: str) -> Outgoing:
     )
 
 
-async def count(queue: str, *, settings: Settings | None = None, url: str | None = None) -> int:
+async def count(
+    queue: str,
+    *,
+    settings: Settings | None = None,
+    url: str | None = None,
+    transport: Transport | None = None,
+) -> int:
     """How many messages wait in the DLQ of ``queue``."""
     settings = load_settings(settings, url)
-    async with _dlq_channel(settings) as channel:
+    async with _dlq_channel(settings, transport) as channel:
         return await _ready_count(channel, dlq_of(queue))
 
 
-async def purge(queue: str, *, settings: Settings | None = None, url: str | None = None) -> int:
+async def purge(
+    queue: str,
+    *,
+    settings: Settings | None = None,
+    url: str | None = None,
+    transport: Transport | None = None,
+) -> int:
     """Delete every message in the DLQ of ``queue``; returns how many were deleted."""
     settings = load_settings(settings, url)
     dlq = dlq_of(queue)
-    async with _dlq_channel(settings) as channel:
+    async with _dlq_channel(settings, transport) as channel:
         await _ready_count(channel, dlq)
         return await channel.purge(dlq)
 

@@ -566,8 +566,15 @@ class Publisher:
     from any thread; it returns the message id once the broker confirmed.
     """
 
-    def __init__(self, url: str | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        transport: Transport | None = None,
+    ) -> None:
         self.settings = load_settings(settings, url)
+        self._transport = transport  # None: RabbitMQ (pika); a MemoryTransport in tests
         self._guard = threading.Lock()
         self._reset()
         _live.add(self)
@@ -657,7 +664,7 @@ class Publisher:
                 heartbeat = self.settings.heartbeat or 4
                 interval = min(1.0, max(0.05, heartbeat / 4))
                 self._shared = _SharedLoop(interval)
-                self._async = AsyncPublisher(settings=self.settings)
+                self._async = AsyncPublisher(settings=self.settings, transport=self._transport)
             return self._async, self._shared
 
 

@@ -13,6 +13,11 @@ catch is caught here too:
   ``x-delivery-limit`` (timers on the event loop), so workerkit's delay levels really delay;
 * deliveries are scheduled with ``loop.call_soon``, never made inside the publishing call.
 
+A broker lives on one event loop (its *home*, the first loop that connects, or the one given to
+:meth:`MemoryBroker.bind_loop`). A client on another loop or thread (the sync ``Publisher``'s
+private loop, a runner in a background thread) gets a connection whose every call is run on the
+home loop and whose callbacks come back on the client's loop, as with a broker across a socket.
+
 :meth:`MemoryBroker.drop_connections` simulates a lost connection; ``connect_error`` makes
 connecting fail. Nothing is persisted and ``durable`` is ignored.
 """
@@ -24,17 +29,19 @@ import collections
 import functools
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
 from ..message import Message, Outgoing
 from ..settings import Settings
 from ..topology import ExchangeSpec, QueueSpec
-from .base import OnClosed, OnLost, OnMessage, OnPublished
+from .base import Channel, Connection, OnClosed, OnLost, OnMessage, OnPublished
 
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
+
+T = TypeVar("T")
 
 EXCHANGE_TYPES = frozenset({"topic", "fanout", "direct"})
 
@@ -176,25 +183,49 @@ class MemoryBroker:
         self.connect_error: WorkerkitError | None = None
         self.connects = 0
         self._consumer_tags = itertools.count(1)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` this broker's home (before anything connected)."""
+        if self.loop is not None and self.loop is not loop:
+            raise RuntimeError("this MemoryBroker already lives on another event loop")
+        self.loop = loop
+
+    def on_home(self, call: Callable[[], T]) -> T:
+        """Run ``call`` on the home loop (blocking until done) unless this thread runs it."""
+        home = self.loop
+        if home is None or home.is_closed() or not home.is_running() or _running_loop() is home:
+            return call()
+
+        async def run() -> T:
+            return call()
+
+        return asyncio.run_coroutine_threadsafe(run(), home).result(timeout=30)
 
     # -- inspection for tests ----------------------------------------------------------------
 
     def messages(self, queue: str) -> list[Message]:
         """The ready (not delivered, not unacked) messages of ``queue``, head first."""
-        return [env.to_message(0) for env in self._queue(queue).ready]
+        return self.on_home(lambda: [env.to_message(0) for env in self._queue(queue).ready])
 
     def unacked(self, queue: str | None = None) -> int:
         """Messages delivered but not yet acked, on every open channel (of ``queue`` only)."""
-        return sum(
-            1
-            for conn in self.connections
-            for channel in conn.channels
-            for q, _env in channel.unacked.values()
-            if queue is None or q.name == queue
+        return self.on_home(
+            lambda: sum(
+                1
+                for conn in self.connections
+                for channel in conn.channels
+                for q, _env in channel.unacked.values()
+                if queue is None or q.name == queue
+            )
         )
 
+    def ready_count(self, queue: str) -> int:
+        """Messages waiting in ``queue`` (0 for a queue that does not exist)."""
+        return self.on_home(lambda: len(q.ready) if (q := self.queues.get(queue)) else 0)
+
     def consumer_count(self, queue: str) -> int:
-        return len(self._queue(queue).consumers)
+        return self.on_home(lambda: len(self._queue(queue).consumers))
 
     def drop_connections(self) -> int:
         """Simulate the network failing: every connection is lost and its channels fail.
@@ -249,6 +280,23 @@ class MemoryBroker:
         binding = _Binding(destination, routing_key, to_exchange)
         if binding not in exchange.bindings:
             exchange.bindings.append(binding)
+
+    def unbind(self, destination: str, source: str, routing_key: str) -> None:
+        exchange = self.exchanges.get(source)
+        if exchange is None:
+            raise TopologyError(f"NOT_FOUND - no exchange {source!r}")
+        self._queue(destination)
+        binding = _Binding(destination, routing_key, False)
+        if binding in exchange.bindings:  # RabbitMQ answers unbind-ok for a missing binding
+            exchange.bindings.remove(binding)
+
+    def delete_exchange(self, name: str) -> None:
+        if self.exchanges.pop(name, None) is None:
+            return
+        for exchange in self.exchanges.values():
+            exchange.bindings = [
+                b for b in exchange.bindings if not (b.to_exchange and b.destination == name)
+            ]
 
     def delete_queue(self, name: str) -> None:
         queue = self.queues.pop(name, None)
@@ -346,19 +394,7 @@ class MemoryBroker:
             return
         key = queue.arguments.get("x-dead-letter-routing-key", env.routing_key)
         dead = env.copy()
-        deaths = list(dead.headers.get("x-death", []))
-        deaths.insert(
-            0,
-            {
-                "count": 1,
-                "reason": reason,
-                "queue": queue.name,
-                "exchange": env.exchange,
-                "routing-keys": [env.routing_key],
-                "time": int(time.time()),
-            },
-        )
-        dead.headers["x-death"] = deaths
+        _record_death(dead.headers, queue.name, reason, env)
         dead.headers.pop("x-delivery-count", None)
         dead.exchange = exchange
         dead.routing_key = str(key)
@@ -402,6 +438,32 @@ class MemoryBroker:
 
     def new_consumer_tag(self) -> str:
         return f"memory.ctag.{next(self._consumer_tags)}"
+
+
+def _record_death(headers: dict[str, Any], queue: str, reason: str, env: _Envelope) -> None:
+    """The headers RabbitMQ (3.10) writes when it dead-letters: an ``x-death`` entry per
+    (queue, reason), counted and moved to the front when it happens again, and the
+    ``x-first-death-*`` headers of the first time."""
+    deaths = [dict(d) for d in headers.get("x-death", [])]
+    found = next((d for d in deaths if d.get("queue") == queue and d.get("reason") == reason), None)
+    if found is not None:
+        deaths.remove(found)
+        found["count"] = int(found.get("count", 1)) + 1
+    else:
+        found = {
+            "count": 1,
+            "reason": reason,
+            "queue": queue,
+            "exchange": env.exchange,
+            "routing-keys": [env.routing_key],
+            "time": int(time.time()),
+        }
+    deaths.insert(0, found)
+    headers["x-death"] = deaths
+    if "x-first-death-reason" not in headers:
+        headers["x-first-death-reason"] = reason
+        headers["x-first-death-queue"] = queue
+        headers["x-first-death-exchange"] = env.exchange
 
 
 def _next_with_room(queue: _Queue) -> _Consumer | None:
@@ -503,9 +565,17 @@ class MemoryChannel:
         await self._rpc()
         self._broker_call(lambda: self.broker.bind(destination, source, routing_key, True))
 
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._rpc()
+        self._broker_call(lambda: self.broker.unbind(queue, exchange, routing_key))
+
     async def delete_queue(self, name: str) -> None:
         await self._rpc()
         self.broker.delete_queue(name)
+
+    async def delete_exchange(self, name: str) -> None:
+        await self._rpc()
+        self.broker.delete_exchange(name)
 
     async def purge(self, name: str) -> int:
         await self._rpc()
@@ -717,7 +787,20 @@ class MemoryTransport:
     def __init__(self, broker: MemoryBroker | None = None) -> None:
         self.broker = broker if broker is not None else MemoryBroker()
 
-    async def connect(self, settings: Settings, *, name: str, on_lost: OnLost) -> MemoryConnection:
+    async def connect(self, settings: Settings, *, name: str, on_lost: OnLost) -> Connection:
+        loop = asyncio.get_running_loop()
+        broker = self.broker
+        if broker.loop is None or broker.loop.is_closed():
+            broker.loop = loop
+        if broker.loop is loop:
+            return await self._connect_here(name, on_lost)
+        # A client on another loop: the broker works on its home loop, callbacks come back here.
+        home = broker.loop
+        lost = _back_on(loop, on_lost)
+        inner = await _on(home, self._connect_here(name, lost))
+        return _RemoteConnection(inner, home, loop)
+
+    async def _connect_here(self, name: str, on_lost: OnLost) -> MemoryConnection:
         await asyncio.sleep(0)
         if self.broker.connect_error is not None:
             raise self.broker.connect_error
@@ -725,3 +808,146 @@ class MemoryTransport:
         connection = MemoryConnection(self.broker, name, on_lost)
         self.broker.connections.append(connection)
         return connection
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _on(home: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` run on ``home`` from another loop."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, home))
+
+
+def _back_on(loop: asyncio.AbstractEventLoop, callback: Callable[..., None]) -> Callable[..., None]:
+    """``callback`` made callable from the home loop: it runs on ``loop``, the client's."""
+
+    def call(*args: Any) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(callback, *args)
+
+    return call
+
+
+class _RemoteConnection:
+    """A :class:`MemoryConnection` used from another loop than the broker's."""
+
+    def __init__(
+        self,
+        inner: MemoryConnection,
+        home: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._inner, self._home, self._loop = inner, home, loop
+
+    @property
+    def is_open(self) -> bool:
+        return self._inner.is_open
+
+    async def channel(
+        self,
+        *,
+        prefetch: int | None = None,
+        confirms: bool = False,
+        on_closed: OnClosed | None = None,
+    ) -> Channel:
+        closed = _back_on(self._loop, on_closed) if on_closed is not None else None
+        inner = await _on(
+            self._home,
+            self._inner.channel(prefetch=prefetch, confirms=confirms, on_closed=closed),
+        )
+        return _RemoteChannel(inner, self._home, self._loop)
+
+    async def close(self) -> None:
+        await _on(self._home, self._inner.close())
+
+
+class _RemoteChannel:
+    """A :class:`MemoryChannel` used from another loop: each call runs on the broker's loop, in
+    the order made (acks included), and each callback runs on the client's loop."""
+
+    def __init__(
+        self, inner: MemoryChannel, home: asyncio.AbstractEventLoop, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._inner, self._home, self._loop = inner, home, loop
+
+    @property
+    def is_open(self) -> bool:
+        return self._inner.is_open
+
+    async def declare_exchange(self, spec: ExchangeSpec) -> None:
+        await _on(self._home, self._inner.declare_exchange(spec))
+
+    async def declare_queue(self, spec: QueueSpec) -> None:
+        await _on(self._home, self._inner.declare_queue(spec))
+
+    async def queue_state(self, name: str) -> tuple[int, int]:
+        return await _on(self._home, self._inner.queue_state(name))
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await _on(self._home, self._inner.bind_queue(queue, exchange, routing_key))
+
+    async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None:
+        await _on(self._home, self._inner.bind_exchange(destination, source, routing_key))
+
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await _on(self._home, self._inner.unbind_queue(queue, exchange, routing_key))
+
+    async def delete_queue(self, name: str) -> None:
+        await _on(self._home, self._inner.delete_queue(name))
+
+    async def delete_exchange(self, name: str) -> None:
+        await _on(self._home, self._inner.delete_exchange(name))
+
+    async def purge(self, name: str) -> int:
+        return await _on(self._home, self._inner.purge(name))
+
+    async def get(self, queue: str) -> Message | None:
+        return await _on(self._home, self._inner.get(queue))
+
+    async def consume(
+        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+    ) -> str:
+        back_message, back_cancelled = (
+            _back_on(self._loop, on_message),
+            _back_on(self._loop, on_cancelled),
+        )
+        return await _on(self._home, self._inner.consume(queue, back_message, back_cancelled))
+
+    async def cancel(self, consumer_tag: str) -> None:
+        await _on(self._home, self._inner.cancel(consumer_tag))
+
+    def has_consumer(self, consumer_tag: str) -> bool:
+        return self._inner.has_consumer(consumer_tag)
+
+    async def flush(self) -> None:
+        await _on(self._home, self._inner.flush())
+
+    def ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self._home.call_soon_threadsafe(self._inner.ack, delivery_tag, multiple)
+
+    def nack(self, delivery_tag: int, requeue: bool = True) -> None:
+        self._home.call_soon_threadsafe(self._inner.nack, delivery_tag, requeue)
+
+    async def publish(self, message: Outgoing, *, mandatory: bool, timeout: float) -> None:
+        await _on(self._home, self._inner.publish(message, mandatory=mandatory, timeout=timeout))
+
+    def publish_nowait(
+        self, message: Outgoing, *, mandatory: bool, timeout: float, on_done: OnPublished
+    ) -> None:
+        done = _back_on(self._loop, on_done)
+        self._home.call_soon_threadsafe(
+            functools.partial(
+                self._inner.publish_nowait,
+                message,
+                mandatory=mandatory,
+                timeout=timeout,
+                on_done=done,
+            )
+        )
+
+    async def close(self) -> None:
+        await _on(self._home, self._inner.close())

@@ -476,9 +476,21 @@ class PikaChannel:
             what=f"binding exchange {destination!r} to {source!r}",
         )
 
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        await self._call(
+            lambda cb: self._raw.queue_unbind(queue, exchange, routing_key, callback=cb),
+            what=f"unbinding queue {queue!r} from {exchange!r}",
+        )
+
     async def delete_queue(self, name: str) -> None:
         await self._call(
             lambda cb: self._raw.queue_delete(name, callback=cb), what=f"deleting queue {name!r}"
+        )
+
+    async def delete_exchange(self, name: str) -> None:
+        await self._call(
+            lambda cb: self._raw.exchange_delete(name, callback=cb),
+            what=f"deleting exchange {name!r}",
         )
 
     async def purge(self, name: str) -> int:
