@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 @click.option(
     "--health-port",
     type=click.IntRange(0, 65535),
-    help="Serve GET /health (200 while consuming, else 503) on this port.",
+    help="Serve /health (liveness), /ready (readiness) and /metrics (Prometheus) on this port.",
 )
 @click.option("--health-host", default="0.0.0.0", show_default=True, help="Health bind address.")
 def run(
@@ -214,10 +214,20 @@ def run(
 
     settings = settings_from(url)
     configure_logging((log_level or settings.log_level).upper(), log_format or settings.log_format)
+    middleware = []
+    if health_port is not None:  # /metrics is served with the probes
+        from .metrics import Metrics
+
+        middleware.append(Metrics())
     with reported():
         workers = load_targets(targets)
         runner = Runner(
-            workers, settings=settings, prefetch=prefetch, concurrency=concurrency, burst=burst
+            workers,
+            settings=settings,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            burst=burst,
+            middleware=middleware,
         )
     run_async(lambda: _run_with_health(runner, health_host, health_port))
     exit_past_stuck_handlers()
@@ -228,9 +238,12 @@ async def _run_with_health(runner: Any, host: str, port: int | None) -> None:
         await runner.run()
         return
     from .health import serve_health
+    from .metrics import render
 
     try:
-        server = await serve_health(lambda: bool(runner.healthy), host, port)
+        server = await serve_health(
+            lambda: bool(runner.healthy), host, port, is_ready=runner.is_ready, metrics=render
+        )
     except OSError as exc:
         raise ConfigurationError(f"cannot serve health on {host}:{port}: {exc.strerror}") from None
     try:

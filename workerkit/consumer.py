@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import logging
 import random
 import threading
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .acks import AckTracker
 from .errors import DecodeError, HandlerTimeout, WorkerkitError
 from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing, decoder_for
+from .middleware import call_hooks, call_hooks_reversed
 from .retry import Ack, DeadLetter, Retry, RetryPolicy
 from .topology import Topology
 from .transport.base import Channel, Connection
@@ -102,6 +104,8 @@ class WorkerRuntime:
         self._finished_lock = threading.Lock()
         self.classic = cls.queue_type == "classic"
         self.exchange = settings.exchange
+        # -- middleware: the runner's, then the worker's; empty means no per-message cost
+        self.middleware = (*runner.middleware, *cls.middleware)
         self.log_extra = {"worker": self.name, "queue": self.queue}
         self.deque: collections.deque[Message] = collections.deque()
         self.idle: list[asyncio.Future[None]] = []
@@ -196,12 +200,19 @@ class WorkerRuntime:
                 await fut
                 continue
             message = deque.popleft()
+            message.queue = self.queue
             tracker = self.tracker
             if tracker is None:
                 continue
             self.in_flight += 1
+            # -- middleware: the one place a delivery's outcome is known (see middleware.py)
+            hooks = self.middleware
+            if hooks:
+                started = time.perf_counter()
+                call_hooks(hooks, "before_handle", message)
+            outcome = "given_back"  # cancelled past the grace period: the broker redelivers
             try:
-                await self._process(message, tracker, slot, loop)
+                outcome = await self._process(message, tracker, slot, loop)
             except Exception:
                 # A bug of ours must not silently end the slot (and shrink concurrency).
                 log.exception(
@@ -209,14 +220,21 @@ class WorkerRuntime:
                     extra={**self.log_extra, "message_id": message.message_id},
                 )
                 tracker.requeue(message.delivery_tag)
+                outcome = "requeued"
             finally:
                 self.in_flight -= 1
+                if hooks:
+                    duration = time.perf_counter() - started
+                    call_hooks_reversed(hooks, "after_handle", message, outcome, duration)
 
     async def _process(
         self, message: Message, tracker: AckTracker, slot: Slot, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        if message.redelivered and self.classic and await self._count_redelivery(message, tracker):
-            return
+    ) -> str:
+        """Handle one delivery; returns its outcome (middleware.HANDLER_OUTCOMES)."""
+        if message.redelivered and self.classic:
+            counted = await self._count_redelivery(message, tracker)
+            if counted:
+                return counted
         if self.settling:
             await self.settled.wait()
         if message.exchange and message.exchange != self.exchange:
@@ -224,8 +242,7 @@ class WorkerRuntime:
         try:
             body = self.decode(message)
         except DecodeError as exc:
-            await self._dead_letter(message, tracker, "invalid", exc)
-            return
+            return await self._dead_letter(message, tracker, "invalid", exc)
         # The deadline is watched by one task per worker instead of a timer per message.
         slot.deadline = loop.time() + self.timeout
         try:
@@ -242,16 +259,15 @@ class WorkerRuntime:
                 raise  # shutdown past the grace period: not acked, the broker redelivers
             slot.timed_out = False
             _uncancel(slot.task)
-            await self._failed(message, tracker, HandlerTimeout(self.timeout))
-            return
+            return await self._failed(message, tracker, HandlerTimeout(self.timeout))
         except Exception as exc:
             slot.deadline = 0.0
-            await self._failed(message, tracker, exc)
-            return
+            return await self._failed(message, tracker, exc)
         slot.deadline = 0.0
         slot.timed_out = False
         self.processed += 1
         tracker.done(message.delivery_tag)
+        return "acked"
 
     def _in_thread(
         self, body: Any, message: Message, loop: asyncio.AbstractEventLoop
@@ -264,7 +280,10 @@ class WorkerRuntime:
         assert self.pool is not None
         fut: asyncio.Future[None] = loop.create_future()
         args = (body, message) if self.wants_message else (body,)
-        self.pool.submit(self._call_handler, fut, args, loop)
+        if self.middleware:  # hooks may set context (a trace span) the handler must see
+            self.pool.submit(contextvars.copy_context().run, self._call_handler, fut, args, loop)
+        else:
+            self.pool.submit(self._call_handler, fut, args, loop)
         return fut
 
     def _call_handler(
@@ -309,19 +328,19 @@ class WorkerRuntime:
 
     # -- failure paths -----------------------------------------------------------------------
 
-    async def _failed(self, message: Message, tracker: AckTracker, exc: Exception) -> None:
+    async def _failed(self, message: Message, tracker: AckTracker, exc: Exception) -> str:
         decision = self.policy.decide(exc, message.attempt)
         if isinstance(decision, Retry):
-            await self._retry(message, tracker, decision, exc)
-        elif isinstance(decision, DeadLetter):
-            await self._dead_letter(message, tracker, decision.reason, exc)
-        else:  # pragma: no cover - decide() never acks an error
-            assert isinstance(decision, Ack)
-            tracker.done(message.delivery_tag)
+            return await self._retry(message, tracker, decision, exc)
+        if isinstance(decision, DeadLetter):
+            return await self._dead_letter(message, tracker, decision.reason, exc)
+        assert isinstance(decision, Ack)  # pragma: no cover - decide() never acks an error
+        tracker.done(message.delivery_tag)
+        return "acked"
 
     async def _retry(
         self, message: Message, tracker: AckTracker, decision: Retry, exc: Exception
-    ) -> None:
+    ) -> str:
         headers = self._failure_headers(message, exc)
         headers[Header.ATTEMPT] = decision.attempt
         exchange, routing_key = self.runner.topology.retry_route(self.queue, decision.delay)
@@ -334,10 +353,12 @@ class WorkerRuntime:
         )
         if await self._republish(message, tracker, exchange, routing_key, headers):
             self.retried += 1
+            return "retried"
+        return "requeued"
 
     async def _dead_letter(
         self, message: Message, tracker: AckTracker, reason: str, exc: BaseException
-    ) -> None:
+    ) -> str:
         headers = self._failure_headers(message, exc)
         headers[Header.REASON] = reason
         headers[Header.ATTEMPT] = message.attempt
@@ -351,20 +372,22 @@ class WorkerRuntime:
         dlq = Topology.dlq_name(self.queue)
         if await self._republish(message, tracker, "", dlq, headers):
             self.dead_lettered += 1
+            return reason if reason in ("invalid", "rejected") else "dead_lettered"
+        return "requeued"
 
-    async def _count_redelivery(self, message: Message, tracker: AckTracker) -> bool:
+    async def _count_redelivery(self, message: Message, tracker: AckTracker) -> str | None:
         """Classic queues have no delivery limit: persist a delivery count before handling.
 
         A redelivered message is republished to the queue's tail with the count raised, then
-        acked; past the limit it is dead-lettered. True when the message was taken care of here.
+        acked; past the limit it is dead-lettered. The outcome when the message was taken care
+        of here (``requeued``: back in the queue with its count), else None.
         """
         count = message.headers.get(Header.DELIVERIES, 1)
         count = (count if isinstance(count, int) else 1) + 1
         # Same meaning as the quorum queue's x-delivery-limit: ``delivery_limit`` redeliveries.
         if count > self.delivery_limit + 1:
             error = RuntimeError(f"delivered {count - 1} times without an ack (worker crashed?)")
-            await self._dead_letter(message, tracker, "delivery-limit", error)
-            return True
+            return await self._dead_letter(message, tracker, "delivery-limit", error)
         headers = _clean_headers(message.headers)
         headers[Header.DELIVERIES] = count
         # The copy can reach another slot before the original's ack is sent. If that handler
@@ -381,7 +404,7 @@ class WorkerRuntime:
             self.settling -= 1
             if not self.settling:
                 self.settled.set()
-        return True
+        return "requeued"
 
     def _restore_route(self, message: Message) -> None:
         """A retried or scheduled message comes out of the delay layout: show the handler the

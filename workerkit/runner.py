@@ -22,6 +22,7 @@ from typing import Any
 from .consumer import WorkerRuntime
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
+from .middleware import Middleware, call_hooks, check_middleware
 from .retry import reconnecting
 from .settings import Settings, load_settings
 from .topology import Topology
@@ -51,6 +52,7 @@ class Runner:
         concurrency: int | None = None,
         burst: bool = False,
         handle_signals: bool = True,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if not workers:
             raise ConfigurationError("no workers to run")
@@ -66,6 +68,8 @@ class Runner:
         self.burst = burst
         self.handle_signals = handle_signals
         self.worker_classes = list(dict.fromkeys(workers))
+        # Hooks around every worker's handlers (each worker adds its own class's middleware).
+        self.middleware = check_middleware(middleware, "Runner")
         self.runtimes: list[WorkerRuntime] = []
         self._consume_conn: Connection | None = None
         self._publish_conn: Connection | None = None
@@ -82,6 +86,23 @@ class Runner:
     def healthy(self) -> bool:
         """True while every worker has a live consumer."""
         return bool(self.runtimes) and all(rt.consuming for rt in self.runtimes)
+
+    def is_ready(self) -> bool:
+        """Readiness (``/ready``): started, every consumer attached, the publish channel open,
+        and neither reconnecting nor draining."""
+        stop, lost = self._stop, self._lost
+        channel = self._publish_channel
+        return (
+            self.ready is not None
+            and self.ready.is_set()
+            and stop is not None
+            and not stop.is_set()
+            and lost is not None
+            and not lost.is_set()
+            and channel is not None
+            and channel.is_open
+            and self.healthy
+        )
 
     def stop(self) -> None:
         """Ask for a graceful shutdown (safe to call from a signal handler on the loop)."""
@@ -111,6 +132,7 @@ class Runner:
                 return  # stopped while the broker was unreachable: nothing to drain
             for rt in self.runtimes:
                 await rt.instance.setup()
+                call_hooks(rt.middleware, "on_worker_start", rt.instance)
                 rt.start_slots()
             self.ready.set()
             log.info(
@@ -220,6 +242,7 @@ class Runner:
         self.reconnects += 1
         self.last_recovery = time.monotonic() - started
         log.info("reconnected; consumers are back after %.2fs", self.last_recovery)
+        call_hooks(self.middleware, "on_reconnected", self.last_recovery)
 
     async def _burst_done(self) -> None:
         """Returns when every queue is empty and nothing is in flight."""
@@ -290,6 +313,7 @@ class Runner:
                 await rt.instance.teardown()
             except Exception:
                 log.exception("teardown failed", extra=rt.log_extra)
+            call_hooks(rt.middleware, "on_worker_stop", rt.instance)
             if rt.pool is not None:
                 rt.pool.shutdown(wait=False, cancel_futures=True)
         await self._close_connections()
