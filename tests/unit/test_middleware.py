@@ -22,10 +22,10 @@ from workerkit import (
     Unroutable,
     Worker,
 )
+from workerkit.errors import ConnectionFailed
 from workerkit.message import Outgoing
 from workerkit.metrics import PUBLISHED_AT_HEADER, Metrics
 from workerkit.middleware import Middleware
-from workerkit.errors import ConnectionFailed
 from workerkit.publisher import AsyncPublisher
 from workerkit.testing import in_memory, running, wait_for
 from workerkit.transport.memory import MemoryBroker, MemoryTransport
@@ -187,7 +187,7 @@ def test_worker_middleware_is_checked_at_class_definition() -> None:
 
     with pytest.raises(ConfigurationError, match="is a class; install an instance"):
         make_worker(qname("cls"), handle, middleware=(Recorder,))
-    with pytest.raises(ConfigurationError, match="is not a workerkit.middleware.Middleware"):
+    with pytest.raises(ConfigurationError, match=r"is not a workerkit\.middleware\.Middleware"):
         make_worker(qname("obj"), handle, middleware=(object(),))
     with pytest.raises(ConfigurationError, match="tuple of Middleware"):
         make_worker(qname("one"), handle, middleware=Recorder())
