@@ -532,3 +532,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     return value
+
+
+# -- commands defined in their own modules ---------------------------------------------------------
+
+from .status import status_command  # noqa: E402  (it uses the helpers above)
+
+cli.add_command(status_command)
