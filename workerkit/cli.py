@@ -441,8 +441,12 @@ def dlq_replay(queue: str, ids: tuple[str, ...], replay_all: bool, url: str | No
     """Move dead messages back to the work queue as first attempts (confirmed before removal)."""
     if bool(ids) == replay_all:
         raise click.UsageError("give --id ID (repeatable) or --all")
+    from .progress import progress_bar
+
     settings = settings_from(url)
-    result = run_async(lambda: dlq.replay(queue, None if replay_all else ids, settings=settings))
+    wanted = None if replay_all else ids
+    with progress_bar(f"replaying {dlq.dlq_of(queue)}") as start:
+        result = run_async(lambda: dlq.replay(queue, wanted, settings=settings, progress=start))
     target = dlq.work_queue_of(queue)
     click.echo(f"replayed {len(result.replayed)} message(s) to {target}")
     if result.not_found:
@@ -468,7 +472,10 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
                 " stdin is not a terminal; pass --yes"
             )
         click.confirm(f"Delete {waiting} message(s) from {name}? This cannot be undone", abort=True)
-    purged = run_async(lambda: dlq.purge(queue, settings=settings))
+    from .progress import spinner
+
+    with spinner(f"purging {name}"):  # one broker operation: nothing to count meanwhile
+        purged = run_async(lambda: dlq.purge(queue, settings=settings))
     click.echo(f"purged {purged} message(s) from {name}")
 
 
