@@ -20,7 +20,7 @@ what a supervisor must do.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -33,7 +33,7 @@ from prometheus_client import (
     values,
 )
 
-from .middleware import Middleware
+from .middleware import HANDLER_OUTCOMES, Middleware
 
 if TYPE_CHECKING:
     from .message import Message, Outgoing
@@ -107,28 +107,53 @@ PUBLISH_SECONDS = Histogram(
 )
 
 
+class _QueueSeries:
+    """One queue's labelled series, looked up once (``labels()`` takes a lock every call)."""
+
+    __slots__ = ("handler", "in_flight", "lag", "outcomes")
+
+    def __init__(self, queue: str) -> None:
+        self.in_flight = IN_FLIGHT.labels(queue)
+        self.handler = HANDLER_SECONDS.labels(queue)
+        self.lag = DELIVERY_LAG.labels(queue)
+        # The handler outcomes exist from the start (a rate over a series that appears late
+        # is wrong for its first scrapes); requeued and given_back appear when they happen.
+        self.outcomes: dict[str, Any] = {
+            outcome: MESSAGES.labels(queue, outcome) for outcome in HANDLER_OUTCOMES[:5]
+        }
+
+    def outcome(self, queue: str, outcome: str) -> Any:
+        child = self.outcomes.get(outcome)
+        if child is None:
+            child = self.outcomes[outcome] = MESSAGES.labels(queue, outcome)
+        return child
+
+
 class Metrics(Middleware):
     """Middleware that records workerkit's Prometheus metrics.
 
-    Stateless apart from prometheus_client's metrics: install as many instances as you like;
-    one per runner or publisher is enough.
+    The metrics themselves are module-level (prometheus_client's default registry): install as
+    many instances as you like; one per runner or publisher is enough.
     """
 
+    def __init__(self) -> None:
+        self._queues: dict[str, _QueueSeries] = {}
+
+    def _series(self, queue: str) -> _QueueSeries:
+        series = self._queues.get(queue)
+        if series is None:
+            series = self._queues[queue] = _QueueSeries(queue)
+        return series
+
     def on_worker_start(self, worker: Worker) -> None:
-        # Show every queue's series from the start (a rate over a series that appears late is
-        # wrong for its first scrape).
-        queue = type(worker).queue
-        for outcome in ("acked", "retried", "dead_lettered", "rejected", "invalid"):
-            MESSAGES.labels(queue, outcome)
-        IN_FLIGHT.labels(queue)
-        HANDLER_SECONDS.labels(queue)
+        self._series(type(worker).queue)
 
     def on_reconnected(self, seconds: float) -> None:
         RECONNECTS.inc()
 
     def before_handle(self, message: Message) -> None:
-        queue = _queue(message)
-        IN_FLIGHT.labels(queue).inc()
+        series = self._series(_queue(message))
+        series.in_flight.inc()
         headers = message.headers
         if "x-death" in headers or message.redelivered:
             return  # a retry, a scheduled message or a redelivery: its lag is not the queue's
@@ -139,13 +164,14 @@ class Metrics(Middleware):
             lag = time.time() - message.timestamp
         else:
             return
-        DELIVERY_LAG.labels(queue).observe(max(0.0, lag))
+        series.lag.observe(max(0.0, lag))
 
     def after_handle(self, message: Message, outcome: str, duration: float) -> None:
         queue = _queue(message)
-        IN_FLIGHT.labels(queue).dec()
-        MESSAGES.labels(queue, outcome).inc()
-        HANDLER_SECONDS.labels(queue).observe(duration)
+        series = self._series(queue)
+        series.in_flight.dec()
+        series.outcome(queue, outcome).inc()
+        series.handler.observe(duration)
 
     def before_publish(self, outgoing: Outgoing) -> None:
         outgoing.headers.setdefault(PUBLISHED_AT_HEADER, int(time.time() * 1000))
