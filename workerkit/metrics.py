@@ -33,7 +33,7 @@ from prometheus_client import (
     values,
 )
 
-from .middleware import HANDLER_OUTCOMES, Middleware
+from .middleware import HANDLER_OUTCOMES, PUBLISH_OUTCOMES, Middleware
 
 if TYPE_CHECKING:
     from .message import Message, Outgoing
@@ -138,6 +138,7 @@ class Metrics(Middleware):
 
     def __init__(self) -> None:
         self._queues: dict[str, _QueueSeries] = {}
+        self._published = {outcome: PUBLISHED.labels(outcome) for outcome in PUBLISH_OUTCOMES}
 
     def _series(self, queue: str) -> _QueueSeries:
         series = self._queues.get(queue)
@@ -177,7 +178,8 @@ class Metrics(Middleware):
         outgoing.headers.setdefault(PUBLISHED_AT_HEADER, int(time.time() * 1000))
 
     def after_publish(self, outgoing: Outgoing, outcome: str, duration: float) -> None:
-        PUBLISHED.labels(outcome).inc()
+        child = self._published.get(outcome)
+        (child if child is not None else PUBLISHED.labels(outcome)).inc()
         PUBLISH_SECONDS.observe(duration)
 
 
