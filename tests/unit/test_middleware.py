@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import io
 import logging
 import threading
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
@@ -23,6 +25,7 @@ from workerkit import (
     Worker,
 )
 from workerkit.errors import ConnectionFailed
+from workerkit.log import JsonFormatter, log_context
 from workerkit.message import Outgoing
 from workerkit.metrics import PUBLISHED_AT_HEADER, Metrics
 from workerkit.middleware import Middleware
@@ -336,3 +339,42 @@ async def test_metrics_publisher_stamps_a_millisecond_publish_time() -> None:
         await pub.publish(queue, b"x")
         await wait_for(lambda: len(seen) == 1, 5)
     assert isinstance(seen[0], int) and before <= seen[0] <= before + 5000
+
+
+# -- the docs' examples, as written in docs/observability.md ------------------------------------
+
+
+class TenantLogs(Middleware):
+    """Every workerkit log line about a delivery carries its tenant."""
+
+    def before_handle(self, message: Message) -> None:
+        log_context.set({"tenant": message.headers.get("tenant", "-")})
+
+    def after_handle(self, message: Message, outcome: str, duration: float) -> None:
+        log_context.set({})
+
+
+async def test_a_hook_enriches_workerkit_log_lines() -> None:
+    broker = MemoryBroker()
+    queue = qname("logs")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("workerkit")
+    logger.addHandler(handler)
+
+    async def handle(self: Any, body: bytes) -> None:
+        raise Reject("no address")
+
+    cls = make_worker(queue, handle, middleware=(TenantLogs(),))
+    runner, _ = in_memory([cls], broker=broker, settings=settings())
+    try:
+        async with running(runner), memory_publisher(broker, settings()) as pub:
+            await pub.publish(queue, b"x", headers={"tenant": "acme"})
+            await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 1, 5)
+    finally:
+        logger.removeHandler(handler)
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    (dead,) = [line for line in lines if line["msg"].startswith("dead-lettered")]
+    assert dead["tenant"] == "acme" and dead["queue"] == queue
+    assert all("tenant" not in line for line in lines if line is not dead)  # reset after
