@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from workerkit import Publisher, Settings
 
-from .workers_fixture import delete_queues, publish_raw, ready_count
+from .workers_fixture import consumer_count, delete_queues, publish_raw, ready_count
 
 pytestmark = pytest.mark.integration
 
@@ -124,9 +124,9 @@ def test_ready_metrics_and_draining_through_the_cli(
             "the health endpoint",
         )
         port = int(found.group(1))
-        # Starting (connected, setup() not finished): not ready, not healthy.
-        until(lambda: status(port, "/ready") == 503, 10, "/ready 503 while starting")
-        assert status(port, "/health") == 503
+        # Starting: the consumer is attached, but setup() has not returned: not ready.
+        until(lambda: consumer_count(url, queue) == 1, 30, "the consumer to attach")
+        assert http_get(port, "/ready") == (503, "not ready\n")
         assert status(port, "/metrics") == 200
         gate.touch()
         until(lambda: status(port, "/ready") == 200, 30, "/ready 200 while consuming")
