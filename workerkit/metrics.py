@@ -33,6 +33,7 @@ from prometheus_client import (
     values,
 )
 
+from .message import Header
 from .middleware import HANDLER_OUTCOMES, PUBLISH_OUTCOMES, Middleware
 
 if TYPE_CHECKING:
@@ -156,8 +157,10 @@ class Metrics(Middleware):
         series = self._series(_queue(message))
         series.in_flight.inc()
         headers = message.headers
-        if "x-death" in headers or message.redelivered:
-            return  # a retry, a scheduled message or a redelivery: its lag is not the queue's
+        if "x-death" in headers or message.redelivered or Header.DELIVERIES in headers:
+            # A retry, a scheduled message, a redelivery (or, on a classic queue, one
+            # re-queued with its delivery count): its wait is not the queue's lag.
+            return
         sent = headers.get(PUBLISHED_AT_HEADER)
         if isinstance(sent, int) and not isinstance(sent, bool):
             lag = time.time() - sent / 1000.0
