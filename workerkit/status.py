@@ -76,9 +76,16 @@ class Status:
         return sum(q.dlq or 0 for q in self.queues)
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["dead_letters"] = self.dead_letters
-        return data
+        """The ``--json`` document (docs/observability.md lists its fields)."""
+        return {
+            "version": self.version,
+            "source": self.source,
+            "management_url": self.management_url,
+            "management_error": self.management_error,
+            "queues": [asdict(queue) for queue in self.queues],
+            "delay_waiting": self.delay_waiting,
+            "dead_letters": self.dead_letters,
+        }
 
 
 def management_endpoint(settings: Settings) -> tuple[str, tuple[str, str], str]:
