@@ -198,7 +198,7 @@ def workerkit_worker(kind: str, queue: str, on_body: Callable[[], None]) -> type
     from workerkit import Worker
 
     qname = queue
-    if kind == "wk_async":
+    if kind in ("wk_async", "wk_async_metrics"):
 
         class AsyncNoop(Worker):
             queue = qname
@@ -252,12 +252,17 @@ def clock_acks(clock: Clock, on_last: Callable[[], None]) -> None:
     transport.PikaChannel.ack = ack  # type: ignore[method-assign]
 
 
-async def run_workerkit(worker: type, clock: Clock) -> None:
+async def run_workerkit(worker: type, clock: Clock, metrics: bool = False) -> None:
     from workerkit.runner import Runner
 
     from .common import settings
 
-    runner = Runner([worker], settings=settings(), burst=True)
+    middleware = []
+    if metrics:  # what `workerkit run --health-port` installs
+        from workerkit.metrics import Metrics
+
+        middleware.append(Metrics())
+    runner = Runner([worker], settings=settings(), burst=True, middleware=middleware)
     loop = asyncio.get_running_loop()
     clock_acks(clock, lambda: loop.call_soon_threadsafe(runner.stop))
     await runner.run()
@@ -273,7 +278,9 @@ RAW: dict[str, Callable[[str, Clock], Any]] = {
     "pika_asyncio_batched": pika_asyncio_batched,
     "faststream": faststream,
 }
-WORKERKIT = ("wk_async", "wk_async_bytes", "wk_sync", "wk_model")
+# wk_async_metrics is wk_async with the Prometheus middleware on: the metrics overhead, side
+# by side with wk_async.
+WORKERKIT = ("wk_async", "wk_async_metrics", "wk_async_bytes", "wk_sync", "wk_model")
 CASES = (*RAW, *WORKERKIT)
 
 
@@ -286,7 +293,8 @@ def prepare(case: str, count: int, clock: Clock) -> tuple[str, list[str], Callab
         worker = workerkit_worker(case, queue, clock.delivered)
         declare_worker_queue(worker)
         preload(queue, count, exchange=EXCHANGE)
-        return queue, [queue, f"{queue}.dlq"], lambda: run_workerkit(worker, clock)
+        metrics = case == "wk_async_metrics"
+        return queue, [queue, f"{queue}.dlq"], lambda: run_workerkit(worker, clock, metrics)
     declare_raw_queue(queue)
     preload(queue, count)
     consumer = RAW[case]

@@ -24,6 +24,7 @@ CONSUME_LABELS = {
     "pika_asyncio_batched": "raw pika asyncio adapter, multiple=True ack every 50",
     "faststream": "FastStream (faststream.rabbit), no-op async handler",
     "wk_async": "workerkit Runner, no-op async handler (body: dict)",
+    "wk_async_metrics": "workerkit Runner, no-op async handler (body: dict), Prometheus metrics on",
     "wk_async_bytes": "workerkit Runner, no-op async handler (body: bytes)",
     "wk_sync": "workerkit Runner, no-op sync handler (body: dict, thread pool)",
     "wk_model": "workerkit Runner, pydantic-model handler",

@@ -112,6 +112,19 @@ else
     exit 1
 fi
 
+if ! listening 127.0.0.1 15672 && command -v rabbitmq-plugins >/dev/null; then
+    echo "enabling rabbitmq_management (workerkit status, http://127.0.0.1:15672)"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+    deadline=$((SECONDS + 60))
+    until listening 127.0.0.1 15672; do
+        if ((SECONDS > deadline)); then
+            echo "the management API did not come up within 60s" >&2
+            exit 1
+        fi
+        sleep 1
+    done
+fi
+
 rm -rf "$DEV_DIR"
 mkdir -p "$DEV_DIR/logs"
 export RECEIPTS_OUTBOX=$DEV_DIR/outbox.jsonl AUDIT_LOG=$DEV_DIR/audit.jsonl

@@ -41,6 +41,28 @@ ensure_broker() {
     echo "RabbitMQ is up"
 }
 
+# `workerkit status` reads the management API when it answers (tests/integration/test_status.py
+# covers both sources). The plugin ships with RabbitMQ; enabling it on a running node is online.
+enable_management() {
+    if [ -n "${WORKERKIT_TEST_URL:-}" ] || listening 127.0.0.1 15672; then
+        return
+    fi
+    if ! command -v rabbitmq-plugins >/dev/null || ! listening 127.0.0.1 5672; then
+        echo "no local rabbitmq-plugins: workerkit status is tested through its AMQP fallback only"
+        return
+    fi
+    echo "enabling rabbitmq_management"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+    local deadline=$((SECONDS + BROKER_DEADLINE))
+    until listening 127.0.0.1 15672; do
+        if ((SECONDS > deadline)); then
+            echo "the management API did not listen on 127.0.0.1:15672 within ${BROKER_DEADLINE}s" >&2
+            exit 1
+        fi
+        sleep 1
+    done
+}
+
 step "virtualenv and dependencies"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
@@ -49,6 +71,8 @@ fi
 
 step "broker"
 ensure_broker
+
+enable_management
 
 step "ruff"
 .venv/bin/ruff check .

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 @click.option(
     "--health-port",
     type=click.IntRange(0, 65535),
-    help="Serve GET /health (200 while consuming, else 503) on this port.",
+    help="Serve /health (liveness), /ready (readiness) and /metrics (Prometheus) on this port.",
 )
 @click.option("--health-host", default="0.0.0.0", show_default=True, help="Health bind address.")
 def run(
@@ -215,10 +215,20 @@ def run(
 
     settings = settings_from(url)
     configure_logging((log_level or settings.log_level).upper(), log_format or settings.log_format)
+    middleware = []
+    if health_port is not None:  # /metrics is served with the probes
+        from .metrics import Metrics
+
+        middleware.append(Metrics())
     with reported():
         workers = load_targets(targets)
         runner = Runner(
-            workers, settings=settings, prefetch=prefetch, concurrency=concurrency, burst=burst
+            workers,
+            settings=settings,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            burst=burst,
+            middleware=middleware,
         )
     run_async(lambda: _run_with_health(runner, health_host, health_port))
     exit_past_stuck_handlers()
@@ -229,9 +239,12 @@ async def _run_with_health(runner: Any, host: str, port: int | None) -> None:
         await runner.run()
         return
     from .health import serve_health
+    from .metrics import render
 
     try:
-        server = await serve_health(lambda: bool(runner.healthy), host, port)
+        server = await serve_health(
+            lambda: bool(runner.healthy), host, port, is_ready=runner.is_ready, metrics=render
+        )
     except OSError as exc:
         raise ConfigurationError(f"cannot serve health on {host}:{port}: {exc.strerror}") from None
     try:
@@ -462,8 +475,12 @@ def dlq_replay(queue: str, ids: tuple[str, ...], replay_all: bool, url: str | No
     """Move dead messages back to the work queue as first attempts (confirmed before removal)."""
     if bool(ids) == replay_all:
         raise click.UsageError("give --id ID (repeatable) or --all")
+    from .progress import progress_bar
+
     settings = settings_from(url)
-    result = run_async(lambda: dlq.replay(queue, None if replay_all else ids, settings=settings))
+    wanted = None if replay_all else ids
+    with progress_bar(f"replaying {dlq.dlq_of(queue)}") as start:
+        result = run_async(lambda: dlq.replay(queue, wanted, settings=settings, progress=start))
     target = dlq.work_queue_of(queue)
     click.echo(f"replayed {len(result.replayed)} message(s) to {target}")
     if result.not_found:
@@ -489,7 +506,10 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
                 " stdin is not a terminal; pass --yes"
             )
         click.confirm(f"Delete {waiting} message(s) from {name}? This cannot be undone", abort=True)
-    purged = run_async(lambda: dlq.purge(queue, settings=settings))
+    from .progress import spinner
+
+    with spinner(f"purging {name}"):  # one broker operation: nothing to count meanwhile
+        purged = run_async(lambda: dlq.purge(queue, settings=settings))
     click.echo(f"purged {purged} message(s) from {name}")
 
 
@@ -553,3 +573,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     return value
+
+
+# -- commands defined in their own modules ---------------------------------------------------------
+
+from .status import status_command  # noqa: E402  (it uses the helpers above)
+
+cli.add_command(status_command)

@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+Progress = Callable[[int], None]  # the number of messages done so far
 
 log = logging.getLogger("workerkit.dlq")
 
@@ -420,7 +421,10 @@ async def show(
 class _Copies:
     """Replay copies in flight, in reading order; each original is acked when its copy is."""
 
-    def __init__(self, channel: Channel, reader: _Reader, *, timeout: float) -> None:
+    def __init__(
+        self, channel: Channel, reader: _Reader, *, timeout: float, progress: Progress | None
+    ) -> None:
+        self.progress = progress  # called with the number confirmed so far (progress bars)
         self.channel = channel
         self.reader = reader
         self.timeout = timeout
@@ -458,6 +462,8 @@ class _Copies:
             # in the work queue, and keeping the original would only make a duplicate.
             self.reader.settle(message)
             self.confirmed.add(index)
+            if self.progress is not None:
+                self.progress(len(self.confirmed))
         elif self._failed_at is None or index < self._failed_at:
             self._failed_at = index
             self.failure = (self.sent[index], error)
@@ -479,11 +485,14 @@ async def replay(
     settings: Settings | None = None,
     url: str | None = None,
     transport: Transport | None = None,
+    progress: Callable[[int], Progress] | None = None,
 ) -> ReplayResult:
     """Move messages from the DLQ of ``queue`` back to ``queue`` as first attempts.
 
     ``ids=None`` replays everything that is in the DLQ when the call starts. Each copy is
     confirmed by the broker before its dead original is acked (duplicate, never loss).
+    ``progress(total)`` is called once the total is known and returns a callback that gets
+    the number replayed so far after each confirm.
     """
     settings = load_settings(settings, url)
     dlq, target = dlq_of(queue), work_queue_of(queue)
@@ -494,7 +503,13 @@ async def replay(
         # Only what is there now: a replayed message that fails again must not come round again.
         present = await _ready_count(channel, dlq)
         reader = await _Reader.open(connection, dlq, present)
-        copies = _Copies(channel, reader, timeout=settings.publish_timeout)
+        total = present if wanted is None else min(present, len(wanted))
+        copies = _Copies(
+            channel,
+            reader,
+            timeout=settings.publish_timeout,
+            progress=progress(total) if progress is not None else None,
+        )
         try:
             async for message in reader.read(present):
                 if copies.failure is not None:

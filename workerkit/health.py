@@ -1,8 +1,13 @@
-"""A minimal HTTP health endpoint for ``workerkit run --health-port`` (stdlib asyncio only).
+"""The HTTP endpoint of ``workerkit run --health-port`` (stdlib asyncio, on the runner's loop).
 
-``GET /health`` answers ``200 ok`` while the runner has a live consumer on every queue and
-``503 unhealthy`` otherwise (starting, reconnecting, draining), which is what container
-orchestrators need for liveness and readiness probes.
+* ``GET /health`` (liveness): ``200 ok`` while the runner has a live consumer on every queue,
+  ``503 unhealthy`` otherwise (starting, reconnecting, draining).
+* ``GET /ready`` (readiness): ``200 ready`` while every consumer is attached and the publish
+  channel is open, and the runner is neither reconnecting nor draining; else ``503 not ready``.
+* ``GET /metrics``: Prometheus exposition (:func:`workerkit.metrics.render`).
+
+Served on the runner's event loop on purpose: a loop blocked by a handler does not answer,
+and a liveness probe should notice.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ READ_TIMEOUT = 5.0
 MAX_REQUEST = 8192
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+_TEXT = "text/plain; charset=utf-8"
+
+# (status, content type, body) of one answer.
+Answer = tuple[int, str, bytes]
 
 
 class HealthServer:
@@ -41,13 +50,35 @@ class HealthServer:
 
 
 async def serve_health(
-    is_healthy: Callable[[], bool], host: str = "0.0.0.0", port: int = 8080
+    is_healthy: Callable[[], bool],
+    host: str = "0.0.0.0",
+    port: int = 8080,
+    *,
+    is_ready: Callable[[], bool] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
 ) -> HealthServer:
-    """Start answering ``GET /health`` from ``is_healthy()`` on ``host:port``."""
+    """Answer ``/health`` from ``is_healthy()``, ``/ready`` from ``is_ready()`` and ``/metrics``
+    from ``metrics()`` (``(body, content type)``) on ``host:port``; a path whose callable is
+    not given answers 404."""
+    routes: dict[str, Callable[[], Answer]] = {
+        "/health": lambda: _probe(is_healthy(), b"ok\n", b"unhealthy\n"),
+        "/healthz": lambda: _probe(is_healthy(), b"ok\n", b"unhealthy\n"),
+    }
+    if is_ready is not None:
+        ready = is_ready
+        routes["/ready"] = lambda: _probe(ready(), b"ready\n", b"not ready\n")
+    if metrics is not None:
+        render = metrics
+
+        def exposition() -> Answer:
+            body, content_type = render()
+            return 200, content_type, body
+
+        routes["/metrics"] = exposition
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            answer: tuple[int, bool] | None = await _answer(reader, is_healthy)
+            answer: tuple[Answer, bool] | None = await _answer(reader, routes)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             answer = None
         except ConnectionError:
@@ -63,31 +94,38 @@ async def serve_health(
 
     server = await asyncio.start_server(on_client, host, port, limit=MAX_REQUEST)
     health = HealthServer(server)
-    log.info("health endpoint on http://%s:%d/health", host, health.port)
+    paths = " ".join(p for p in routes if p != "/healthz")
+    log.info("health endpoint on http://%s:%d/health (serving %s)", host, health.port, paths)
     return health
 
 
-async def _answer(reader: asyncio.StreamReader, is_healthy: Callable[[], bool]) -> tuple[int, bool]:
-    """(status, whether to send a body) for one request."""
+def _probe(ok: bool, yes: bytes, no: bytes) -> Answer:
+    return (200, _TEXT, yes) if ok else (503, _TEXT, no)
+
+
+async def _answer(
+    reader: asyncio.StreamReader, routes: dict[str, Callable[[], Answer]]
+) -> tuple[Answer, bool]:
+    """The answer to one request, and whether to send its body (not for HEAD)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
     request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
     parts = request_line.split()
     if len(parts) != 3:
-        return 405, True
+        return (405, _TEXT, b""), True
     method, target, _version = parts
-    path = target.split("?", 1)[0]
-    if path not in ("/health", "/healthz"):
-        return 404, True
+    route = routes.get(target.split("?", 1)[0])
+    if route is None:
+        return (404, _TEXT, b""), True
     if method not in ("GET", "HEAD"):
-        return 405, True
-    return (200 if is_healthy() else 503), method == "GET"
+        return (405, _TEXT, b""), True
+    return route(), method == "GET"
 
 
-def _response(status: int, with_body: bool) -> bytes:
-    body = b"ok\n" if status == 200 else (b"unhealthy\n" if status == 503 else b"")
+def _response(answer: Answer, with_body: bool) -> bytes:
+    status, content_type, body = answer
     head = (
         f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     )

@@ -5,21 +5,36 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 import orjson
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "log_context"]
 
 _CONTEXT = ("worker", "queue", "message_id", "attempt", "reason", "delay")
+
+#: Extra fields for every workerkit log line written in this context (a middleware sets it in
+#: ``before_handle``: every line about that delivery then carries them).
+log_context: ContextVar[Mapping[str, Any]] = ContextVar(
+    "workerkit_log_context", default=MappingProxyType({})
+)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = {key: getattr(record, key) for key in _CONTEXT if hasattr(record, key)}
+    extra = log_context.get()
+    if extra:
+        fields.update(extra)
+    return fields
 
 
 class PlainFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        context = " ".join(
-            f"{key}={getattr(record, key)}" for key in _CONTEXT if hasattr(record, key)
-        )
+        context = " ".join(f"{key}={value}" for key, value in _fields(record).items())
         line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} {record.name}: "
         line += record.getMessage() + (f" [{context}]" if context else "")
         if record.exc_info:
@@ -35,9 +50,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in _CONTEXT:
-            if hasattr(record, key):
-                data[key] = getattr(record, key)
+        for key, value in _fields(record).items():
+            data.setdefault(key, value)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(data, default=str).decode()

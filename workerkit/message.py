@@ -81,6 +81,7 @@ class Message:
         "exchange",
         "headers",
         "message_id",
+        "queue",
         "redelivered",
         "reply_to",
         "routing_key",
@@ -101,6 +102,7 @@ class Message:
         correlation_id: str | None = None,
         timestamp: int | None = None,
         reply_to: str | None = None,
+        queue: str = "",
     ) -> None:
         self.body = body
         self.delivery_tag = delivery_tag
@@ -114,6 +116,7 @@ class Message:
         self.correlation_id = correlation_id
         self.timestamp = timestamp
         self.reply_to = reply_to
+        self.queue = queue  # the queue it was consumed from (set by the runner)
 
     @property
     def attempt(self) -> int:

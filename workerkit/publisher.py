@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ import selectors
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import tenacity
@@ -36,6 +37,7 @@ from .errors import (
     WorkerkitError,
 )
 from .message import Outgoing, build_outgoing
+from .middleware import Middleware, check_middleware, observed_publish
 from .settings import Settings, load_settings
 from .topology import MAX_DELAY, Topology
 from .transport.base import Channel, Connection, Transport
@@ -64,8 +66,10 @@ class AsyncPublisher:
         *,
         settings: Settings | None = None,
         transport: Transport | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.settings = load_settings(settings, url)
+        self.middleware = check_middleware(middleware, "AsyncPublisher")
         if transport is None:
             from .transport.pika_asyncio import PikaTransport
 
@@ -121,6 +125,10 @@ class AsyncPublisher:
         message = self._outgoing(
             routing_key, body, headers, message_id, correlation_id, reply_to, delay
         )
+        if self.middleware:  # -- middleware: publish hooks (middleware.py)
+            with observed_publish(self.middleware, message):
+                await self._send(message, timeout)
+            return message.message_id
         await self._send(message, timeout)
         return message.message_id
 
@@ -572,9 +580,11 @@ class Publisher:
         *,
         settings: Settings | None = None,
         transport: Transport | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         self.settings = load_settings(settings, url)
         self._transport = transport  # None: RabbitMQ (pika); a MemoryTransport in tests
+        self.middleware = check_middleware(middleware, "Publisher")
         self._guard = threading.Lock()
         self._reset()
         _live.add(self)
@@ -610,6 +620,10 @@ class Publisher:
             routing_key, body, headers, message_id, correlation_id, reply_to, delay
         )
         limit = timeout if timeout is not None else self.settings.publish_timeout
+        if self.middleware:  # -- middleware: publish hooks, in the calling thread
+            with observed_publish(self.middleware, message):
+                shared.call(functools.partial(core._submit, message, limit), limit + 5)
+            return message.message_id
         shared.call(functools.partial(core._submit, message, limit), limit + 5)
         return message.message_id
 
@@ -624,9 +638,12 @@ class Publisher:
         core, shared = self._ensure()
         batch = list(items)
 
+        # The hooks run on the loop thread here: carry the caller's context (a trace) there.
+        context = contextvars.copy_context()
+
         def start(settle: Settle) -> None:
             coro = core.publish_many(batch, delay=delay, timeout=timeout)
-            _settle_when_done(asyncio.ensure_future(coro), settle)
+            _settle_when_done(context.run(asyncio.ensure_future, coro), settle)
 
         # Each message has its own deadline; the batch as a whole gets no extra one.
         ids: list[str] = shared.call(start, None)
@@ -664,7 +681,9 @@ class Publisher:
                 heartbeat = self.settings.heartbeat or 4
                 interval = min(1.0, max(0.05, heartbeat / 4))
                 self._shared = _SharedLoop(interval)
-                self._async = AsyncPublisher(settings=self.settings, transport=self._transport)
+                self._async = AsyncPublisher(
+                    settings=self.settings, transport=self._transport, middleware=self.middleware
+                )
             return self._async, self._shared
 
 

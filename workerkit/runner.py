@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
+from .middleware import Middleware, call_hooks, check_middleware
 from .retry import reconnecting
 from .runtime import LEASE, WorkerRuntime
 from .settings import Settings, load_settings
@@ -63,6 +64,7 @@ class Runner:
         concurrency: int | None = None,
         burst: bool = False,
         handle_signals: bool = True,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if not workers:
             raise ConfigurationError("no workers to run")
@@ -78,6 +80,8 @@ class Runner:
         self.burst = burst
         self.handle_signals = handle_signals
         self.worker_classes = list(dict.fromkeys(workers))
+        # Hooks around every worker's handlers (each worker adds its own class's middleware).
+        self.middleware = check_middleware(middleware, "Runner")
         self.runtimes: list[WorkerRuntime] = []
         self._consume_conn: Connection | None = None
         self._publish_conn: Connection | None = None
@@ -117,6 +121,11 @@ class Runner:
             and all(rt.healthy for rt in self.runtimes)
         )
 
+    def is_ready(self) -> bool:
+        """Readiness (``/ready``): healthy (consuming, every consumer attached, the publish
+        channel open) and not asked to stop; false while starting, reconnecting and draining."""
+        return self.healthy and not (self._stop is not None and self._stop.is_set())
+
     def stop(self) -> None:
         """Ask for a graceful shutdown (safe to call from a signal handler on the loop)."""
         if self._stop is not None:
@@ -143,7 +152,12 @@ class Runner:
         try:
             self.runtimes = [
                 WorkerRuntime(
-                    cls, self, self.settings, prefetch=self.prefetch, concurrency=self.concurrency
+                    cls,
+                    self,
+                    self.settings,
+                    prefetch=self.prefetch,
+                    concurrency=self.concurrency,
+                    middleware=self.middleware,
                 )
                 for cls in self.worker_classes
             ]
@@ -152,6 +166,7 @@ class Runner:
                 return  # stopped while the broker was unreachable: nothing to drain
             for rt in self.runtimes:
                 await rt.instance.setup()
+                call_hooks(rt.middleware, "on_worker_start", rt.instance)
                 rt.start_slots()
             self._state = RunnerState.CONSUMING
             self.ready.set()
@@ -361,6 +376,7 @@ class Runner:
         self.reconnects += 1
         self.last_recovery = time.monotonic() - started
         log.info("reconnected; consumers are back after %.2fs", self.last_recovery)
+        call_hooks(self.middleware, "on_reconnected", self.last_recovery)
 
     async def _burst_done(self) -> None:
         """Returns when every queue is empty and nothing is in flight."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import logging
 import sys
 import threading
@@ -50,6 +51,7 @@ from .decision import (
 )
 from .errors import DecodeError, HandlerTimeout, WorkerkitError
 from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing, decoder_for
+from .middleware import Middleware, call_hooks, call_hooks_reversed
 from .retry import RetryPolicy
 from .settings import Settings
 from .topology import Topology
@@ -118,6 +120,7 @@ class WorkerRuntime:
         *,
         prefetch: int | None = None,
         concurrency: int | None = None,
+        middleware: tuple[Middleware, ...] = (),
     ) -> None:
         self.cls = cls
         self.host = host
@@ -161,6 +164,9 @@ class WorkerRuntime:
         self.classic = cls.queue_type == "classic"
         self.exchange = settings.exchange
         self.log_extra = {"worker": self.name, "queue": self.queue}
+        # The runner's hooks, then the worker's; empty means no per-message cost but a check.
+        self.middleware = (*middleware, *cls.middleware)
+        self._began: dict[int, float] = {}  # id(message) -> perf_counter, with middleware only
         # Unstarted deliveries and, in step, the loop time each arrived (a coarse clock
         # advanced by the watchdog, so that on_message allocates nothing).
         self.deque: collections.deque[Message] = collections.deque()
@@ -315,6 +321,7 @@ class WorkerRuntime:
             await self.instance.teardown()
         except Exception:
             log.exception("teardown failed", extra=self.log_extra)
+        call_hooks(self.middleware, "on_worker_stop", self.instance)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -368,15 +375,21 @@ class WorkerRuntime:
                 continue
             message = deque.popleft()
             arrived = arrivals.popleft()
+            message.queue = self.queue
             tracker = self.tracker
             if tracker is None:
                 continue
             self.in_flight += 1
+            if self.middleware:
+                self._began[id(message)] = time.perf_counter()
+                call_hooks(self.middleware, "before_handle", message)
             try:
                 await self._process(message, tracker, slot, arrived, loop)
             except BaseException:
                 if slot.closing:
-                    raise  # shutdown past the grace period: not acked, the broker redelivers
+                    # Shutdown past the grace period: not acked, the broker redelivers.
+                    self._after_handle(message, Outcome.GIVEN_BACK)
+                    raise
                 # A bug of ours must not silently end the slot (and shrink concurrency).
                 log.exception(
                     "unexpected error while processing; giving the message back",
@@ -486,6 +499,15 @@ class WorkerRuntime:
     def _finished(self, message: Message, outcome: Outcome) -> None:
         """The one place where the final outcome of a delivery is known (and carried out)."""
         self.outcomes[outcome] += 1
+        if self.middleware:
+            self._after_handle(message, outcome)
+
+    def _after_handle(self, message: Message, outcome: Outcome) -> None:
+        """Middleware's ``after_handle``, once per ``before_handle``."""
+        began = self._began.pop(id(message), None)
+        if began is not None:
+            duration = time.perf_counter() - began
+            call_hooks_reversed(self.middleware, "after_handle", message, outcome.value, duration)
 
     async def _give_back_later(
         self, message: Message, tracker: AckTracker, decision: GiveBack
@@ -562,7 +584,11 @@ class WorkerRuntime:
         slot.started = False
         slot.call = fut
         slot.deadline = loop.time() + self.max_wait
-        self.pool.submit(self._call_handler, fut, args, slot, loop)
+        if self.middleware:  # hooks may set context (a trace span) the handler must see
+            run = contextvars.copy_context().run
+            self.pool.submit(run, self._call_handler, fut, args, slot, loop)
+        else:
+            self.pool.submit(self._call_handler, fut, args, slot, loop)
         return fut
 
     def _call_handler(

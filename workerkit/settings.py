@@ -127,6 +127,11 @@ class Settings(BaseSettings):
     ack_batching: bool = Field(
         default=True, description="Ack runs of finished messages with multiple=True."
     )
+    management_url: SecretStr | None = Field(
+        default=None,
+        description="RabbitMQ management API for `workerkit status` (default: http://<broker"
+        " host>:15672/ with the broker URL's credentials).",
+    )
 
     @model_validator(mode="before")
     @classmethod

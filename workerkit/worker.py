@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from .errors import ConfigurationError
 from .message import Message, decoder_for
+from .middleware import Middleware, check_middleware
 from .retry import RetryPolicy
 
 __all__ = ["Handler", "Worker", "validate_queue_name"]
@@ -28,6 +29,7 @@ _SETTINGS_ATTRS = frozenset(
         "queue_type",
         "handler_timeout",
         "delivery_limit",
+        "middleware",
         "abstract",
     }
 )
@@ -82,6 +84,8 @@ class Worker:
     * ``handler_timeout`` - seconds before a running handler counts as failed.
     * ``delivery_limit`` - deliveries before the broker dead-letters a message that keeps
       killing its worker process.
+    * ``middleware`` - a tuple of :class:`~workerkit.middleware.Middleware` instances around
+      this worker's handler (after the runner's own).
 
     Set ``abstract = True`` on a base class shared by several workers.
     """
@@ -94,6 +98,7 @@ class Worker:
     queue_type: ClassVar[Literal["quorum", "classic"]] = "quorum"
     handler_timeout: ClassVar[float | None] = None
     delivery_limit: ClassVar[int | None] = None
+    middleware: ClassVar[tuple[Middleware, ...]] = ()
     abstract: ClassVar[bool] = True
 
     _handler: ClassVar[Handler]
@@ -139,6 +144,7 @@ class Worker:
             raise ConfigurationError(f"{name}: handler_timeout must be a positive number")
         if cls.retry is not None and not isinstance(cls.retry, RetryPolicy):
             raise ConfigurationError(f"{name}: retry must be a RetryPolicy")
+        cls.middleware = check_middleware(cls.middleware, name)
         cls._handler = _inspect_handler(cls, name)
         previous = Worker.registry.get(cls.queue)
         if previous is not None and previous.__qualname__ != cls.__qualname__:

@@ -81,8 +81,19 @@ def _env_file(path: Path) -> dict[str, str]:
     return pairs
 
 
+INFRA = {"rabbitmq", "prometheus", "grafana"}
+
+
 def _app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in compose["services"].items() if name != "rabbitmq"}
+    return {name: s for name, s in compose["services"].items() if name not in INFRA}
+
+
+def _worker_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: s
+        for name, s in _app_services(compose).items()
+        if _workerkit_targets(_command(s), "run")
+    }
 
 
 def test_broker_is_rabbitmq_310_with_management_and_a_health_check(
@@ -211,6 +222,80 @@ def test_rabbitmq_conf_matches_the_mounts_and_the_workers_settings(
     assert re.fullmatch(r"\[[a-z_,]+\]\.\n", plugins) and "rabbitmq_management" in plugins
 
 
+# -- observability: probes, Prometheus, Grafana ------------------------------------------------
+
+
+def _health_port(service: dict[str, Any]) -> int:
+    words = _command(service)
+    return int(words[words.index("--health-port") + 1])
+
+
+def test_worker_containers_are_healthy_only_when_ready(compose: dict[str, Any]) -> None:
+    workers = _worker_services(compose)
+    assert len(workers) == 3
+    for name, service in workers.items():
+        test = service["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"], name
+        assert f"http://127.0.0.1:{_health_port(service)}/ready" in test[3], name
+        compile(test[3], name, "exec")  # the probe is valid Python
+
+
+def test_prometheus_scrapes_every_worker_and_the_broker(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    (mount,) = prometheus["volumes"]
+    assert mount == "./config/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+    config = yaml.safe_load((ROOT / "config/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    workers = _worker_services(compose)
+    (targets,) = [c["targets"] for c in jobs["workerkit"]["static_configs"]]
+    assert sorted(targets) == sorted(f"{n}:{_health_port(s)}" for n, s in workers.items())
+    assert jobs["workerkit"]["metrics_path"] == "/metrics"
+    assert jobs["rabbitmq"]["static_configs"] == [{"targets": ["rabbitmq:15692"]}]
+    assert jobs["rabbitmq"]["metrics_path"] == "/metrics/per-object"
+    assert "15692:15692" in compose["services"]["rabbitmq"]["ports"]
+    assert "rabbitmq_prometheus" in (ROOT / "config/enabled_plugins").read_text()
+
+
+def _dashboard_exprs() -> list[str]:
+    dashboard = json.loads((ROOT / "config/grafana-dashboard.json").read_text())
+    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+
+def test_grafana_loads_the_dashboard_from_prometheus(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = dict(m.rsplit(":", 1)[0].split(":", 1) for m in grafana["volumes"])
+    dashboards = yaml.safe_load((ROOT / "config/grafana-dashboards.yml").read_text())
+    (provider,) = dashboards["providers"]
+    folder = provider["options"]["path"]
+    assert mounts["./config/grafana-dashboard.json"].startswith(folder + "/")
+    sources = yaml.safe_load((ROOT / "config/grafana-datasources.yml").read_text())
+    (source,) = sources["datasources"]
+    assert source["url"] == "http://prometheus:9090" and source["uid"] == "prometheus"
+    titles = " ".join(
+        p["title"]
+        for p in json.loads((ROOT / "config/grafana-dashboard.json").read_text())["panels"]
+    ).lower()
+    for topic in ("throughput", "failures", "lag", "dlq depth"):
+        assert topic in titles
+
+
+def test_dashboard_queries_name_metrics_workerkit_exports() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    from workerkit.message import Message
+    from workerkit.metrics import Metrics
+
+    metrics = Metrics()  # one delivery and one publish, so every series is in the exposition
+    message = Message(b"x", queue="dash", timestamp=1)
+    metrics.before_handle(message)
+    metrics.after_handle(message, "acked", 0.01)
+    metrics.on_reconnected(0.1)
+    exposition = generate_latest(REGISTRY).decode()
+    exported = set(re.findall(r"^(workerkit_[a-z_]+)", exposition, re.M))
+    used = {name for expr in _dashboard_exprs() for name in re.findall(r"workerkit_[a-z_]+", expr)}
+    assert used and used <= exported, used - exported
+
+
 def test_workers_get_time_to_drain_before_docker_kills_them(compose: dict[str, Any]) -> None:
     grace = float(_env_file(ROOT / "config/compose.env")["WORKERKIT_SHUTDOWN_GRACE"])
     for name, service in _app_services(compose).items():
@@ -239,6 +324,7 @@ class _ConfigNode:
         token = uuid.uuid4().hex[:6]
         self.node = f"wkc{token}@localhost"
         self.port, self.dist_port, self.http_port = _free_port(), _free_port(), _free_port()
+        self.prometheus_port = _free_port()
         self.base = Path(tempfile.mkdtemp(prefix=f"wkc{token}-"))
         for sub in ("mnesia", "log"):
             (self.base / sub).mkdir()
@@ -254,7 +340,7 @@ class _ConfigNode:
             key = line.partition("=")[0].strip()
             lines.append(f"{key} = {overrides.pop(key)}" if key in overrides else line)
         assert not overrides, f"config/rabbitmq.conf lacks {sorted(overrides)}"
-        lines += ["management.tcp.ip = 127.0.0.1", f"prometheus.tcp.port = {_free_port()}"]
+        lines += ["management.tcp.ip = 127.0.0.1", f"prometheus.tcp.port = {self.prometheus_port}"]
         (self.base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         for path in [self.base, *self.base.rglob("*")]:
             shutil.chown(path, "rabbitmq", "rabbitmq")
@@ -336,5 +422,16 @@ def test_rabbitmq_boots_from_config_with_the_dev_user_and_management() -> None:
         )
         result = node.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
         assert result.stdout.strip() == f"{{ok,{expected}}}", result.stdout + result.stderr
+        # The broker's per-object Prometheus endpoint has the series the dashboard queries.
+        connection = pika.BlockingConnection(params)
+        connection.channel().queue_declare("dash.dlq", durable=True)
+        connection.close()
+        scrape = f"http://127.0.0.1:{node.prometheus_port}/metrics/per-object"
+        with urllib.request.urlopen(scrape, timeout=10) as reply:
+            exposition = reply.read().decode()
+        assert 'queue="dash.dlq"' in exposition
+        used = {n for e in _dashboard_exprs() for n in re.findall(r"rabbitmq_[a-z_]+", e)}
+        exported = set(re.findall(r"^(rabbitmq_[a-z_]+)", exposition, re.M))
+        assert used and used <= exported, used - exported
     finally:
         node.stop()
