@@ -78,21 +78,43 @@ def declare_worker_queue(worker: type) -> None:
 
 
 def declare_worker_queues(workers: list[type]) -> None:
-    """Every worker's queues exactly as a runner declares them, over one connection."""
+    """Every worker's queues exactly as a runner declares them, over one connection.
+
+    The exchange and its 28-level delay layout are declared only when missing: declaring them
+    again takes seconds on a loaded machine, and the runner declares them anyway.
+    """
     import asyncio
 
     from workerkit.topology import Topology
     from workerkit.transport.pika_asyncio import PikaTransport
 
+    topology = Topology(settings())
+    layout = exchanges_exist(topology.exchange, topology.delay_out, topology.unroutable)
+
     async def declare() -> None:
         conn = await PikaTransport().connect(settings(), name="bench-declare", on_lost=print)
         try:
             channel = await conn.channel()
-            await Topology(settings()).declare(channel, workers)
+            if not layout:
+                await topology.declare_exchanges(channel)
+            await topology.declare_queues(channel, workers)
         finally:
             await conn.close()
 
     asyncio.run(declare())
+
+
+def exchanges_exist(*names: str) -> bool:
+    conn, ch = blocking_channel()
+    try:
+        for name in names:
+            ch.exchange_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if conn.is_open:
+            conn.close()
 
 
 def preload(queue: str, count: int, exchange: str = "", size: int = PAYLOAD_SIZE) -> None:

@@ -274,6 +274,7 @@ def curves_chart(r: Results, path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("workers in one Runner")
     ax.set_ylabel("msg/s (line)")
+    ax.set_ylim(bottom=0)
     twin = ax.twinx()
     ys = [n for n, p in points if p["startup"].values]
     twin.plot(ys, [_queue_points(r)[n]["startup"].median for n in ys], "s--", color="black")

@@ -263,12 +263,12 @@ def main(argv: Sequence[str] | None = None) -> Results:
     c_consume = [case for case in anchors if case in limit.CONSUME]
     c_publish = [case for case in anchors if case in limit.PUBLISH]
     if "consume" in sections:
-        cases = [*args.consume_cases.split(","), *c_consume]
+        cases = [*(c for c in args.consume_cases.split(",") if c), *c_consume]
         results.consume = throughput(
             "consume", cases, args.consume_count, args.repeat, dict.fromkeys(c_consume, "limit")
         )
     if "publish" in sections:
-        cases = [*args.publish_cases.split(","), *c_publish]
+        cases = [*(c for c in args.publish_cases.split(",") if c), *c_publish]
         results.publish = throughput(
             "publish", cases, args.publish_count, args.repeat, dict.fromkeys(c_publish, "limit")
         )

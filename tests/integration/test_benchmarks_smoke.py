@@ -41,3 +41,93 @@ def test_quick_harness_writes_a_table_and_a_chart(
     measured = {**results.consume, **results.publish}
     assert measured and all(series.values and series.values[0] > 0 for series in measured.values())
     assert png.stat().st_size > 10_000
+
+
+def _bench(monkeypatch: pytest.MonkeyPatch, broker_url: str | None = None) -> None:
+    if broker_url:
+        monkeypatch.setenv("WORKERKIT_BENCH_URL", broker_url)
+        monkeypatch.delenv("BENCH_BROKER_URL", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_limit_rows_say_why_when_librabbitmq_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the C library the limit case reports why, and its row says so: no failure."""
+    _bench(monkeypatch)
+    from benchmarks import limit
+    from benchmarks.report import Series
+
+    fake = tmp_path / "cc"  # a compiler that cannot find amqp.h, as gcc says it
+    fake.write_text(
+        "#!/bin/sh\necho 'fatal error: amqp.h: No such file or directory' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setattr(limit, "BUILD", tmp_path / "build")  # no cached binary
+
+    result = limit.measure("c_consume_multi", 10)
+
+    assert "librabbitmq-dev" in result["unavailable"]
+    assert not (tmp_path / "build").exists() or not list((tmp_path / "build").iterdir())
+    assert Series(unavailable=result["unavailable"]).cell().startswith("not available: ")
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert "no C compiler" in limit.measure("c_publish_100", 10)["unavailable"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_limit_rows_and_growth_curves_run_end_to_end(
+    broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiny counts through the orchestrator: C anchors, every curve, tables and the chart."""
+    _bench(monkeypatch, broker_url)
+    from benchmarks import limit, run
+
+    try:
+        limit.build("consume")
+        limit.build("publish")
+    except limit.Unavailable as exc:
+        pytest.skip(f"C anchors not buildable here: {exc}")
+    markdown, png = tmp_path / "performance.md", tmp_path / "curves.png"
+    results = run.main(
+        [
+            "--sections=consume,publish,curves",
+            "--consume-cases=",
+            "--publish-cases=",
+            "--consume-count=200",
+            "--publish-count=50",
+            "--repeat=1",
+            "--curve-count=100",
+            "--worker-counts=1",
+            "--body-sizes=1000",
+            "--body-budget-mb=0.02",
+            "--backlog-count=200",
+            "--publish-many-counts=100",
+            "--retry-count=30",
+            "--retry-delay=0.2",
+            f"--markdown={markdown}",
+            f"--png={tmp_path / 'performance.png'}",
+            f"--curves-png={png}",
+        ]
+    )
+
+    text = markdown.read_text()
+    assert "failed:" not in text, [line for line in text.splitlines() if "failed:" in line]
+    assert "| not available" not in text, text
+    assert {*results.consume, *results.publish} == set(limit.CASES)
+    assert all(
+        s.values and s.values[0] > 0 for s in [*results.consume.values(), *results.publish.values()]
+    )
+    assert "| limit: C librabbitmq, prefetch 100, multiple ack every 50 | " in text
+    assert "## Targets (issue 16)" in text and "## Limit rows and curves" in text
+    curves = results.curves
+    assert curves["queues"][1]["rate"].values[0] > 0
+    assert curves["queues"][1]["startup"].values[0] > 0
+    assert all(curves["body"][1000][kind].values[0] > 0 for kind in ("wk", "pika"))
+    assert curves["backlog"]["count"] == 200 and curves["backlog"]["rss_peak"] > 10
+    assert curves["publish_many"][100]["rss_peak"] >= curves["publish_many"][100]["rss_before"]
+    storm = curves["retry"]
+    assert storm["count"] == 30 and storm["spread"] >= 0.2  # nothing arrives before its delay
+    assert png.stat().st_size > 10_000
