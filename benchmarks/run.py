@@ -189,7 +189,7 @@ def once(args: Sequence[str], name: str) -> dict[str, Any]:
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="reduced counts, under ~2 minutes")
+    parser.add_argument("--quick", action="store_true", help="reduced counts (a few minutes)")
     parser.add_argument("--consume-count", type=int, help="messages per consume case (20000)")
     parser.add_argument("--publish-count", type=int, help="messages per publish case (5000)")
     parser.add_argument("--rate", type=float, default=500.0, help="latency publish rate, msg/s")
