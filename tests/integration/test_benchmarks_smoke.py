@@ -40,7 +40,8 @@ def test_quick_harness_writes_a_table_and_a_chart(
     assert "| workerkit Runner, no-op async handler (body: dict) |" in text
     assert "failed:" not in text, [line for line in text.splitlines() if "failed:" in line]
     measured = {**results.consume, **results.publish}
-    assert measured and all(series.values and series.values[0] > 0 for series in measured.values())
+    ran = [series for series in measured.values() if not series.unavailable]  # no librabbitmq
+    assert ran and all(series.values and series.values[0] > 0 for series in ran)
     assert png.stat().st_size > 10_000
 
 
@@ -133,3 +134,59 @@ def test_limit_rows_and_growth_curves_run_end_to_end(
     storm = curves["retry"]
     assert storm["count"] == 30 and storm["spread"] >= 0.2  # nothing arrives before its delay
     assert png.stat().st_size > 10_000
+
+
+def test_report_shows_failed_and_unavailable_points_without_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A curve point that failed and a C row that cannot run still give a report and a chart."""
+    _bench(monkeypatch)
+    from benchmarks import curves_report
+    from benchmarks.report import Results, Series, markdown
+
+    params = {"consume_count": 100, "publish_count": 10, "rate": 1.0, "latency_seconds": 1.0}
+    results = Results(params={**params, "repeat": 1, "retry_delay": 2.0, "curve_count": 100})
+    results.consume = {
+        "wk_async": Series([30_000.0]),
+        "c_consume_multi": Series([60_000.0]),
+        "c_consume_p1000": Series(unavailable="librabbitmq is not installed"),
+    }
+    results.curves = {
+        "queues": {
+            1: {"rate": Series([1000.0]), "startup": Series([0.5])},
+            100: {"rate": Series(errors=["timed out"]), "startup": Series(errors=["x"])},
+        },
+        "body": {100: {"wk": Series([9.0]), "pika": Series([10.0])}},
+        "backlog": {"error": "preload: queue holds 3 of 4 messages"},
+        "publish_many": {
+            1000: {"rate": 5.0, "rss_before": 40.0, "rss_peak": 42.0, "growth": 2.0, "samples": []}
+        },
+        "retry": {
+            "count": 10,
+            "delay": 2.0,
+            "spread": 3.5,
+            "failing": 0.5,
+            "arriving": 0.2,
+            "goal": 3.0,
+        },
+    }
+
+    text = markdown(results, "python -m benchmarks.run")
+    curves_report.curves_chart(results, str(tmp_path / "curves.png"))
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert (
+        "0.50x | >= 0.75x | MISSED"
+        in rows["consume no-op async (dict) / C, prefetch 100, multiple ack every 50"]
+    )
+    assert "not available: librabbitmq is not installed" in text
+    assert "failed: preload: queue holds 3 of 4 messages" in text
+    assert "| 100 | failed: timed out |" in text
+    assert (
+        "0.90x | >= 0.9x | met"
+        in rows["body size: lowest workerkit / raw pika MB/s over the sizes"]
+    )
+    assert (
+        "3.50 s | <= 3 s | MISSED" in rows["retry storm: first failure to all retried, delay 2 s"]
+    )
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
