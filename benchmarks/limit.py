@@ -1,11 +1,11 @@
 """The "limit" rows: what the broker delivers to a C client that costs almost nothing.
 
-``python -m benchmarks.limit CASE COUNT`` builds the C anchors in ``benchmarks/c/`` (once per
-source change, into ``benchmarks/.build/``, which git ignores) with gcc and librabbitmq, then
-runs one case exactly as consume.py / publish.py run theirs: a fresh quorum queue, the same
-~100-byte persistent JSON bodies, the same clock. Without gcc or librabbitmq (Debian:
-``librabbitmq-dev``; ``benchmarks/setup.sh`` installs both) it reports ``unavailable`` with
-the reason, and the report says so in the row instead of failing.
+``python -m benchmarks.limit CASE COUNT`` builds the C anchors in ``benchmarks/c/`` with gcc
+and librabbitmq (once per source change, into ``benchmarks/.build/``, which git ignores, or
+``$BENCH_BUILD_DIR``), then runs one case exactly as consume.py / publish.py run theirs: a
+fresh quorum queue, the same ~100-byte persistent JSON bodies, the same clock. Without gcc or
+librabbitmq (Debian: ``librabbitmq-dev``; ``benchmarks/setup.sh`` installs both) it reports
+``unavailable`` with the reason, and the report says so in the row instead of failing.
 """
 
 from __future__ import annotations
@@ -61,6 +61,20 @@ def compiler() -> str:
     return found
 
 
+def library_flags() -> list[str]:
+    """librabbitmq's compiler and linker flags: pkg-config's where it knows the library."""
+    if shutil.which("pkg-config"):
+        found = subprocess.run(
+            ["pkg-config", "--cflags", "--libs", "librabbitmq"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if found.returncode == 0 and found.stdout.strip():
+            return found.stdout.split()
+    return ["-lrabbitmq"]
+
+
 def build(program: str) -> Path:
     """Path of the compiled ``benchmarks/c/<program>.c``, compiling it when its source changed.
 
@@ -68,7 +82,7 @@ def build(program: str) -> Path:
     it is written under a temporary name and renamed, so concurrent runs never see half a file.
     """
     cc = compiler()
-    digest = hashlib.sha256(" ".join((cc, *CFLAGS)).encode())
+    digest = hashlib.sha256(" ".join((cc, *CFLAGS, *library_flags())).encode())
     for source in sorted(SOURCES.glob("*.[ch]")):
         digest.update(source.name.encode() + source.read_bytes())
     target = BUILD / f"{program}-{digest.hexdigest()[:12]}"
@@ -77,7 +91,7 @@ def build(program: str) -> Path:
     BUILD.mkdir(parents=True, exist_ok=True)
     fd, scratch = tempfile.mkstemp(dir=BUILD, prefix=f".{program}-")
     os.close(fd)
-    command = [cc, *CFLAGS, "-o", scratch, str(SOURCES / f"{program}.c"), "-lrabbitmq"]
+    command = [cc, *CFLAGS, "-o", scratch, str(SOURCES / f"{program}.c"), *library_flags()]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         os.unlink(scratch)
