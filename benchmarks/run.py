@@ -1,7 +1,9 @@
 """Run every benchmark in one go and write docs/performance.md and docs/performance.png.
 
-``python -m benchmarks.run [--quick]``. Each case runs in its own subprocess; repeats are
-interleaved across cases so that drift on a noisy machine hits every case alike.
+``python -m benchmarks.run [--quick] [--million]``. Each case runs in its own subprocess;
+repeats are interleaved across cases so that drift on a noisy machine hits every case alike.
+The C limit rows (benchmarks/limit.py) run inside the consume and publish rounds; the growth
+curves (benchmarks/curves.py) are their own section and also write docs/performance-curves.png.
 """
 
 from __future__ import annotations
