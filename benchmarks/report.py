@@ -433,7 +433,8 @@ def chart(r: Results, path: str) -> None:
     ax.set_xticks([x + width / 2 for x in range(3)], ["p50", "p95", "p99"])
     ax.set_ylabel("ms")
     ax.set_title(f"End-to-end latency at {r.params.get('rate', 0):g} msg/s")
-    ax.legend(fontsize=8)
+    if kinds:  # a run without the latency section has nothing to label
+        ax.legend(fontsize=8)
 
     ax = axes[1][1]
     kinds = [k for k in r.startup if r.startup[k].values]
