@@ -36,6 +36,7 @@ reliability:
 	$(BIN)/python -m pytest tests/reliability
 
 bench:
+	sh benchmarks/setup.sh
 	$(BIN)/python -m benchmarks.run
 
 settings-table:

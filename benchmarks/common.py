@@ -38,13 +38,13 @@ def queue_name(case: str) -> str:
     return f"bench.{case.replace('_', '-')}.{uuid.uuid4().hex[:8]}"
 
 
-def payload(i: int, sent_at: float | None = None) -> bytes:
-    """A persistent-message body: JSON, padded to about PAYLOAD_SIZE bytes."""
+def payload(i: int, sent_at: float | None = None, size: int = PAYLOAD_SIZE) -> bytes:
+    """A persistent-message body: JSON, padded to about ``size`` bytes."""
     doc: dict[str, Any] = {"order_id": i, "email": "customer@example.com"}
     if sent_at is not None:
         doc["ts"] = sent_at
     raw = json.dumps(doc, separators=(",", ":"))
-    pad = max(0, PAYLOAD_SIZE - len(raw) - len(',"note":""'))
+    pad = max(0, size - len(raw) - len(',"note":""'))
     doc["note"] = "x" * pad
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -74,42 +74,76 @@ def declare_raw_queue(name: str, bind_exchange: str | None = None) -> None:
 
 def declare_worker_queue(worker: type) -> None:
     """The worker's queue exactly as its runner declares it (quorum, DLQ, bindings)."""
+    declare_worker_queues([worker])
+
+
+def declare_worker_queues(workers: list[type]) -> None:
+    """Every worker's queues exactly as a runner declares them, over one connection.
+
+    The exchange and its 28-level delay layout are declared only when missing: declaring them
+    again takes seconds on a loaded machine, and the runner declares them anyway.
+    """
     import asyncio
 
     from workerkit.topology import Topology
     from workerkit.transport.pika_asyncio import PikaTransport
 
+    topology = Topology(settings())
+    layout = exchanges_exist(topology.exchange, topology.delay_out, topology.unroutable)
+
     async def declare() -> None:
         conn = await PikaTransport().connect(settings(), name="bench-declare", on_lost=print)
         try:
             channel = await conn.channel()
-            await Topology(settings()).declare(channel, [worker])
+            if not layout:
+                await topology.declare_exchanges(channel)
+            await topology.declare_queues(channel, workers)
         finally:
             await conn.close()
 
     asyncio.run(declare())
 
 
-def preload(queue: str, count: int, exchange: str = "") -> None:
+def exchanges_exist(*names: str) -> bool:
+    conn, ch = blocking_channel()
+    try:
+        for name in names:
+            ch.exchange_declare(name, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def preload(queue: str, count: int, exchange: str = "", size: int = PAYLOAD_SIZE) -> None:
     """Put ``count`` persistent JSON messages in ``queue`` and wait until the broker holds them.
 
     Publishes without confirms for speed, then polls the queue depth, so a lost message shows up
     as a timeout rather than as a shorter run.
     """
+    preload_many({queue: count}, exchange, size)
+
+
+def preload_many(counts: dict[str, int], exchange: str = "", size: int = PAYLOAD_SIZE) -> None:
+    """:func:`preload` for several queues over one connection (routing key = queue name)."""
     conn, ch = blocking_channel()
     props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-    routing_key = queue
     try:
-        for i in range(count):
-            ch.basic_publish(exchange, routing_key, payload(i), props)
-        deadline = time.monotonic() + 120
-        while True:
-            depth = ch.queue_declare(queue, passive=True).method.message_count
-            if depth == count:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"preload: {queue} holds {depth} of {count} messages")
-            conn.sleep(0.05)
+        for queue, count in counts.items():
+            for i in range(count):
+                ch.basic_publish(exchange, queue, payload(i, size=size), props)
+        # Generous for a million-message backlog; a lost message still ends as an error.
+        deadline = time.monotonic() + 120 + sum(counts.values()) / 5000
+        for queue, count in counts.items():
+            while True:
+                depth = ch.queue_declare(queue, passive=True).method.message_count
+                if depth == count:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"preload: {queue} holds {depth} of {count} messages")
+                conn.sleep(0.05)
     finally:
         conn.close()
 

@@ -207,6 +207,19 @@ def workerkit_worker(kind: str, queue: str, on_body: Callable[[], None]) -> type
                 on_body()
 
         return AsyncNoop
+    if kind == "wk_async_p1000":
+
+        class AsyncWide(Worker):
+            # A provisional high-throughput profile (issue 16): a wide prefetch window and more
+            # handlers in flight, acks still after the handler and batched.
+            queue = qname
+            prefetch = 1000
+            concurrency = 100
+
+            async def handle(self, body: dict) -> None:  # type: ignore[type-arg]
+                on_body()
+
+        return AsyncWide
     if kind == "wk_async_bytes":
 
         class AsyncBytes(Worker):
@@ -280,7 +293,14 @@ RAW: dict[str, Callable[[str, Clock], Any]] = {
 }
 # wk_async_metrics is wk_async with the Prometheus middleware on: the metrics overhead, side
 # by side with wk_async.
-WORKERKIT = ("wk_async", "wk_async_metrics", "wk_async_bytes", "wk_sync", "wk_model")
+WORKERKIT = (
+    "wk_async",
+    "wk_async_metrics",
+    "wk_async_bytes",
+    "wk_sync",
+    "wk_model",
+    "wk_async_p1000",
+)
 CASES = (*RAW, *WORKERKIT)
 
 

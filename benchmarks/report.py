@@ -28,6 +28,10 @@ CONSUME_LABELS = {
     "wk_async_bytes": "workerkit Runner, no-op async handler (body: bytes)",
     "wk_sync": "workerkit Runner, no-op sync handler (body: dict, thread pool)",
     "wk_model": "workerkit Runner, pydantic-model handler",
+    "wk_async_p1000": "workerkit Runner, no-op async handler, prefetch 1000, concurrency 100",
+    "c_consume_each": "limit: C librabbitmq, prefetch 100, ack each",
+    "c_consume_multi": "limit: C librabbitmq, prefetch 100, multiple ack every 50",
+    "c_consume_p1000": "limit: C librabbitmq, prefetch 1000, multiple ack every 100",
 }
 PUBLISH_LABELS = {
     "pika_blocking": "raw pika BlockingConnection, one at a time",
@@ -38,6 +42,7 @@ PUBLISH_LABELS = {
     "wk_publish_many": "workerkit Publisher.publish_many",
     "wk_async_one": "workerkit AsyncPublisher, one at a time",
     "wk_async_many": "workerkit AsyncPublisher, 100 in flight",
+    "c_publish_100": "limit: C librabbitmq, 100 confirms in flight",
 }
 LATENCY_LABELS = {"aiopika": "raw aio-pika callback consumer", "wk": "workerkit Runner"}
 FOOTPRINT_LABELS = {"aiopika": "raw aio-pika consumer", "wk": "workerkit Runner (one worker)"}
@@ -49,6 +54,7 @@ class Series:
 
     values: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    unavailable: str = ""  # why the case cannot run on this machine (no gcc, no librabbitmq)
 
     @property
     def median(self) -> float | None:
@@ -56,6 +62,8 @@ class Series:
 
     def cell(self, fmt: str = "{:,.0f}") -> str:
         if not self.values:
+            if self.unavailable and not self.errors:
+                return "not available: " + self.unavailable
             return "failed: " + (self.errors[-1] if self.errors else "not run")
         median = fmt.format(self.median)
         if len(self.values) == 1:
@@ -71,6 +79,7 @@ class Results:
     startup: dict[str, Series] = field(default_factory=dict)
     rss: dict[str, Series] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, Any] = field(default_factory=dict)  # see run.curves() for the layout
 
 
 @dataclass(frozen=True)
@@ -185,27 +194,31 @@ def _ratio_to(value: float | None, base: float | None) -> str:
 def tables(r: Results) -> list[str]:
     lines: list[str] = []
     base_cb, base_pa = _m(r.consume, "aiopika_callback"), _m(r.consume, "pika_asyncio")
+    base_c = _m(r.consume, "c_consume_multi")
     rows = [
         f"| {CONSUME_LABELS[k]} | {s.cell()} | {_ratio_to(s.median, base_cb)}"
-        f" | {_ratio_to(s.median, base_pa)} |"
+        f" | {_ratio_to(s.median, base_pa)} | {_ratio_to(s.median, base_c)} |"
         for k, s in r.consume.items()
     ]
     lines += _table(
         f"Consume: {r.params.get('consume_count', '?'):,} persistent ~100-byte JSON messages,"
-        " quorum queue, prefetch 100, one process (msg/s)",
-        "| consumer | msg/s, median (min-max) | vs aio-pika callback | vs pika asyncio ack each |",
+        " quorum queue, prefetch 100 unless stated, one process (msg/s)",
+        "| consumer | msg/s, median (min-max) | vs aio-pika callback | vs pika asyncio ack each"
+        " | vs C limit, multiple ack |",
         rows,
     )
     base_pb, base_am = _m(r.publish, "pika_blocking"), _m(r.publish, "aiopika_many")
+    base_cp = _m(r.publish, "c_publish_100")
     rows = [
         f"| {PUBLISH_LABELS[k]} | {s.cell()} | {_ratio_to(s.median, base_pb)}"
-        f" | {_ratio_to(s.median, base_am)} |"
+        f" | {_ratio_to(s.median, base_am)} | {_ratio_to(s.median, base_cp)} |"
         for k, s in r.publish.items()
     ]
     lines += _table(
         f"Publish with confirms: {r.params.get('publish_count', '?'):,} persistent mandatory"
         " messages (msg/s)",
-        "| publisher | msg/s, median (min-max) | vs pika blocking | vs aio-pika 100 in flight |",
+        "| publisher | msg/s, median (min-max) | vs pika blocking | vs aio-pika 100 in flight"
+        " | vs C limit, 100 in flight |",
         rows,
     )
     rows = [
@@ -282,6 +295,8 @@ def broker_version() -> str:
 
 
 def markdown(r: Results, command: str, label: str = "") -> str:
+    from . import curves_report
+
     p = r.params
     lines = [
         "# Performance",
@@ -300,11 +315,28 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "|---|---|---|---|",
         *(t.row() for t in targets(r)),
         "",
+        "## Targets (issue 16): against the C limit rows, and as the work grows",
+        "",
+        "| target | measured | goal | |",
+        "|---|---|---|---|",
+        *(t.row() for t in curves_report.targets(r)),
+        "",
         "## Results",
         "",
         *tables(r),
         "![throughput, latency and footprint chart](performance.png)",
         "",
+        *(
+            [
+                "## Growth curves",
+                "",
+                *curves_report.tables(r),
+                "![growth curves chart](performance-curves.png)",
+                "",
+            ]
+            if r.curves
+            else []
+        ),
         "## Machine",
         "",
         *machine(),
@@ -330,12 +362,15 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "  and imports count) to `Runner.wait_ready()` / the aio-pika `basic.consume` returning.",
         "  Idle RSS: psutil, 2 s after it started consuming.",
         "",
+        *curves_report.notes(),
         *_profile_notes(),
         "## Rerun",
         "",
         "```",
         ".venv/bin/python -m benchmarks.run            # full run, several minutes",
-        ".venv/bin/python -m benchmarks.run --quick    # reduced counts, under ~2 minutes",
+        ".venv/bin/python -m benchmarks.run --quick    # reduced counts, a few minutes",
+        ".venv/bin/python -m benchmarks.run --million  # backlog and publish_many of 1,000,000",
+        "sh benchmarks/setup.sh   # gcc + librabbitmq-dev for the limit rows (make bench runs it)",
         "WORKERKIT_BENCH_URL=amqp://user:pass@host:5672/ .venv/bin/python -m benchmarks.run",
         "```",
         "",
@@ -367,7 +402,10 @@ def chart(r: Results, path: str) -> None:
     ) -> None:
         keys = [k for k, s in series.items() if s.values]
         values = [series[k].median or 0 for k in keys]
-        colours = ["tab:green" if k.startswith("wk") else "tab:gray" for k in keys]
+        colours = [
+            "tab:green" if k.startswith("wk") else "tab:blue" if k.startswith("c_") else "tab:gray"
+            for k in keys
+        ]
         ax.barh([labels[k] for k in keys], values, color=colours)
         for y, v in enumerate(values):
             ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
@@ -396,7 +434,8 @@ def chart(r: Results, path: str) -> None:
     ax.set_xticks([x + width / 2 for x in range(3)], ["p50", "p95", "p99"])
     ax.set_ylabel("ms")
     ax.set_title(f"End-to-end latency at {r.params.get('rate', 0):g} msg/s")
-    ax.legend(fontsize=8)
+    if kinds:  # a run without the latency section has nothing to label
+        ax.legend(fontsize=8)
 
     ax = axes[1][1]
     kinds = [k for k in r.startup if r.startup[k].values]

@@ -23,6 +23,7 @@ def test_quick_harness_writes_a_table_and_a_chart(
     results = run.main(
         [
             "--quick",
+            "--sections=consume,publish,latency,footprint",  # the curves have their own test
             "--consume-count=200",
             "--publish-count=50",
             "--latency-seconds=0.5",
@@ -37,7 +38,155 @@ def test_quick_harness_writes_a_table_and_a_chart(
     assert "| consumer | msg/s, median (min-max) |" in text
     assert "| raw aio-pika, queue.consume(callback), ack each |" in text
     assert "| workerkit Runner, no-op async handler (body: dict) |" in text
-    assert "failed:" not in text, text
+    assert "failed:" not in text, [line for line in text.splitlines() if "failed:" in line]
     measured = {**results.consume, **results.publish}
-    assert measured and all(series.values and series.values[0] > 0 for series in measured.values())
+    ran = [series for series in measured.values() if not series.unavailable]  # no librabbitmq
+    assert ran and all(series.values and series.values[0] > 0 for series in ran)
     assert png.stat().st_size > 10_000
+
+
+def _bench(monkeypatch: pytest.MonkeyPatch, broker_url: str | None = None) -> None:
+    if broker_url:
+        monkeypatch.setenv("WORKERKIT_BENCH_URL", broker_url)
+        monkeypatch.delenv("BENCH_BROKER_URL", raising=False)
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_limit_rows_say_why_when_librabbitmq_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the C library the limit case reports why, and its row says so: no failure."""
+    _bench(monkeypatch)
+    from benchmarks import limit
+    from benchmarks.report import Series
+
+    fake = tmp_path / "cc"  # a compiler that cannot find amqp.h, as gcc says it
+    fake.write_text(
+        "#!/bin/sh\necho 'fatal error: amqp.h: No such file or directory' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setattr(limit, "BUILD", tmp_path / "build")  # no cached binary
+
+    result = limit.measure("c_consume_multi", 10)
+
+    assert "librabbitmq-dev" in result["unavailable"]
+    assert not (tmp_path / "build").exists() or not list((tmp_path / "build").iterdir())
+    assert Series(unavailable=result["unavailable"]).cell().startswith("not available: ")
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert "no C compiler" in limit.measure("c_publish_100", 10)["unavailable"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_limit_rows_and_growth_curves_run_end_to_end(
+    broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiny counts through the orchestrator: C anchors, every curve, tables and the chart."""
+    _bench(monkeypatch, broker_url)
+    from benchmarks import limit, run
+
+    try:
+        limit.build("consume")
+        limit.build("publish")
+    except limit.Unavailable as exc:
+        pytest.skip(f"C anchors not buildable here: {exc}")
+    markdown, png = tmp_path / "performance.md", tmp_path / "curves.png"
+    results = run.main(
+        [
+            "--sections=consume,publish,curves",
+            "--consume-cases=",
+            "--limit-cases=c_consume_multi,c_publish_100",  # one run of each C program
+            "--publish-cases=",
+            "--consume-count=200",
+            "--publish-count=50",
+            "--repeat=1",
+            "--curve-count=100",
+            "--worker-counts=1",
+            "--body-sizes=1000",
+            "--body-budget-mb=0.02",
+            "--backlog-count=200",
+            "--publish-many-counts=100",
+            "--retry-count=30",
+            "--retry-delay=0.2",
+            f"--markdown={markdown}",
+            f"--png={tmp_path / 'performance.png'}",
+            f"--curves-png={png}",
+        ]
+    )
+
+    text = markdown.read_text()
+    assert "failed:" not in text, [line for line in text.splitlines() if "failed:" in line]
+    assert "| not available" not in text, text
+    assert {*results.consume, *results.publish} == {"c_consume_multi", "c_publish_100"}
+    assert all(
+        s.values and s.values[0] > 0 for s in [*results.consume.values(), *results.publish.values()]
+    )
+    assert "| limit: C librabbitmq, prefetch 100, multiple ack every 50 | " in text
+    assert "## Targets (issue 16)" in text and "## Limit rows and curves" in text
+    curves = results.curves
+    assert curves["queues"][1]["rate"].values[0] > 0
+    assert curves["queues"][1]["startup"].values[0] > 0
+    assert all(curves["body"][1000][kind].values[0] > 0 for kind in ("wk", "pika"))
+    assert curves["backlog"]["count"] == 200 and curves["backlog"]["rss_peak"] > 10
+    assert curves["publish_many"][100]["rss_peak"] >= curves["publish_many"][100]["rss_before"]
+    storm = curves["retry"]
+    assert storm["count"] == 30 and storm["spread"] >= 0.2  # nothing arrives before its delay
+    assert png.stat().st_size > 10_000
+
+
+def test_report_shows_failed_and_unavailable_points_without_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A curve point that failed and a C row that cannot run still give a report and a chart."""
+    _bench(monkeypatch)
+    from benchmarks import curves_report
+    from benchmarks.report import Results, Series, markdown
+
+    params = {"consume_count": 100, "publish_count": 10, "rate": 1.0, "latency_seconds": 1.0}
+    results = Results(params={**params, "repeat": 1, "retry_delay": 2.0, "curve_count": 100})
+    results.consume = {
+        "wk_async": Series([30_000.0]),
+        "c_consume_multi": Series([60_000.0]),
+        "c_consume_p1000": Series(unavailable="librabbitmq is not installed"),
+    }
+    results.curves = {
+        "queues": {
+            1: {"rate": Series([1000.0]), "startup": Series([0.5])},
+            100: {"rate": Series(errors=["timed out"]), "startup": Series(errors=["x"])},
+        },
+        "body": {100: {"wk": Series([9.0]), "pika": Series([10.0])}},
+        "backlog": {"error": "preload: queue holds 3 of 4 messages"},
+        "publish_many": {
+            1000: {"rate": 5.0, "rss_before": 40.0, "rss_peak": 42.0, "growth": 2.0, "samples": []}
+        },
+        "retry": {
+            "count": 10,
+            "delay": 2.0,
+            "spread": 3.5,
+            "failing": 0.5,
+            "arriving": 0.2,
+            "goal": 3.0,
+        },
+    }
+
+    text = markdown(results, "python -m benchmarks.run")
+    curves_report.curves_chart(results, str(tmp_path / "curves.png"))
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()}
+    assert (
+        "0.50x | >= 0.75x | MISSED"
+        in rows["consume no-op async (dict) / C, prefetch 100, multiple ack every 50"]
+    )
+    assert "not available: librabbitmq is not installed" in text
+    assert "failed: preload: queue holds 3 of 4 messages" in text
+    assert "| 100 | failed: timed out |" in text
+    assert (
+        "0.90x | >= 0.9x | met"
+        in rows["body size: lowest workerkit / raw pika MB/s over the sizes"]
+    )
+    assert (
+        "3.50 s | <= 3 s | MISSED" in rows["retry storm: first failure to all retried, delay 2 s"]
+    )
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
