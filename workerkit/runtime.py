@@ -48,8 +48,9 @@ from .decision import (
     decide,
     outcome_of,
 )
-from .errors import DecodeError, HandlerTimeout, WorkerkitError
+from .errors import DecodeError, HandlerTimeout, InvalidMessage, WorkerkitError
 from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing, decoder_for
+from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
 from .topology import Topology
@@ -77,6 +78,10 @@ class Host(Protocol):
         """Confirmed publish of a retry, dead-letter or recount copy."""
         ...
 
+    async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
+        """Confirmed publish of a reply to a request (see ``reply.py``)."""
+        ...
+
     def consumer_lost(self, error: Exception) -> None:
         """This runtime's consumer or channel is gone: reconnect."""
         ...
@@ -97,7 +102,7 @@ class Slot:
         self.timed_out = False  # the watchdog cancelled the handler
         self.closing = False  # the runtime cancelled the slot (shutdown past the grace period)
         self.started = True  # False while a def handler waits for a free pool thread
-        self.call: asyncio.Future[None] | None = None  # the running def handler's future
+        self.call: asyncio.Future[Any] | None = None  # the running def handler's future
 
 
 def _uncancel(task: asyncio.Task[None]) -> None:
@@ -153,10 +158,10 @@ class WorkerRuntime:
             )
         )
         # Plain def handlers: outcomes of finished handlers, waiting for the loop to pick them up.
-        self._finished_calls: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        self._finished_calls: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._finished_lock = threading.Lock()
         # Threads still running a handler that timed out (their futures), and their count.
-        self._abandoned: set[asyncio.Future[None]] = set()
+        self._abandoned: set[asyncio.Future[Any]] = set()
         self.stuck_threads = 0
         self.classic = cls.queue_type == "classic"
         self.exchange = settings.exchange
@@ -177,6 +182,10 @@ class WorkerRuntime:
         self.consuming = False
         self.slot_restarts = 0
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        # Requests (messages with reply_to): replies confirmed, and replies that could not be
+        # published (the request is acked or dead-lettered all the same).
+        self.replies_sent = 0
+        self.replies_failed = 0
         self._hurry = asyncio.Event()
         # Classic queues: redelivered originals whose counted copy is published but whose ack
         # may not be on the wire yet. No handler starts meanwhile (see _recount).
@@ -415,16 +424,17 @@ class WorkerRuntime:
             self._restore_route(message)
         what: Happened = Happened.HANDLED
         error: BaseException | None = None
+        result: Any = None
         try:
             body = self.decode(message)
             slot.deadline = loop.time() + self.timeout
             if self.is_async:
                 if self.wants_message:
-                    await self.instance.handle(body, message)
+                    result = await self.instance.handle(body, message)
                 else:
-                    await self.instance.handle(body)
+                    result = await self.instance.handle(body)
             else:
-                await self._in_thread(body, message, slot, loop)
+                result = await self._in_thread(body, message, slot, loop)
         except DecodeError as exc:
             what, error = Happened.INVALID, exc
         except asyncio.CancelledError as exc:
@@ -434,6 +444,8 @@ class WorkerRuntime:
         slot.deadline = 0.0
         slot.timed_out = False
         if what is Happened.HANDLED:
+            if message.reply_to:  # a request: answered before it is acked
+                await self._answer(message, result)
             decision: Decision = decide(what, self.policy)
         else:
             decision = decide(what, self.policy, attempt=message.attempt, error=error)
@@ -526,6 +538,9 @@ class WorkerRuntime:
                 if pending is not None:
                     await pending
                 return
+            if message.reply_to and isinstance(decision, DeadLetter):
+                # The caller learns now, not at its timeout; retries in between say nothing.
+                await self._answer_error(message, decision, error)
             tracker.done(message.delivery_tag)
             self._finished(message, outcome_of(decision))
             if recount and self.channel is not None:
@@ -545,11 +560,49 @@ class WorkerRuntime:
         else:
             self.settled.set()
 
+    # -- replies to requests -----------------------------------------------------------------
+
+    async def _answer(self, message: Message, value: Any) -> None:
+        """Reply to a request with the handler's return value."""
+        try:
+            reply = reply_to_request(message, value)
+        except InvalidMessage as exc:  # the value cannot be encoded: the caller hears why
+            reply = error_reply(message, _qualified(exc), _short(str(exc), MAX_ERROR_MESSAGE), "")
+        await self._send_reply(message, reply)
+
+    async def _answer_error(
+        self, message: Message, decision: DeadLetter, error: BaseException | None
+    ) -> None:
+        """Tell a request's caller that it will not be answered (rejected, exhausted...)."""
+        reply = error_reply(
+            message,
+            _qualified(error) if error is not None else "unknown",
+            _short(str(error), MAX_ERROR_MESSAGE) if error is not None else "",
+            decision.reason,
+        )
+        await self._send_reply(message, reply)
+
+    async def _send_reply(self, message: Message, reply: Outgoing) -> None:
+        """A reply that cannot be delivered is logged and counted; the request never retries
+        for it (the handler's work is done)."""
+        try:
+            await self.host.publish_reply(reply, self.publish_timeout)
+        except WorkerkitError as exc:
+            self.replies_failed += 1
+            log.warning(
+                "could not deliver the reply to %s (%s); the caller will time out",
+                message.reply_to,
+                exc,
+                extra={**self.log_extra, "message_id": message.message_id},
+            )
+            return
+        self.replies_sent += 1
+
     # -- plain def handlers ------------------------------------------------------------------
 
     def _in_thread(
         self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[Any]:
         """Run a plain ``def`` handler in the pool; the future settles on the loop.
 
         Not ``run_in_executor``: that wakes the loop once per finished handler. Here finished
@@ -557,7 +610,7 @@ class WorkerRuntime:
         time limit starts when a thread picks it up; until then it may wait ``max_wait``.
         """
         assert self.pool is not None
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         args = (body, message) if self.wants_message else (body,)
         slot.started = False
         slot.call = fut
@@ -567,7 +620,7 @@ class WorkerRuntime:
 
     def _call_handler(
         self,
-        fut: asyncio.Future[None],
+        fut: asyncio.Future[Any],
         args: tuple[Any, ...],
         slot: Slot,
         loop: asyncio.AbstractEventLoop,
@@ -578,12 +631,13 @@ class WorkerRuntime:
         slot.deadline = loop.time() + self.timeout  # a float store: safe from this thread
         slot.started = True
         error: BaseException | None = None
+        result: Any = None
         try:
-            self.instance.handle(*args)
+            result = self.instance.handle(*args)
         except BaseException as exc:  # handed to the loop like run_in_executor would
             error = exc
         with self._finished_lock:
-            self._finished_calls.append((fut, error))
+            self._finished_calls.append((fut, result, error))
             first = len(self._finished_calls) == 1
         if first:
             loop.call_soon_threadsafe(self._settle_finished)
@@ -591,14 +645,14 @@ class WorkerRuntime:
     def _settle_finished(self) -> None:
         with self._finished_lock:
             finished, self._finished_calls = self._finished_calls, []
-        for fut, error in finished:
+        for fut, result, error in finished:
             if fut.cancelled():
                 if fut in self._abandoned:  # a timed-out handler's thread is free again
                     self._abandoned.discard(fut)
                     self.stuck_threads -= 1
                 continue
             if error is None:
-                fut.set_result(None)
+                fut.set_result(result)
             else:
                 fut.set_exception(error)
 
@@ -721,7 +775,7 @@ class WorkerRuntime:
         headers.setdefault(Header.FIRST_FAILURE, now)
         headers[Header.LAST_FAILURE] = now
         if exc is not None:
-            headers[Header.ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            headers[Header.ERROR_TYPE] = _qualified(exc)
             headers[Header.ERROR_MESSAGE] = _short(str(exc), MAX_ERROR_MESSAGE)
             headers[Header.TRACEBACK] = _short(
                 "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
@@ -731,6 +785,10 @@ class WorkerRuntime:
         headers.setdefault(Header.ORIGINAL_ROUTING_KEY, message.routing_key)
         headers[Header.QUEUE] = self.queue
         return headers
+
+
+def _qualified(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 def _deliveries(message: Message) -> int:
