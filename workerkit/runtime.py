@@ -49,7 +49,15 @@ from .decision import (
     outcome_of,
 )
 from .errors import DecodeError, HandlerTimeout, InvalidMessage, WorkerkitError
-from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing, decoder_for
+from .idempotency import Claim
+from .message import (
+    BROKER_DEATH_HEADERS,
+    Header,
+    Message,
+    Outgoing,
+    decoder_for,
+    new_message_id,
+)
 from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
@@ -63,6 +71,8 @@ log = logging.getLogger("workerkit.runtime")
 
 MAX_ERROR_MESSAGE = 1000
 MAX_TRACEBACK = 8000
+# Seconds a claim of an idempotent worker outlives its handler's time limit.
+CLAIM_MARGIN = 5.0
 # Share of the broker's consumer_timeout a delivery may be held (waiting + handler + copy);
 # the rest covers the ack's trip and clock differences.
 LEASE = 0.95
@@ -186,6 +196,11 @@ class WorkerRuntime:
         # published (the request is acked or dead-lettered all the same).
         self.replies_sent = 0
         self.replies_failed = 0
+        # Idempotent workers: the store, how long a claim outlives a handler that may still be
+        # running (its time limit, and for def handlers the wait for a thread), duplicates seen.
+        self.once = cls.idempotency_store if cls.idempotent else None
+        self.claim_ttl = self.timeout + (0 if handler.is_async else self.max_wait) + CLAIM_MARGIN
+        self.duplicates = 0
         self._hurry = asyncio.Event()
         # Classic queues: redelivered originals whose counted copy is published but whose ack
         # may not be on the wire yet. No handler starts meanwhile (see _recount).
@@ -324,6 +339,11 @@ class WorkerRuntime:
             await self.instance.teardown()
         except Exception:
             log.exception("teardown failed", extra=self.log_extra)
+        if self.once is not None:
+            try:
+                await self.once.close()
+            except Exception:
+                log.exception("closing the idempotency store failed", extra=self.log_extra)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -428,7 +448,9 @@ class WorkerRuntime:
         try:
             body = self.decode(message)
             slot.deadline = loop.time() + self.timeout
-            if self.is_async:
+            if self.once is not None:
+                result = await self._once(body, message, slot, loop)
+            elif self.is_async:
                 if self.wants_message:
                     result = await self.instance.handle(body, message)
                 else:
@@ -437,6 +459,8 @@ class WorkerRuntime:
                 result = await self._in_thread(body, message, slot, loop)
         except DecodeError as exc:
             what, error = Happened.INVALID, exc
+        except _Duplicate:
+            result = _NO_REPLY
         except asyncio.CancelledError as exc:
             what, error = self._cancelled(slot, exc)
         except BaseException as exc:  # anything a handler raises is its failure
@@ -444,9 +468,11 @@ class WorkerRuntime:
         slot.deadline = 0.0
         slot.timed_out = False
         if what is Happened.HANDLED:
-            if message.reply_to:  # a request: answered before it is acked
+            if message.reply_to and result is not _NO_REPLY:  # a request: answer, then ack
                 await self._answer(message, result)
             decision: Decision = decide(what, self.policy)
+        elif isinstance(error, ClaimedElsewhere):
+            decision = Retry(delay=error.delay, attempt=message.attempt)
         else:
             decision = decide(what, self.policy, attempt=message.attempt, error=error)
         pending = self._carry_out(message, tracker, decision, error, arrived)
@@ -559,6 +585,60 @@ class WorkerRuntime:
             self.settled.clear()
         else:
             self.settled.set()
+
+    # -- idempotent handlers -----------------------------------------------------------------
+
+    async def _call(
+        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> Any:
+        if not self.is_async:
+            return await self._in_thread(body, message, slot, loop)
+        if self.wants_message:
+            return await self.instance.handle(body, message)
+        return await self.instance.handle(body)
+
+    async def _once(
+        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> Any:
+        """Claim the key, run the handler, commit; release the claim if the handler failed."""
+        store = self.once
+        assert store is not None
+        key = f"{self.queue}:{self.instance.idempotency_key(body, message)}"
+        token = new_message_id()
+        claim, left = await store.claim(key, token, self.claim_ttl)
+        if claim is Claim.DONE:
+            self.duplicates += 1
+            log.info(
+                "duplicate of a handled message (key %s); acked without running",
+                key,
+                extra={**self.log_extra, "message_id": message.message_id},
+            )
+            raise _Duplicate
+        if claim is Claim.BUSY:
+            # Running elsewhere (look again soon), or claimed by a process that died (its claim
+            # expires in ``left``). Not an attempt: the handler did not run.
+            raise ClaimedElsewhere(key, min(max(left, 0.1), max(1.0, self.policy.delay)))
+        try:
+            result = await self._call(body, message, slot, loop)
+        except BaseException:
+            try:
+                await store.release(key, token)
+            except Exception as exc:  # the claim expires on its own
+                log.error("could not release the claim of %s: %s", key, exc, extra=self.log_extra)
+            raise
+        try:
+            if not await store.commit(key, token, self.cls.idempotency_ttl):
+                log.warning(
+                    "the claim of %s expired before the handler returned; a duplicate may have"
+                    " run meanwhile",
+                    key,
+                    extra=self.log_extra,
+                )
+        except Exception as exc:
+            # The work is done: ack it. The claim expires after claim_ttl; a redelivery after
+            # that would run the handler again.
+            log.error("could not commit %s: %s", key, exc, extra=self.log_extra)
+        return result
 
     # -- replies to requests -----------------------------------------------------------------
 
@@ -785,6 +865,22 @@ class WorkerRuntime:
         headers.setdefault(Header.ORIGINAL_ROUTING_KEY, message.routing_key)
         headers[Header.QUEUE] = self.queue
         return headers
+
+
+class ClaimedElsewhere(Exception):
+    """An idempotent worker's key is claimed by another delivery: look again after ``delay``
+    seconds, without counting an attempt."""
+
+    def __init__(self, key: str, delay: float) -> None:
+        super().__init__(f"key {key} is claimed by another delivery")
+        self.delay = delay
+
+
+class _Duplicate(Exception):
+    """An idempotent worker's key is already done: ack without running."""
+
+
+_NO_REPLY: Any = object()
 
 
 def _qualified(exc: BaseException) -> str:
