@@ -197,9 +197,9 @@ class WorkerRuntime:
         self.replies_sent = 0
         self.replies_failed = 0
         # Idempotent workers: the store, how long a claim outlives a handler that may still be
-        # running (its time limit, and for def handlers the wait for a thread), duplicates seen.
+        # running (its time limit plus a margin), and the duplicates seen.
         self.once = cls.idempotency_store if cls.idempotent else None
-        self.claim_ttl = self.timeout + (0 if handler.is_async else self.max_wait) + CLAIM_MARGIN
+        self.claim_ttl = self.timeout + CLAIM_MARGIN
         self.duplicates = 0
         self._hurry = asyncio.Event()
         # Classic queues: redelivered originals whose counted copy is published but whose ack
