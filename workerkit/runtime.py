@@ -36,6 +36,7 @@ else:  # pragma: no cover - Python 3.10
     from typing_extensions import assert_never
 
 from .acks import AckTracker
+from .batch import failures_of
 from .decision import (
     Ack,
     DeadLetter,
@@ -147,6 +148,11 @@ class WorkerRuntime:
         )
         self.prefetch = prefetch or cls.prefetch or settings.prefetch
         self.concurrency = concurrency or cls.concurrency or settings.concurrency
+        self.batch_size = cls.batch_size or 0
+        self.batch_timeout = cls.batch_timeout
+        if self.batch_size:
+            # Enough in flight for every slot to fill a batch.
+            self.prefetch = max(self.prefetch, self.batch_size * self.concurrency)
         limit = settings.broker_consumer_timeout
         self.timeout = cls.handler_timeout or settings.handler_timeout or limit * 0.9
         # How long a delivery may wait locally for a slot (or a thread) before it is given back
@@ -363,7 +369,8 @@ class WorkerRuntime:
 
     def _new_slot(self, loop: asyncio.AbstractEventLoop) -> Slot:
         slot = Slot()
-        slot.task = loop.create_task(self._slot(slot))
+        body = self._batch_slot(slot) if self.batch_size else self._slot(slot)
+        slot.task = loop.create_task(body)
         slot.task.add_done_callback(self._slot_ended)
         return slot
 
@@ -426,17 +433,7 @@ class WorkerRuntime:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         if message.redelivered and self.classic:
-            deliveries = _deliveries(message) + 1
-            counted = decide(
-                Happened.REDELIVERED,
-                self.policy,
-                deliveries=deliveries,
-                delivery_limit=self.delivery_limit,
-            )
-            crashed = RuntimeError(f"delivered {deliveries - 1} times without an ack (crashed?)")
-            pending = self._carry_out(message, tracker, counted, crashed, arrived)
-            if pending is not None:
-                await pending
+            await self._redelivered(message, tracker, arrived)
             return
         if self.settling:
             await self.settled.wait()
@@ -476,6 +473,20 @@ class WorkerRuntime:
         else:
             decision = decide(what, self.policy, attempt=message.attempt, error=error)
         pending = self._carry_out(message, tracker, decision, error, arrived)
+        if pending is not None:
+            await pending
+
+    async def _redelivered(self, message: Message, tracker: AckTracker, arrived: float) -> None:
+        """Classic queue: count a redelivery (the broker does not) before anything runs."""
+        deliveries = _deliveries(message) + 1
+        counted = decide(
+            Happened.REDELIVERED,
+            self.policy,
+            deliveries=deliveries,
+            delivery_limit=self.delivery_limit,
+        )
+        crashed = RuntimeError(f"delivered {deliveries - 1} times without an ack (crashed?)")
+        pending = self._carry_out(message, tracker, counted, crashed, arrived)
         if pending is not None:
             await pending
 
@@ -586,11 +597,132 @@ class WorkerRuntime:
         else:
             self.settled.set()
 
+    # -- batches -----------------------------------------------------------------------------
+
+    async def _batch_slot(self, slot: Slot) -> None:
+        """A slot of a ``batch_size`` worker: collect a batch, handle it, settle each message."""
+        deque = self.deque
+        loop = asyncio.get_running_loop()
+        while True:
+            if not deque:
+                if self.stopping:
+                    return
+                fut = loop.create_future()
+                self.idle.append(fut)
+                await fut
+                continue
+            batch, arrived = await self._collect(loop)
+            tracker = self.tracker
+            if tracker is None or not batch:
+                continue
+            self.in_flight += len(batch)
+            settled: set[int] = set()
+            try:
+                await self._process_batch(batch, arrived, tracker, slot, loop, settled)
+            except BaseException:
+                if slot.closing:
+                    raise  # shutdown past the grace period: the broker redelivers
+                log.exception("unexpected error in a batch; giving it back", extra=self.log_extra)
+                for message in batch:
+                    if message.delivery_tag not in settled:
+                        self._carry_out(message, tracker, GiveBack(), None, 0.0)
+            finally:
+                self.in_flight -= len(batch)
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Message], list[float]]:
+        """Up to ``batch_size`` deliveries, waiting at most ``batch_timeout`` for more."""
+        deque, arrivals = self.deque, self.arrivals
+        batch: list[Message] = []
+        arrived: list[float] = []
+        deadline = loop.time() + self.batch_timeout
+        while len(batch) < self.batch_size:
+            if deque:
+                batch.append(deque.popleft())
+                arrived.append(arrivals.popleft())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.stopping:
+                break
+            fut = loop.create_future()
+            self.idle.append(fut)
+            await asyncio.wait({fut}, timeout=remaining)
+            if not fut.done():
+                self.idle.remove(fut)
+                fut.cancel()
+        return batch, arrived
+
+    async def _process_batch(
+        self,
+        batch: list[Message],
+        arrived: list[float],
+        tracker: AckTracker,
+        slot: Slot,
+        loop: asyncio.AbstractEventLoop,
+        settled: set[int],
+    ) -> None:
+        """Decode each message, hand the valid ones to the handler in one call, then carry out
+        one decision per message (``settled`` collects the tags already taken care of)."""
+        pending: list[Awaitable[None]] = []
+        ok: list[tuple[Message, float]] = []
+        bodies: list[Any] = []
+        for message, when in zip(batch, arrived, strict=True):
+            if message.redelivered and self.classic:
+                settled.add(message.delivery_tag)
+                pending.append(self._redelivered(message, tracker, when))
+                continue
+            if message.exchange != self.exchange:
+                self._restore_route(message)
+            try:
+                bodies.append(self.decode(message))
+            except DecodeError as exc:  # never reaches the handler; the DLQ says why
+                settled.add(message.delivery_tag)
+                invalid = decide(Happened.INVALID, self.policy)
+                done = self._carry_out(message, tracker, invalid, exc, when)
+                if done is not None:
+                    pending.append(done)
+                continue
+            ok.append((message, when))
+        if pending:
+            await asyncio.gather(*pending)
+            pending.clear()
+        if not ok:
+            return
+        if self.settling:
+            await self.settled.wait()
+        messages = [message for message, _ in ok]
+        what, error, failures = Happened.HANDLED, None, {}
+        slot.deadline = loop.time() + self.timeout
+        try:
+            result = await self._call(bodies, messages, slot, loop)
+            failures = failures_of(result, len(ok))
+        except asyncio.CancelledError as exc:
+            what, error = self._cancelled(slot, exc)
+        except BaseException as exc:  # the whole batch failed: each message on its own
+            what, error = Happened.FAILED, exc
+        slot.deadline = 0.0
+        slot.timed_out = False
+        for i, (message, when) in enumerate(ok):
+            item_error = failures.get(i, error)
+            if item_error is None and what is Happened.HANDLED:
+                if message.reply_to:
+                    await self._answer(message, None)
+                decision: Decision = decide(Happened.HANDLED, self.policy)
+            else:
+                item_what = what if what is not Happened.HANDLED else Happened.FAILED
+                decision = decide(item_what, self.policy, attempt=message.attempt, error=item_error)
+            settled.add(message.delivery_tag)
+            done = self._carry_out(message, tracker, decision, item_error, when)
+            if done is not None:
+                pending.append(done)
+        if pending:
+            await asyncio.gather(*pending)
+
     # -- idempotent handlers -----------------------------------------------------------------
 
     async def _call(
-        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+        self, body: Any, message: Any, slot: Slot, loop: asyncio.AbstractEventLoop
     ) -> Any:
+        """Run the handler: ``message`` is a Message, or a list of them for a batch."""
         if not self.is_async:
             return await self._in_thread(body, message, slot, loop)
         if self.wants_message:
@@ -681,7 +813,7 @@ class WorkerRuntime:
     # -- plain def handlers ------------------------------------------------------------------
 
     def _in_thread(
-        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+        self, body: Any, message: Any, slot: Slot, loop: asyncio.AbstractEventLoop
     ) -> asyncio.Future[Any]:
         """Run a plain ``def`` handler in the pool; the future settles on the loop.
 

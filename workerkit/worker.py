@@ -40,6 +40,8 @@ _SETTINGS_ATTRS = frozenset(
         "overflow",
         "single_active_consumer",
         "arguments",
+        "batch_size",
+        "batch_timeout",
     }
 )
 # Queue arguments workerkit writes itself (from the attributes named here, or always).
@@ -115,6 +117,9 @@ class Worker:
       (seconds; expired messages go to the DLQ with reason ``expired``), ``max_length`` and
       ``overflow`` (``reject-publish`` makes a full queue refuse publishes),
       ``single_active_consumer``, and ``arguments`` for any other ``x-`` argument.
+    * ``batch_size`` / ``batch_timeout`` - ``handle`` receives a list of up to ``batch_size``
+      decoded bodies (``list[Order]``), collected for at most ``batch_timeout`` seconds; each
+      message is acked, retried or dead-lettered on its own (see ``workerkit.batch``).
 
     Set ``abstract = True`` on a base class shared by several workers.
     """
@@ -136,6 +141,8 @@ class Worker:
     overflow: ClassVar[str | None] = None
     single_active_consumer: ClassVar[bool] = False
     arguments: ClassVar[Mapping[str, Any]] = {}
+    batch_size: ClassVar[int | None] = None
+    batch_timeout: ClassVar[float] = 1.0
     abstract: ClassVar[bool] = True
 
     _handler: ClassVar[Handler]
@@ -190,6 +197,7 @@ class Worker:
         if cls.retry is not None and not isinstance(cls.retry, RetryPolicy):
             raise ConfigurationError(f"{name}: retry must be a RetryPolicy")
         _check_idempotency(cls, name)
+        _check_batch(cls, name)
         cls._queue_arguments = _queue_arguments(cls, name)
         cls._handler = _inspect_handler(cls, name)
         previous = Worker.registry.get(cls.queue)
@@ -235,6 +243,22 @@ def _check_idempotency(cls: type[Worker], name: str) -> None:
     ttl = cls.idempotency_ttl
     if not _positive(ttl):
         raise ConfigurationError(f"{name}: idempotency_ttl must be a positive number of seconds")
+
+
+def _check_batch(cls: type[Worker], name: str) -> None:
+    size = cls.batch_size
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 10000:
+        raise ConfigurationError(f"{name}: batch_size must be an int in [1, 10000]")
+    if not _positive(cls.batch_timeout):
+        raise ConfigurationError(f"{name}: batch_timeout must be a positive number of seconds")
+    if cls.prefetch is not None and cls.prefetch < size:
+        raise ConfigurationError(
+            f"{name}: prefetch {cls.prefetch} is below batch_size {size}: a batch could never fill"
+        )
+    if cls.idempotent:
+        raise ConfigurationError(f"{name}: idempotent workers cannot take batches (yet)")
 
 
 def _positive(value: object) -> bool:
@@ -310,10 +334,22 @@ def _inspect_handler(cls: type[Worker], name: str) -> Handler:
     except Exception as exc:  # NameError for an undefined forward reference, among others
         raise ConfigurationError(f"{name}: cannot resolve handle annotations: {exc}") from None
     body_type = hints.get(params[0].name, bytes)
+    batch = cls.batch_size is not None
+    message_type: Any = Message
+    if batch:
+        # handle(self, orders: list[Order], messages: list[Message]): decode each as Order.
+        if typing.get_origin(body_type) is not list or len(typing.get_args(body_type)) != 1:
+            raise ConfigurationError(
+                f"{name}: with batch_size, annotate the body as a list: handle(self, items:"
+                f" list[Order]) (got {body_type!r})"
+            )
+        body_type = typing.get_args(body_type)[0]
+        message_type = list[Message]
     wants_message = False
     if len(params) == 2:
-        if hints.get(params[1].name, Message) is not Message:
-            raise ConfigurationError(f"{name}: the second parameter of handle must be a Message")
+        if hints.get(params[1].name, message_type) != message_type:
+            what = "a list[Message]" if batch else "a Message"
+            raise ConfigurationError(f"{name}: the second parameter of handle must be {what}")
         wants_message = True
     try:
         # Builds pydantic's validator now, so an unusable annotation fails at import, not at run.
