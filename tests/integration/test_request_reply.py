@@ -144,6 +144,8 @@ async def test_return_values_answer_requests(
                 return "plain text"
             if kind == "bytes":
                 return b"\x00\xff"
+            if kind == "set":
+                return {1, 2}  # cannot be encoded: the caller hears why
             return {"sku": body["sku"], "list": [1, 2]}
 
     async with running(_runner(settings, Pricing)):
@@ -164,7 +166,12 @@ async def test_return_values_answer_requests(
 
         reply, _, _ = await caller.call(q, orjson.dumps({"kind": "bytes", "sku": "B2"}))
         assert reply is not None and decode_reply(reply) == b"\x00\xff"
-    assert handled == ["model", "none", "dict", "text", "bytes"]
+
+        reply, _, _ = await caller.call(q, orjson.dumps({"kind": "set", "sku": "B2"}))
+        assert reply is not None
+        with pytest.raises(RemoteError, match="cannot encode"):
+            decode_reply(reply)
+    assert handled == ["model", "none", "dict", "text", "bytes", "set"]
     # Requests were acked like any message: nothing left behind.
     assert await asyncio.to_thread(ready_count, settings.url.get_secret_value(), q) == 0
 
