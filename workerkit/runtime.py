@@ -9,6 +9,9 @@ The per-message path (the rules are in ``decision.py``; this module only carries
                        -> _carry_out(decision)  match + assert_never: ack / confirmed copy then
                                                 ack / nack; a copy not confirmed -> decide again
                        -> _finished(outcome)    the one place a delivery's outcome is known
+    requests (reply_to)   the handler's value is the reply, published before the ack; an error
+                          reply follows a confirmed DLQ copy (reply.py has the wire format)
+    batch workers         _batch_slot: collect, decode each, one handler call, one decision each
     watchdog (1 task)  -> handler timeouts; deliveries that waited too long locally: GiveBack
 
 ``concurrency`` long-lived slot coroutines bound the handlers in flight; ``prefetch`` bounds what
