@@ -756,6 +756,10 @@ class WorkerRuntime:
         try:
             result = await self._call(body, message, slot, loop)
         except BaseException:
+            if self.pool is not None and slot.timed_out and slot.started:
+                # A def handler past its time limit keeps running in its thread (a thread cannot
+                # be stopped): keep the claim, which expires CLAIM_MARGIN later, not at once.
+                raise
             try:
                 await store.release(key, token)
             except Exception as exc:  # the claim expires on its own

@@ -128,3 +128,37 @@ def test_idempotent_needs_a_store() -> None:
             idempotency_ttl = 0
 
             async def handle(self, body: bytes) -> None: ...
+
+
+async def test_a_timed_out_def_handler_keeps_its_claim_so_the_retry_never_overlaps_it() -> None:
+    import threading
+    import time
+
+    name = qname("stuck")
+    store = MemoryStore()
+    runs: list[tuple[int, float, float]] = []
+    lock = threading.Lock()
+
+    class Slow(Worker):
+        queue = name
+        idempotent = True
+        idempotency_store = store
+        handler_timeout = 0.3
+        retry = RetryPolicy(max_attempts=3, delay=0.05, jitter=0.0)
+
+        def handle(self, body: dict[str, Any], message: Message) -> None:
+            started = time.monotonic()
+            if message.attempt == 1:
+                time.sleep(1.0)  # past its limit; the thread cannot be stopped
+            with lock:
+                runs.append((message.attempt, started, time.monotonic()))
+
+    broker = MemoryBroker()
+    runner, _ = in_memory([Slow], broker=broker, settings=settings())
+    async with running(runner), memory_publisher(broker, settings()) as pub:
+        await pub.publish(name, {}, message_id="m-slow")
+        rt = runner.runtimes[0]
+        await wait_for(lambda: rt.processed == 1, 15, "the retry, after the claim expired")
+    (first, _, f_end), (second, s_start, _) = sorted(runs)
+    assert (first, second) == (1, 2)
+    assert s_start >= f_end, "the retry ran while the timed-out handler was still running"
