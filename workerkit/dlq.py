@@ -168,8 +168,12 @@ def _reason(headers: Mapping[str, Any]) -> str:
     reason = _text(headers.get(Header.REASON))
     if reason:
         return reason
-    # Dead-lettered by the broker itself: a quorum queue's delivery limit, a TTL, a nack...
-    broker_reason = _text(headers.get("x-first-death-reason"))
+    # Dead-lettered by the broker itself: a queue's message_ttl ("expired"), a quorum queue's
+    # delivery limit, a nack... The latest death is the one into this DLQ (x-death is most
+    # recent first); the first may be an earlier expiry in workerkit's delay queues.
+    deaths = _deaths(headers)
+    latest = _text(deaths[0].get("reason")) if deaths else None
+    broker_reason = latest or _text(headers.get("x-first-death-reason"))
     if broker_reason:
         return broker_reason.replace("_", "-")
     return "unknown"

@@ -10,10 +10,13 @@
     ├── PublishError                  a publish did not reach the broker's durable state
     │   ├── Unroutable                no queue is bound for the routing key (mandatory return)
     │   ├── PublishTimeout            no confirm within the timeout (broker down, blocked, slow)
+    │   │   └── RequestTimeout        no reply to a request within its timeout
     │   ├── InvalidMessage            cannot be sent as given (also a ValueError); never sent
     │   │   └── MessageTooLarge       body above ``max_body_size``
     │   └── PublishNacked             the broker refused the message (nack)
     ├── DecodeError                   a body that cannot be decoded or validated (goes to the DLQ)
+    ├── RemoteError                   a request's handler failed for good: rejected, exhausted,
+    │                                 invalid body (its type, message and the request's id)
     └── HandlerTimeout                a handler ran past its time limit (retried like a failure)
 
 Control flow raised by handlers (not errors of workerkit's own):
@@ -26,6 +29,8 @@ one seam into this tree.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class WorkerkitError(Exception):
@@ -80,8 +85,32 @@ class PublishNacked(PublishError):
     """The broker answered the publish with a nack."""
 
 
+class RequestTimeout(PublishTimeout):
+    """No reply to a request arrived within its timeout (the whole of its retries included)."""
+
+
 class DecodeError(WorkerkitError):
     """A message body could not be decoded or validated for its handler."""
+
+
+class RemoteError(WorkerkitError):
+    """The worker answering a request gave up on it: its handler raised Reject, its attempts
+    were exhausted, or the request's body was invalid.
+
+    ``type`` is the error's qualified name on the worker's side (``workerkit.errors.DecodeError``
+    for an invalid body), ``message`` its text, ``request_id`` the request's message id and
+    ``reason`` the dead-letter reason (rejected, exhausted, delivery-limit, invalid).
+    """
+
+    def __init__(self, type: str, message: str, request_id: str, reason: str = "") -> None:
+        super().__init__(f"{type}: {message} (request {request_id or '?'}, {reason or 'failed'})")
+        self.type = type
+        self.message = message
+        self.request_id = request_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.type, self.message, self.request_id, self.reason))
 
 
 class HandlerTimeout(WorkerkitError, TimeoutError):

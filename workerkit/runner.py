@@ -24,6 +24,7 @@ from typing import Any
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
 from .middleware import Middleware, call_hooks, check_middleware
+from .reply import reply_mandatory
 from .retry import reconnecting
 from .runtime import LEASE, WorkerRuntime
 from .settings import Settings, load_settings
@@ -190,6 +191,13 @@ class Runner:
         if channel is None or not channel.is_open:
             channel = await self._reopen_publish_channel()
         await channel.publish(copy, mandatory=True, timeout=timeout)
+
+    async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
+        """Confirmed publish of a reply on the publish channel (see ``reply.py``)."""
+        channel = self._publish_channel
+        if channel is None or not channel.is_open:
+            channel = await self._reopen_publish_channel()
+        await channel.publish(reply, mandatory=reply_mandatory(reply.routing_key), timeout=timeout)
 
     async def publish(self, message: Outgoing) -> None:
         """Confirmed publish on the runner's publish channel (retry and dead-letter copies)."""

@@ -9,6 +9,9 @@ The per-message path (the rules are in ``decision.py``; this module only carries
                        -> _carry_out(decision)  match + assert_never: ack / confirmed copy then
                                                 ack / nack; a copy not confirmed -> decide again
                        -> _finished(outcome)    the one place a delivery's outcome is known
+    requests (reply_to)   the handler's value is the reply, published before the ack; an error
+                          reply follows a confirmed DLQ copy (reply.py has the wire format)
+    batch workers         _batch_slot: collect, decode each, one handler call, one decision each
     watchdog (1 task)  -> handler timeouts; deliveries that waited too long locally: GiveBack
 
 ``concurrency`` long-lived slot coroutines bound the handlers in flight; ``prefetch`` bounds what
@@ -37,6 +40,7 @@ else:  # pragma: no cover - Python 3.10
     from typing_extensions import assert_never
 
 from .acks import AckTracker
+from .batch import failures_of
 from .decision import (
     Ack,
     DeadLetter,
@@ -49,9 +53,18 @@ from .decision import (
     decide,
     outcome_of,
 )
-from .errors import DecodeError, HandlerTimeout, WorkerkitError
-from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing, decoder_for
+from .errors import DecodeError, HandlerTimeout, InvalidMessage, WorkerkitError
+from .idempotency import Claim
+from .message import (
+    BROKER_DEATH_HEADERS,
+    Header,
+    Message,
+    Outgoing,
+    decoder_for,
+    new_message_id,
+)
 from .middleware import Middleware, call_hooks, call_hooks_reversed
+from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
 from .topology import Topology
@@ -64,6 +77,8 @@ log = logging.getLogger("workerkit.runtime")
 
 MAX_ERROR_MESSAGE = 1000
 MAX_TRACEBACK = 8000
+# Seconds a claim of an idempotent worker outlives its handler's time limit.
+CLAIM_MARGIN = 5.0
 # Share of the broker's consumer_timeout a delivery may be held (waiting + handler + copy);
 # the rest covers the ack's trip and clock differences.
 LEASE = 0.95
@@ -77,6 +92,10 @@ class Host(Protocol):
 
     async def publish_copy(self, copy: Outgoing, timeout: float) -> None:
         """Confirmed publish of a retry, dead-letter or recount copy."""
+        ...
+
+    async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
+        """Confirmed publish of a reply to a request (see ``reply.py``)."""
         ...
 
     def consumer_lost(self, error: Exception) -> None:
@@ -99,7 +118,7 @@ class Slot:
         self.timed_out = False  # the watchdog cancelled the handler
         self.closing = False  # the runtime cancelled the slot (shutdown past the grace period)
         self.started = True  # False while a def handler waits for a free pool thread
-        self.call: asyncio.Future[None] | None = None  # the running def handler's future
+        self.call: asyncio.Future[Any] | None = None  # the running def handler's future
 
 
 def _uncancel(task: asyncio.Task[None]) -> None:
@@ -135,6 +154,11 @@ class WorkerRuntime:
         )
         self.prefetch = prefetch or cls.prefetch or settings.prefetch
         self.concurrency = concurrency or cls.concurrency or settings.concurrency
+        self.batch_size = cls.batch_size or 0
+        self.batch_timeout = cls.batch_timeout
+        if self.batch_size:
+            # Enough in flight for every slot to fill a batch.
+            self.prefetch = max(self.prefetch, self.batch_size * self.concurrency)
         limit = settings.broker_consumer_timeout
         self.timeout = cls.handler_timeout or settings.handler_timeout or limit * 0.9
         # How long a delivery may wait locally for a slot (or a thread) before it is given back
@@ -156,10 +180,10 @@ class WorkerRuntime:
             )
         )
         # Plain def handlers: outcomes of finished handlers, waiting for the loop to pick them up.
-        self._finished_calls: list[tuple[asyncio.Future[None], BaseException | None]] = []
+        self._finished_calls: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self._finished_lock = threading.Lock()
         # Threads still running a handler that timed out (their futures), and their count.
-        self._abandoned: set[asyncio.Future[None]] = set()
+        self._abandoned: set[asyncio.Future[Any]] = set()
         self.stuck_threads = 0
         self.classic = cls.queue_type == "classic"
         self.exchange = settings.exchange
@@ -183,6 +207,15 @@ class WorkerRuntime:
         self.consuming = False
         self.slot_restarts = 0
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        # Requests (messages with reply_to): replies confirmed, and replies that could not be
+        # published (the request is acked or dead-lettered all the same).
+        self.replies_sent = 0
+        self.replies_failed = 0
+        # Idempotent workers: the store, how long a claim outlives a handler that may still be
+        # running (its time limit plus a margin), and the duplicates seen.
+        self.once = cls.idempotency_store if cls.idempotent else None
+        self.claim_ttl = self.timeout + CLAIM_MARGIN
+        self.duplicates = 0
         self._hurry = asyncio.Event()
         # Classic queues: redelivered originals whose counted copy is published but whose ack
         # may not be on the wire yet. No handler starts meanwhile (see _recount).
@@ -321,6 +354,11 @@ class WorkerRuntime:
             await self.instance.teardown()
         except Exception:
             log.exception("teardown failed", extra=self.log_extra)
+        if self.once is not None:
+            try:
+                await self.once.close()
+            except Exception:
+                log.exception("closing the idempotency store failed", extra=self.log_extra)
         call_hooks(self.middleware, "on_worker_stop", self.instance)
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -341,7 +379,8 @@ class WorkerRuntime:
 
     def _new_slot(self, loop: asyncio.AbstractEventLoop) -> Slot:
         slot = Slot()
-        slot.task = loop.create_task(self._slot(slot))
+        body = self._batch_slot(slot) if self.batch_size else self._slot(slot)
+        slot.task = loop.create_task(body)
         slot.task.add_done_callback(self._slot_ended)
         return slot
 
@@ -410,17 +449,7 @@ class WorkerRuntime:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         if message.redelivered and self.classic:
-            deliveries = _deliveries(message) + 1
-            counted = decide(
-                Happened.REDELIVERED,
-                self.policy,
-                deliveries=deliveries,
-                delivery_limit=self.delivery_limit,
-            )
-            crashed = RuntimeError(f"delivered {deliveries - 1} times without an ack (crashed?)")
-            pending = self._carry_out(message, tracker, counted, crashed, arrived)
-            if pending is not None:
-                await pending
+            await self._redelivered(message, tracker, arrived)
             return
         if self.settling:
             await self.settled.wait()
@@ -428,18 +457,23 @@ class WorkerRuntime:
             self._restore_route(message)
         what: Happened = Happened.HANDLED
         error: BaseException | None = None
+        result: Any = None
         try:
             body = self.decode(message)
             slot.deadline = loop.time() + self.timeout
-            if self.is_async:
+            if self.once is not None:
+                result = await self._once(body, message, slot, loop)
+            elif self.is_async:
                 if self.wants_message:
-                    await self.instance.handle(body, message)
+                    result = await self.instance.handle(body, message)
                 else:
-                    await self.instance.handle(body)
+                    result = await self.instance.handle(body)
             else:
-                await self._in_thread(body, message, slot, loop)
+                result = await self._in_thread(body, message, slot, loop)
         except DecodeError as exc:
             what, error = Happened.INVALID, exc
+        except _Duplicate:
+            result = _NO_REPLY
         except asyncio.CancelledError as exc:
             what, error = self._cancelled(slot, exc)
         except BaseException as exc:  # anything a handler raises is its failure
@@ -447,10 +481,28 @@ class WorkerRuntime:
         slot.deadline = 0.0
         slot.timed_out = False
         if what is Happened.HANDLED:
+            if message.reply_to and result is not _NO_REPLY:  # a request: answer, then ack
+                await self._answer(message, result)
             decision: Decision = decide(what, self.policy)
+        elif isinstance(error, ClaimedElsewhere):
+            decision = Retry(delay=error.delay, attempt=message.attempt)
         else:
             decision = decide(what, self.policy, attempt=message.attempt, error=error)
         pending = self._carry_out(message, tracker, decision, error, arrived)
+        if pending is not None:
+            await pending
+
+    async def _redelivered(self, message: Message, tracker: AckTracker, arrived: float) -> None:
+        """Classic queue: count a redelivery (the broker does not) before anything runs."""
+        deliveries = _deliveries(message) + 1
+        counted = decide(
+            Happened.REDELIVERED,
+            self.policy,
+            deliveries=deliveries,
+            delivery_limit=self.delivery_limit,
+        )
+        crashed = RuntimeError(f"delivered {deliveries - 1} times without an ack (crashed?)")
+        pending = self._carry_out(message, tracker, counted, crashed, arrived)
         if pending is not None:
             await pending
 
@@ -548,6 +600,9 @@ class WorkerRuntime:
                 if pending is not None:
                     await pending
                 return
+            if message.reply_to and isinstance(decision, DeadLetter):
+                # The caller learns now, not at its timeout; retries in between say nothing.
+                await self._answer_error(message, decision, error)
             tracker.done(message.delivery_tag)
             self._finished(message, outcome_of(decision))
             if recount and self.channel is not None:
@@ -567,11 +622,236 @@ class WorkerRuntime:
         else:
             self.settled.set()
 
+    # -- batches -----------------------------------------------------------------------------
+
+    async def _batch_slot(self, slot: Slot) -> None:
+        """A slot of a ``batch_size`` worker: collect a batch, handle it, settle each message."""
+        deque = self.deque
+        loop = asyncio.get_running_loop()
+        while True:
+            if not deque:
+                if self.stopping:
+                    return
+                fut = loop.create_future()
+                self.idle.append(fut)
+                await fut
+                continue
+            batch, arrived = await self._collect(loop)
+            tracker = self.tracker
+            if tracker is None or not batch:
+                continue
+            self.in_flight += len(batch)
+            settled: set[int] = set()
+            for message in batch:
+                message.queue = self.queue
+                if self.middleware:
+                    self._began[id(message)] = time.perf_counter()
+                    call_hooks(self.middleware, "before_handle", message)
+            try:
+                await self._process_batch(batch, arrived, tracker, slot, loop, settled)
+            except BaseException:
+                if slot.closing:
+                    # Shutdown past the grace period: the broker redelivers.
+                    for message in batch:
+                        self._after_handle(message, Outcome.GIVEN_BACK)
+                    raise
+                log.exception("unexpected error in a batch; giving it back", extra=self.log_extra)
+                for message in batch:
+                    if message.delivery_tag not in settled:
+                        self._carry_out(message, tracker, GiveBack(), None, 0.0)
+            finally:
+                self.in_flight -= len(batch)
+
+    async def _collect(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Message], list[float]]:
+        """Up to ``batch_size`` deliveries, waiting at most ``batch_timeout`` for more."""
+        deque, arrivals = self.deque, self.arrivals
+        batch: list[Message] = []
+        arrived: list[float] = []
+        deadline = loop.time() + self.batch_timeout
+        while len(batch) < self.batch_size:
+            if deque:
+                batch.append(deque.popleft())
+                arrived.append(arrivals.popleft())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self.stopping:
+                break
+            fut = loop.create_future()
+            self.idle.append(fut)
+            await asyncio.wait({fut}, timeout=remaining)
+            if not fut.done():
+                self.idle.remove(fut)
+                fut.cancel()
+        return batch, arrived
+
+    async def _process_batch(
+        self,
+        batch: list[Message],
+        arrived: list[float],
+        tracker: AckTracker,
+        slot: Slot,
+        loop: asyncio.AbstractEventLoop,
+        settled: set[int],
+    ) -> None:
+        """Decode each message, hand the valid ones to the handler in one call, then carry out
+        one decision per message (``settled`` collects the tags already taken care of)."""
+        pending: list[Awaitable[None]] = []
+        ok: list[tuple[Message, float]] = []
+        bodies: list[Any] = []
+        for message, when in zip(batch, arrived, strict=True):
+            if message.redelivered and self.classic:
+                settled.add(message.delivery_tag)
+                pending.append(self._redelivered(message, tracker, when))
+                continue
+            if message.exchange != self.exchange:
+                self._restore_route(message)
+            try:
+                bodies.append(self.decode(message))
+            except DecodeError as exc:  # never reaches the handler; the DLQ says why
+                settled.add(message.delivery_tag)
+                invalid = decide(Happened.INVALID, self.policy)
+                done = self._carry_out(message, tracker, invalid, exc, when)
+                if done is not None:
+                    pending.append(done)
+                continue
+            ok.append((message, when))
+        if pending:
+            await asyncio.gather(*pending)
+            pending.clear()
+        if not ok:
+            return
+        if self.settling:
+            await self.settled.wait()
+        messages = [message for message, _ in ok]
+        what, error, failures = Happened.HANDLED, None, {}
+        slot.deadline = loop.time() + self.timeout
+        try:
+            result = await self._call(bodies, messages, slot, loop)
+            failures = failures_of(result, len(ok))
+        except asyncio.CancelledError as exc:
+            what, error = self._cancelled(slot, exc)
+        except BaseException as exc:  # the whole batch failed: each message on its own
+            what, error = Happened.FAILED, exc
+        slot.deadline = 0.0
+        slot.timed_out = False
+        for i, (message, when) in enumerate(ok):
+            item_error = failures.get(i, error)
+            if item_error is None and what is Happened.HANDLED:
+                if message.reply_to:
+                    await self._answer(message, None)
+                decision: Decision = decide(Happened.HANDLED, self.policy)
+            else:
+                item_what = what if what is not Happened.HANDLED else Happened.FAILED
+                decision = decide(item_what, self.policy, attempt=message.attempt, error=item_error)
+            settled.add(message.delivery_tag)
+            done = self._carry_out(message, tracker, decision, item_error, when)
+            if done is not None:
+                pending.append(done)
+        if pending:
+            await asyncio.gather(*pending)
+
+    # -- idempotent handlers -----------------------------------------------------------------
+
+    async def _call(
+        self, body: Any, message: Any, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> Any:
+        """Run the handler: ``message`` is a Message, or a list of them for a batch."""
+        if not self.is_async:
+            return await self._in_thread(body, message, slot, loop)
+        if self.wants_message:
+            return await self.instance.handle(body, message)
+        return await self.instance.handle(body)
+
+    async def _once(
+        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> Any:
+        """Claim the key, run the handler, commit; release the claim if the handler failed."""
+        store = self.once
+        assert store is not None
+        key = f"{self.queue}:{self.instance.idempotency_key(body, message)}"
+        token = new_message_id()
+        claim, left = await store.claim(key, token, self.claim_ttl)
+        if claim is Claim.DONE:
+            self.duplicates += 1
+            log.info(
+                "duplicate of a handled message (key %s); acked without running",
+                key,
+                extra={**self.log_extra, "message_id": message.message_id},
+            )
+            raise _Duplicate
+        if claim is Claim.BUSY:
+            # Running elsewhere (look again soon), or claimed by a process that died (its claim
+            # expires in ``left``). Not an attempt: the handler did not run.
+            raise ClaimedElsewhere(key, min(max(left, 0.1), max(1.0, self.policy.delay)))
+        try:
+            result = await self._call(body, message, slot, loop)
+        except BaseException:
+            if self.pool is not None and slot.timed_out and slot.started:
+                # A def handler past its time limit keeps running in its thread (a thread cannot
+                # be stopped): keep the claim, which expires CLAIM_MARGIN later, not at once.
+                raise
+            try:
+                await store.release(key, token)
+            except Exception as exc:  # the claim expires on its own
+                log.error("could not release the claim of %s: %s", key, exc, extra=self.log_extra)
+            raise
+        try:
+            if not await store.commit(key, token, self.cls.idempotency_ttl):
+                log.warning(
+                    "the claim of %s expired before the handler returned; a duplicate may have"
+                    " run meanwhile",
+                    key,
+                    extra=self.log_extra,
+                )
+        except Exception as exc:
+            # The work is done: ack it. The claim expires after claim_ttl; a redelivery after
+            # that would run the handler again.
+            log.error("could not commit %s: %s", key, exc, extra=self.log_extra)
+        return result
+
+    # -- replies to requests -----------------------------------------------------------------
+
+    async def _answer(self, message: Message, value: Any) -> None:
+        """Reply to a request with the handler's return value."""
+        try:
+            reply = reply_to_request(message, value)
+        except InvalidMessage as exc:  # the value cannot be encoded: the caller hears why
+            reply = error_reply(message, _qualified(exc), _short(str(exc), MAX_ERROR_MESSAGE), "")
+        await self._send_reply(message, reply)
+
+    async def _answer_error(
+        self, message: Message, decision: DeadLetter, error: BaseException | None
+    ) -> None:
+        """Tell a request's caller that it will not be answered (rejected, exhausted...)."""
+        reply = error_reply(
+            message,
+            _qualified(error) if error is not None else "unknown",
+            _short(str(error), MAX_ERROR_MESSAGE) if error is not None else "",
+            decision.reason,
+        )
+        await self._send_reply(message, reply)
+
+    async def _send_reply(self, message: Message, reply: Outgoing) -> None:
+        """A reply that cannot be delivered is logged and counted; the request never retries
+        for it (the handler's work is done)."""
+        try:
+            await self.host.publish_reply(reply, self.publish_timeout)
+        except WorkerkitError as exc:
+            self.replies_failed += 1
+            log.warning(
+                "could not deliver the reply to %s (%s); the caller will time out",
+                message.reply_to,
+                exc,
+                extra={**self.log_extra, "message_id": message.message_id},
+            )
+            return
+        self.replies_sent += 1
+
     # -- plain def handlers ------------------------------------------------------------------
 
     def _in_thread(
-        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
-    ) -> asyncio.Future[None]:
+        self, body: Any, message: Any, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[Any]:
         """Run a plain ``def`` handler in the pool; the future settles on the loop.
 
         Not ``run_in_executor``: that wakes the loop once per finished handler. Here finished
@@ -579,7 +859,7 @@ class WorkerRuntime:
         time limit starts when a thread picks it up; until then it may wait ``max_wait``.
         """
         assert self.pool is not None
-        fut: asyncio.Future[None] = loop.create_future()
+        fut: asyncio.Future[Any] = loop.create_future()
         args = (body, message) if self.wants_message else (body,)
         slot.started = False
         slot.call = fut
@@ -593,7 +873,7 @@ class WorkerRuntime:
 
     def _call_handler(
         self,
-        fut: asyncio.Future[None],
+        fut: asyncio.Future[Any],
         args: tuple[Any, ...],
         slot: Slot,
         loop: asyncio.AbstractEventLoop,
@@ -604,12 +884,13 @@ class WorkerRuntime:
         slot.deadline = loop.time() + self.timeout  # a float store: safe from this thread
         slot.started = True
         error: BaseException | None = None
+        result: Any = None
         try:
-            self.instance.handle(*args)
+            result = self.instance.handle(*args)
         except BaseException as exc:  # handed to the loop like run_in_executor would
             error = exc
         with self._finished_lock:
-            self._finished_calls.append((fut, error))
+            self._finished_calls.append((fut, result, error))
             first = len(self._finished_calls) == 1
         if first:
             loop.call_soon_threadsafe(self._settle_finished)
@@ -617,14 +898,14 @@ class WorkerRuntime:
     def _settle_finished(self) -> None:
         with self._finished_lock:
             finished, self._finished_calls = self._finished_calls, []
-        for fut, error in finished:
+        for fut, result, error in finished:
             if fut.cancelled():
                 if fut in self._abandoned:  # a timed-out handler's thread is free again
                     self._abandoned.discard(fut)
                     self.stuck_threads -= 1
                 continue
             if error is None:
-                fut.set_result(None)
+                fut.set_result(result)
             else:
                 fut.set_exception(error)
 
@@ -747,7 +1028,7 @@ class WorkerRuntime:
         headers.setdefault(Header.FIRST_FAILURE, now)
         headers[Header.LAST_FAILURE] = now
         if exc is not None:
-            headers[Header.ERROR_TYPE] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            headers[Header.ERROR_TYPE] = _qualified(exc)
             headers[Header.ERROR_MESSAGE] = _short(str(exc), MAX_ERROR_MESSAGE)
             headers[Header.TRACEBACK] = _short(
                 "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
@@ -757,6 +1038,26 @@ class WorkerRuntime:
         headers.setdefault(Header.ORIGINAL_ROUTING_KEY, message.routing_key)
         headers[Header.QUEUE] = self.queue
         return headers
+
+
+class ClaimedElsewhere(Exception):
+    """An idempotent worker's key is claimed by another delivery: look again after ``delay``
+    seconds, without counting an attempt."""
+
+    def __init__(self, key: str, delay: float) -> None:
+        super().__init__(f"key {key} is claimed by another delivery")
+        self.delay = delay
+
+
+class _Duplicate(Exception):
+    """An idempotent worker's key is already done: ack without running."""
+
+
+_NO_REPLY: Any = object()
+
+
+def _qualified(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
 
 
 def _deliveries(message: Message) -> int:

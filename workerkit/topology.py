@@ -197,6 +197,7 @@ class Topology:
         else:
             arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq}
             dlq_arguments = {}
+        arguments.update(worker._queue_arguments)  # the worker's queue options (worker.py)
         keys = (worker.queue, *(k for k in worker.bindings if k != worker.queue))
         bindings = [(self.exchange, key) for key in keys]
         bindings.append((self.delay_out, f"{RETRY}.{self._stars}.{worker.queue}"))

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import inspect
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from .errors import ConfigurationError
+from .idempotency import IdempotencyStore
 from .message import Message, decoder_for
 from .middleware import Middleware, check_middleware
 from .retry import RetryPolicy
@@ -31,8 +33,34 @@ _SETTINGS_ATTRS = frozenset(
         "delivery_limit",
         "middleware",
         "abstract",
+        "idempotent",
+        "idempotency_store",
+        "idempotency_ttl",
+        "max_priority",
+        "message_ttl",
+        "max_length",
+        "overflow",
+        "single_active_consumer",
+        "arguments",
+        "batch_size",
+        "batch_timeout",
     }
 )
+# Queue arguments workerkit writes itself (from the attributes named here, or always).
+_MANAGED_ARGUMENTS = {
+    "x-queue-type": "queue_type",
+    "x-dead-letter-exchange": "(workerkit's dead-letter layout)",
+    "x-dead-letter-routing-key": "(workerkit's dead-letter layout)",
+    "x-dead-letter-strategy": "(workerkit's dead-letter layout)",
+    "x-delivery-limit": "delivery_limit",
+    "x-max-priority": "max_priority",
+    "x-message-ttl": "message_ttl",
+    "x-max-length": "max_length",
+    "x-overflow": "overflow",
+    "x-single-active-consumer": "single_active_consumer",
+}
+_OVERFLOW = ("reject-publish", "drop-head", "reject-publish-dlx")
+DEFAULT_IDEMPOTENCY_TTL = 7 * 24 * 3600.0
 
 
 def validate_queue_name(name: object, owner: str = "queue") -> str:
@@ -86,6 +114,16 @@ class Worker:
       killing its worker process.
     * ``middleware`` - a tuple of :class:`~workerkit.middleware.Middleware` instances around
       this worker's handler (after the runner's own).
+    * ``idempotent`` - run the handler at most once per :meth:`idempotency_key` (the message
+      id by default), with claims kept in ``idempotency_store`` and committed keys remembered
+      ``idempotency_ttl`` seconds (see ``workerkit.idempotency``).
+    * Queue options (RabbitMQ arguments): ``max_priority`` (classic queues), ``message_ttl``
+      (seconds; expired messages go to the DLQ with reason ``expired``), ``max_length`` and
+      ``overflow`` (``reject-publish`` makes a full queue refuse publishes),
+      ``single_active_consumer``, and ``arguments`` for any other ``x-`` argument.
+    * ``batch_size`` / ``batch_timeout`` - ``handle`` receives a list of up to ``batch_size``
+      decoded bodies (``list[Order]``), collected for at most ``batch_timeout`` seconds; each
+      message is acked, retried or dead-lettered on its own (see ``workerkit.batch``).
 
     Set ``abstract = True`` on a base class shared by several workers.
     """
@@ -99,9 +137,21 @@ class Worker:
     handler_timeout: ClassVar[float | None] = None
     delivery_limit: ClassVar[int | None] = None
     middleware: ClassVar[tuple[Middleware, ...]] = ()
+    idempotent: ClassVar[bool] = False
+    idempotency_store: ClassVar[IdempotencyStore | None] = None
+    idempotency_ttl: ClassVar[float] = DEFAULT_IDEMPOTENCY_TTL
+    max_priority: ClassVar[int | None] = None
+    message_ttl: ClassVar[float | None] = None
+    max_length: ClassVar[int | None] = None
+    overflow: ClassVar[str | None] = None
+    single_active_consumer: ClassVar[bool] = False
+    arguments: ClassVar[Mapping[str, Any]] = {}
+    batch_size: ClassVar[int | None] = None
+    batch_timeout: ClassVar[float] = 1.0
     abstract: ClassVar[bool] = True
 
     _handler: ClassVar[Handler]
+    _queue_arguments: ClassVar[dict[str, Any]] = {}
     registry: ClassVar[dict[str, type[Worker]]] = {}
 
     # Declared, not defined: each subclass's handle takes its own body type, which an inherited
@@ -113,6 +163,13 @@ class Worker:
 
     async def teardown(self) -> None:
         """Called once after the last handler finished on shutdown."""
+
+    def idempotency_key(self, body: Any, message: Message) -> str:
+        """The key an ``idempotent`` worker runs its handler at most once for: the message id
+        (a hash of the body when a publisher set none). Override to choose another."""
+        if message.message_id:
+            return message.message_id
+        return "h-" + hashlib.sha256(message.body).hexdigest()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,6 +202,9 @@ class Worker:
         if cls.retry is not None and not isinstance(cls.retry, RetryPolicy):
             raise ConfigurationError(f"{name}: retry must be a RetryPolicy")
         cls.middleware = check_middleware(cls.middleware, name)
+        _check_idempotency(cls, name)
+        _check_batch(cls, name)
+        cls._queue_arguments = _queue_arguments(cls, name)
         cls._handler = _inspect_handler(cls, name)
         previous = Worker.registry.get(cls.queue)
         if previous is not None and previous.__qualname__ != cls.__qualname__:
@@ -173,6 +233,97 @@ def _check_attributes(cls: type, name: str) -> None:
         raise ConfigurationError(f"{name}: unknown attribute {attr!r}{suggestion}")
 
 
+def _check_idempotency(cls: type[Worker], name: str) -> None:
+    if not isinstance(cls.idempotent, bool):
+        raise ConfigurationError(f"{name}: idempotent must be True or False")
+    store = cls.idempotency_store
+    if store is not None and not isinstance(store, IdempotencyStore):
+        raise ConfigurationError(
+            f"{name}: idempotency_store must be an IdempotencyStore (MemoryStore, RedisStore)"
+        )
+    if cls.idempotent and store is None:
+        raise ConfigurationError(
+            f"{name}: idempotent = True needs idempotency_store = RedisStore(url) (or"
+            " MemoryStore() in tests)"
+        )
+    ttl = cls.idempotency_ttl
+    if not _positive(ttl):
+        raise ConfigurationError(f"{name}: idempotency_ttl must be a positive number of seconds")
+
+
+def _check_batch(cls: type[Worker], name: str) -> None:
+    size = cls.batch_size
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= 10000:
+        raise ConfigurationError(f"{name}: batch_size must be an int in [1, 10000]")
+    if not _positive(cls.batch_timeout):
+        raise ConfigurationError(f"{name}: batch_timeout must be a positive number of seconds")
+    if cls.prefetch is not None and cls.prefetch < size:
+        raise ConfigurationError(
+            f"{name}: prefetch {cls.prefetch} is below batch_size {size}: a batch could never fill"
+        )
+    if cls.idempotent:
+        raise ConfigurationError(f"{name}: idempotent workers cannot take batches (yet)")
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < float("inf")
+    )
+
+
+def _queue_arguments(cls: type[Worker], name: str) -> dict[str, Any]:
+    """The RabbitMQ arguments the queue options ask for (checked here, declared by topology)."""
+    args: dict[str, Any] = {}
+    quorum = cls.queue_type == "quorum"
+    if cls.max_priority is not None:
+        if not isinstance(cls.max_priority, int) or not 1 <= cls.max_priority <= 255:
+            raise ConfigurationError(f"{name}: max_priority must be an int in [1, 255]")
+        if quorum:
+            raise ConfigurationError(
+                f"{name}: max_priority needs queue_type = 'classic' (quorum queues take no"
+                " x-max-priority; RabbitMQ 4.0+ gives them two priority levels without it)"
+            )
+        args["x-max-priority"] = cls.max_priority
+    if cls.message_ttl is not None:
+        if not _positive(cls.message_ttl) or cls.message_ttl * 1000 > 2**32 - 1:
+            raise ConfigurationError(f"{name}: message_ttl must be seconds in (0, 4294967]")
+        args["x-message-ttl"] = max(1, round(cls.message_ttl * 1000))
+    if cls.max_length is not None:
+        if (
+            not isinstance(cls.max_length, int)
+            or isinstance(cls.max_length, bool)
+            or cls.max_length < 1
+        ):
+            raise ConfigurationError(f"{name}: max_length must be an int >= 1")
+        args["x-max-length"] = cls.max_length
+    if cls.overflow is not None:
+        if cls.overflow not in _OVERFLOW:
+            raise ConfigurationError(f"{name}: overflow must be one of {', '.join(_OVERFLOW)}")
+        if quorum and cls.overflow != "reject-publish":
+            raise ConfigurationError(
+                f"{name}: a quorum queue's overflow is always 'reject-publish' (its at-least-once"
+                " dead-lettering needs it); use queue_type = 'classic' for another"
+            )
+        args["x-overflow"] = cls.overflow
+    if not isinstance(cls.single_active_consumer, bool):
+        raise ConfigurationError(f"{name}: single_active_consumer must be True or False")
+    if cls.single_active_consumer:
+        args["x-single-active-consumer"] = True
+    if not isinstance(cls.arguments, Mapping):
+        raise ConfigurationError(f"{name}: arguments must be a dict of 'x-...' queue arguments")
+    for key, value in cls.arguments.items():
+        if not isinstance(key, str) or not key.startswith("x-"):
+            raise ConfigurationError(f"{name}: queue argument {key!r} must start with 'x-'")
+        if key in _MANAGED_ARGUMENTS:
+            raise ConfigurationError(
+                f"{name}: queue argument {key!r} is set by workerkit: use {_MANAGED_ARGUMENTS[key]}"
+            )
+        args[key] = value
+    return args
+
+
 def _inspect_handler(cls: type[Worker], name: str) -> Handler:
     handle = getattr(cls, "handle", None)
     if handle is None:
@@ -189,10 +340,22 @@ def _inspect_handler(cls: type[Worker], name: str) -> Handler:
     except Exception as exc:  # NameError for an undefined forward reference, among others
         raise ConfigurationError(f"{name}: cannot resolve handle annotations: {exc}") from None
     body_type = hints.get(params[0].name, bytes)
+    batch = cls.batch_size is not None
+    message_type: Any = Message
+    if batch:
+        # handle(self, orders: list[Order], messages: list[Message]): decode each as Order.
+        if typing.get_origin(body_type) is not list or len(typing.get_args(body_type)) != 1:
+            raise ConfigurationError(
+                f"{name}: with batch_size, annotate the body as a list: handle(self, items:"
+                f" list[Order]) (got {body_type!r})"
+            )
+        body_type = typing.get_args(body_type)[0]
+        message_type = list[Message]
     wants_message = False
     if len(params) == 2:
-        if hints.get(params[1].name, Message) is not Message:
-            raise ConfigurationError(f"{name}: the second parameter of handle must be a Message")
+        if hints.get(params[1].name, message_type) != message_type:
+            what = "a list[Message]" if batch else "a Message"
+            raise ConfigurationError(f"{name}: the second parameter of handle must be {what}")
         wants_message = True
     try:
         # Builds pydantic's validator now, so an unusable annotation fails at import, not at run.

@@ -32,6 +32,8 @@ EXPECTED = {
     "PublishTimeout",
     "Publisher",
     "Reject",
+    "RemoteError",
+    "RequestTimeout",
     "RetryLater",
     "RetryPolicy",
     "Runner",
