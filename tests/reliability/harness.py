@@ -231,6 +231,11 @@ class Load:
         self.errors.append(exc)
         self.failed_after.append(time.monotonic() - began)
 
+    def stop(self) -> None:
+        """Publish nothing more than what was claimed so far (``join`` waits for those)."""
+        with self._lock:
+            self.count = self._next
+
     @property
     def published(self) -> int:
         return self._next
