@@ -65,7 +65,7 @@ class Fault:
 def schedule(seed: int, seconds: float, workers: int) -> list[Fault]:
     """The faults of one soak: every kind once in a shuffled order first (when they fit), then
     random kinds by weight, until ``seconds - COOLDOWN``."""
-    rng = random.Random(f"chaos-schedule:{seed}:{seconds}:{workers}")
+    rng = random.Random(f"chaos-schedule:{seed}:{float(seconds)}:{workers}")
     first = list(KINDS)
     rng.shuffle(first)
     free_at: dict[str, float] = {}

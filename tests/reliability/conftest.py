@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.reliability)
         if item.get_closest_marker("chaos"):
             # The soak's own length plus a node boot, the drain and the checks.
-            item.add_marker(pytest.mark.timeout(config.getoption("--chaos-seconds") + 420))
+            item.add_marker(pytest.mark.timeout(config.getoption("--chaos-seconds") + 540))
 
 
 @pytest.fixture(scope="session")
