@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker import PrivateBroker
 from oracle import Oracle, read_finished_file
 
 import workerkit
@@ -312,6 +313,24 @@ def settle(oracle: Oracle, url: str, queue: str, out_dir: Path, timeout: float =
     # On timeout the oracle's check reports what is missing, with ids.
     with contextlib.suppress(AssertionError):
         wait_until(done, timeout, "every confirmed message to be finished or dead-lettered", 0.2)
+
+
+def set_alarm(broker: PrivateBroker, raised: bool) -> None:
+    """Raise or clear the node's memory alarm and wait (30 s deadline) until it is so, in one
+    ``rabbitmqctl eval``: each rabbitmqctl call boots a VM, seconds on a loaded machine."""
+    watermark, want = ("0.0000001", "true") if raised else ("0.8", "false")
+    result = broker.ctl(
+        "eval",
+        f"vm_memory_monitor:set_vm_memory_high_watermark({watermark}),"
+        " Raised = fun() -> lists:any(fun({{resource_limit, memory, _}, _}) -> true;"
+        " (_) -> false end, rabbit_alarm:get_alarms()) end,"
+        f" Wait = fun W(0) -> timeout; W(N) -> case Raised() of {want} -> ok;"
+        " _ -> timer:sleep(100), W(N - 1) end end,"
+        " Wait(300).",
+        timeout=60,
+    )
+    if result.stdout.strip() != "ok":
+        raise RuntimeError(f"memory alarm not {'raised' if raised else 'cleared'} in 30 s")
 
 
 def make_out_dir() -> Path:

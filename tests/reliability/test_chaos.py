@@ -38,7 +38,7 @@ from typing import Any
 import chaos
 import pytest
 from broker import PrivateBroker
-from harness import AsyncLoad, Load, WorkerProcess, collect, wait_until
+from harness import AsyncLoad, Load, WorkerProcess, collect, set_alarm, wait_until
 from oracle import RESULTS_ENV, Oracle, drain, read_finished_file
 from proxy import Proxy
 
@@ -234,24 +234,6 @@ class Chaos:
         if self._alarm:
             set_alarm(self.broker, False)
         self._stalled = self._stopped = self._alarm = False
-
-
-def set_alarm(broker: PrivateBroker, raised: bool) -> None:
-    """Raise or clear the node's memory alarm and wait (30 s deadline) until it is so, in one
-    ``rabbitmqctl eval``: each rabbitmqctl call boots a VM, seconds on a loaded machine."""
-    watermark, want = ("0.0000001", "true") if raised else ("0.8", "false")
-    result = broker.ctl(
-        "eval",
-        f"vm_memory_monitor:set_vm_memory_high_watermark({watermark}),"
-        " Raised = fun() -> lists:any(fun({{resource_limit, memory, _}, _}) -> true;"
-        " (_) -> false end, rabbit_alarm:get_alarms()) end,"
-        f" Wait = fun W(0) -> timeout; W(N) -> case Raised() of {want} -> ok;"
-        " _ -> timer:sleep(100), W(N - 1) end end,"
-        " Wait(300).",
-        timeout=60,
-    )
-    if result.stdout.strip() != "ok":
-        raise RuntimeError(f"memory alarm not {'raised' if raised else 'cleared'} in 30 s")
 
 
 def lane_of(kind: str) -> str:

@@ -6,11 +6,17 @@ Each test names the soak seed that first showed the defect; the soak itself
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import pika
 import pytest
-from broker import free_port
+from broker import PrivateBroker, free_port
+from harness import WorkerProcess, set_alarm, wait_until
+from oracle import drain, read_finished_file
 
 import workerkit
 
@@ -57,3 +63,100 @@ def test_sync_publisher_retry_survives_a_change_of_driving_thread() -> None:
     assert isinstance(outcome["first"], workerkit.PublishTimeout), outcome["first"]
     assert isinstance(outcome["second"], workerkit.PublishTimeout), repr(outcome["second"])
     assert took < 4.0 + 2.0, f"the 4 s publish raised after {took:.1f}s"
+
+
+ALARM_HOLD = 8.0  # seconds the alarm stays raised once the worker has the message
+
+
+@pytest.mark.parametrize("variant", ["retry-copy", "classic-redelivery-count"])
+def test_copies_do_not_multiply_under_a_memory_alarm(
+    variant: str,
+    private_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    out_dir: Path,
+    unique: Callable[[str], str],
+) -> None:
+    """Soak seed 1 (90 s): under a memory alarm one message was handled or dead-lettered up to
+    6 times (a failing one: attempt 1 ran 4 to 5 times, 5 DLQ copies; on the classic queue a
+    message that *succeeds* finished 5 times), with one fault near it.
+
+    Under an alarm the runner's copy (a retry copy; on a classic queue, the redelivery-count
+    copy of a redelivered message) cannot be confirmed: its publish times out, the original is
+    nacked back, is delivered again and makes another copy. The timed-out copies are not gone:
+    they sit in the blocked connection and all reach the broker once the alarm clears. One
+    fault may cost one extra copy (at-least-once), not one per retry cycle.
+    """
+    queue, url = unique(f"alarm-{variant}"), private_broker.url
+    classic = variant == "classic-redelivery-count"
+    settings: dict[str, object] = {
+        "queue_type": "classic" if classic else "quorum",
+        "prefetch": 1,
+        "concurrency": 1,
+        "publish_timeout": 1.0,
+        "retry_max_attempts": 2,
+        "retry_delay": 0.3,
+    }
+    worker = workers(queue, url, **settings)
+    worker.wait_healthy(60)
+    assert worker.terminate() == 0  # the queue exists now; the message waits for the next one
+    body = {"n": 1} if classic else {"n": 1, "fail": 99}
+    publish_raw(url, queue, "m1", body)
+    if classic:
+        redeliver(url, queue)  # the next delivery carries the broker's redelivered flag
+    set_alarm(private_broker, True)
+    try:
+        worker = workers(queue, url, **settings)
+        worker.wait_healthy(60)
+        wait_until(lambda: runs(out_dir) >= 1, 30, "the worker to get the message")
+        time.sleep(ALARM_HOLD)  # the fault itself: the alarm stays raised this long
+    finally:
+        set_alarm(private_broker, False)
+    finished: list[str] = []
+    dead: list[str] = []
+
+    def settled() -> bool:
+        finished[:] = read_finished_file(out_dir / "finished")
+        dead.extend(mid for mid, _headers in drain(url, f"{queue}.dlq"))
+        listing = private_broker.ctl("list_queues", "-q", "--no-table-headers", "name", "messages")
+        idle = all(
+            line.split()[-1] == "0"
+            for line in listing.stdout.splitlines()
+            if queue in line or ".delay." in line
+        )
+        return bool(finished or dead) and idle
+
+    wait_until(settled, 60, "the message to settle", poll=0.5)
+    time.sleep(2.0)  # copies released by the cleared alarm may arrive a little later
+    settled()
+    copies = len(finished) if classic else len(dead)
+    assert copies <= 2, (
+        f"{variant}: one message became {copies} copies under one alarm"
+        f" (handler runs: {runs(out_dir)}); at-least-once allows one extra per fault"
+    )
+
+
+def publish_raw(url: str, queue: str, message_id: str, body: dict[str, object]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        props = pika.BasicProperties(
+            message_id=message_id, content_type="application/json", delivery_mode=2
+        )
+        channel.basic_publish("", queue, json.dumps(body).encode(), props, mandatory=True)
+    finally:
+        connection.close()
+
+
+def redeliver(url: str, queue: str) -> None:
+    """Take the message without acking it and close: the broker requeues it as redelivered."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        method, _props, _body = connection.channel().basic_get(queue, auto_ack=False)
+        assert method is not None, "the message is not in the queue"
+    finally:
+        connection.close()
+
+
+def runs(out_dir: Path) -> int:
+    return len(read_finished_file(out_dir / "attempts"))
