@@ -107,7 +107,7 @@ def test_copies_do_not_multiply_under_a_memory_alarm(
     try:
         worker = workers(queue, url, **settings)
         worker.wait_healthy(60)
-        wait_until(lambda: runs(out_dir) >= 1, 30, "the worker to get the message")
+        wait_until(lambda: unacked(private_broker, queue) >= 1, 30, "the worker to get it")
         time.sleep(ALARM_HOLD)  # the fault itself: the alarm stays raised this long
     finally:
         set_alarm(private_broker, False)
@@ -156,6 +156,15 @@ def redeliver(url: str, queue: str) -> None:
         assert method is not None, "the message is not in the queue"
     finally:
         connection.close()
+
+
+def unacked(broker: PrivateBroker, queue: str) -> int:
+    listing = broker.ctl(
+        "list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"
+    )
+    return sum(
+        int(line.split()[-1]) for line in listing.stdout.splitlines() if line.split()[0] == queue
+    )
 
 
 def runs(out_dir: Path) -> int:
