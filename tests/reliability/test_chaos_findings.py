@@ -169,3 +169,63 @@ def unacked(broker: PrivateBroker, queue: str) -> int:
 
 def runs(out_dir: Path) -> int:
     return len(read_finished_file(out_dir / "attempts"))
+
+
+@pytest.mark.parametrize("delay", [None, 0.3], ids=["direct", "delayed"])
+def test_confirmed_publishes_survive_stop_app(
+    delay: float | None,
+    fresh_broker: PrivateBroker,
+    workers: Callable[..., WorkerProcess],
+    unique: Callable[[str], str],
+) -> None:
+    """Soak seed 1 (90 s), twice: three confirmed messages lost, every one a failing message
+    whose handler ran once, a moment before ``stop_app``, and never again: the original was
+    acked after its retry copy was confirmed, and the copy never came out of the delay layout.
+
+    This cuts the handler out: a stream of confirmed publishes (straight to the queue, or
+    through the delay layout like a retry copy) while the node's app stops and starts; every
+    confirmed one must be in the queue afterwards.
+    """
+    queue, url = unique("stopapp-delay"), fresh_broker.url
+    worker = workers(queue, url)  # declares the queue, its bindings and the delay layout
+    worker.wait_healthy(60)
+    assert worker.terminate() == 0
+    settings = workerkit.Settings(url=url, exchange="wkr", publish_timeout=2.0, connect_timeout=2.0)  # type: ignore[arg-type]
+    confirmed: list[str] = []
+    confirmed_at: dict[str, float] = {}
+    stop = threading.Event()
+
+    def publish() -> None:
+        with workerkit.Publisher(settings=settings) as publisher:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    publisher.publish(queue, {"n": n}, message_id=f"d{n}", delay=delay)
+                    confirmed.append(f"d{n}")
+                    confirmed_at[f"d{n}"] = time.monotonic()
+                except workerkit.PublishError:
+                    time.sleep(0.05)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(confirmed) > 200, 30, "the stream to run")
+        stopping = time.monotonic()
+        fresh_broker.stop_app()
+        stopped = time.monotonic()
+        time.sleep(1.0)
+        fresh_broker.start_app()
+        before = len(confirmed)
+        wait_until(lambda: len(confirmed) > before + 200, 60, "the stream to resume")
+    finally:
+        stop.set()
+        thread.join(30)
+    time.sleep((delay or 0) + 3.0)  # the last delayed ones come out of the layout
+    arrived = {mid for mid, _headers in drain(url, queue)}
+    lost = sorted(set(confirmed) - arrived, key=lambda m: int(m[1:]))
+    when = [f"{mid} confirmed {confirmed_at[mid] - stopping:+.2f}s" for mid in lost[:10]]
+    assert not lost, (
+        f"{len(lost)} of {len(confirmed)} confirmed publishes lost: {when}; stop_app ran from"
+        f" 0 to {stopped - stopping:+.2f}s"
+    )
