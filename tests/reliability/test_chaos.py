@@ -51,6 +51,7 @@ WORKER_SETTINGS = {
     "retry_backoff": 2.0,
     "publish_timeout": 2.0,  # retry and DLQ copies under an alarm time out quickly
     "delivery_limit": 50,  # far above what the faults can cause: innocents never reach it
+    "log_format": "json",  # timestamps and message ids in the logs kept on a failure
 }
 DUMP_ENV = "WORKERKIT_TEST_CHAOS_DUMP"  # a file to write what the soak observed (JSON)
 MAX_DRIFT = 240.0  # how late the node's lane may finish (rabbitmqctl takes 1 to 15 s under load)
