@@ -283,6 +283,49 @@ def test_schedule_is_a_pure_function_of_the_seed() -> None:
     assert {chaos.expected(b) for b in bodies} == {"finished", "exhausted", "rejected"}
 
 
+def test_the_oracle_can_fail() -> None:
+    """Each verdict of ``chaos.judge`` fires on the evidence it is about (no check that cannot
+    fail): a lost message, a wrong outcome, bad DLQ headers, a duplicate with no fault near."""
+    seed = 1234
+    ids = {chaos.expected(chaos.body(seed, f"pa{n}")): f"pa{n}" for n in range(200)}
+    ok, failing = ids["finished"], ids["exhausted"]
+    good_headers = {
+        "workerkit-reason": b"exhausted",
+        "workerkit-attempt": chaos.MAX_ATTEMPTS,
+        "workerkit-error-type": "__main__.ChaosFailure",
+        "workerkit-queue": "q",
+    }
+    fail_runs = [(attempt, "fail", 10.0 + attempt) for attempt in (1, 2, 3)]
+
+    def observed(**changes: Any) -> chaos.Observed:
+        base: dict[str, Any] = {
+            "seed": seed,
+            "queue_of": {"pa": "q"},
+            "attempted_at": {ok: 1.0, failing: 1.0},
+            "confirmed": {ok, failing},
+            "finished": collections.Counter({ok: 1}),
+            "dlq": {failing: [good_headers]},
+            "runs": {ok: [(1, "ok", 2.0)], failing: fail_runs},
+            "windows": [],
+            "capacity": 0,
+        }
+        return chaos.Observed(**{**base, **changes})
+
+    assert chaos.judge(observed()) == []
+    assert "lost" in " ".join(chaos.judge(observed(finished=collections.Counter())))
+    assert "should succeed" in " ".join(
+        chaos.judge(observed(dlq={ok: [{}], failing: [good_headers]}))
+    )
+    wrong = {**good_headers, "workerkit-attempt": 2}
+    assert "exhausted at attempt 2" in " ".join(chaos.judge(observed(dlq={failing: [wrong]})))
+    skipped = {ok: [(1, "ok", 2.0)], failing: fail_runs[:1] + fail_runs[2:]}
+    assert "without running attempt(s) [2]" in " ".join(chaos.judge(observed(runs=skipped)))
+    twice = collections.Counter({ok: 2})
+    assert "0 fault(s) near" in " ".join(chaos.judge(observed(finished=twice)))
+    near = observed(finished=twice, windows=[(1.5, 1.6)], capacity=20)
+    assert chaos.judge(near) == []  # one fault near: one extra copy is at-least-once
+
+
 @pytest.mark.chaos
 def test_chaos_soak(
     chaos_seed: int,
