@@ -45,6 +45,16 @@ def _wait_amqp(url: str, deadline_s: float = 60.0) -> None:
     raise RuntimeError(f"broker at {url} not ready within {deadline_s}s: {last}")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("workerkit chaos soak (tests/reliability/test_chaos.py)")
+    group.addoption("--chaos-seconds", type=float, default=90.0, help="fault phase length (s)")
+    group.addoption("--chaos-seed", type=int, default=None, help="replay a seed (default random)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "chaos: the seeded chaos soak (timeout: --chaos-seconds)")
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
     url = os.environ.get("WORKERKIT_TEST_URL")

@@ -23,11 +23,14 @@ from oracle import Oracle
 from proxy import Proxy
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.reliability)
+        if item.get_closest_marker("chaos"):
+            # The soak's own length plus a node boot, the drain and the checks.
+            item.add_marker(pytest.mark.timeout(config.getoption("--chaos-seconds") + 540))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -11,11 +12,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from broker import PrivateBroker
 from oracle import Oracle, read_finished_file
 
 import workerkit
@@ -49,18 +53,26 @@ class WorkerProcess:
     """``worker_proc.py`` in a subprocess; several may share one out dir (one "finished" file)."""
 
     def __init__(
-        self, queue: str, url: str, out_dir: Path, mode: str = "async", **settings: Any
+        self,
+        queue: str,
+        url: str,
+        out_dir: Path,
+        mode: str = "async",
+        queue_type: str = "quorum",
+        **settings: Any,
     ) -> None:
         self.queue = queue
         self.out_dir = out_dir
         self.stats_path = out_dir / f"stats-{uuid.uuid4().hex[:6]}"
         env = worker_env(url, **settings)
         env["WORKERKIT_TEST_MODE"] = mode
+        env["WORKERKIT_TEST_QUEUE_TYPE"] = queue_type
         self.log = open(out_dir / f"log-{self.stats_path.name}.txt", "wb")  # noqa: SIM115
         run_dir = self.stats_path.with_suffix(".d")
         run_dir.mkdir()
         # The finished file is shared; the stats file is per process.
         (run_dir / "finished").symlink_to(out_dir / "finished")
+        (run_dir / "attempts").symlink_to(out_dir / "attempts")
         self.run_dir = run_dir
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "worker_proc.py"), queue, str(run_dir)],
@@ -102,6 +114,19 @@ class WorkerProcess:
         if value is None:
             raise AssertionError(f"worker died instead of recovering:\n{self.output()}")
         return value
+
+    def health_status(self, timeout: float = 5.0) -> int | None:
+        """The HTTP status of the process's ``GET /health`` (None when nobody answers)."""
+        port = self.stats().get("health_port")
+        if not port:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=timeout) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except (OSError, ValueError):
+            return None
 
     def output(self) -> str:
         self.log.flush()
@@ -154,14 +179,14 @@ class Load:
         self.body = body
         self.errors: list[BaseException] = []
         self.failed_after: list[float] = []  # seconds each failed publish took to raise
-        settings = workerkit.Settings(
+        self.settings = workerkit.Settings(
             url=url,  # type: ignore[arg-type]
             exchange=EXCHANGE,
             publish_timeout=publish_timeout,
             connect_timeout=2.0,
             tls_ca_file=tls_ca_file,
         )
-        self.publisher = workerkit.Publisher(settings=settings)
+        self.publisher = self._make_publisher()
         self._next = 0
         self._lock = threading.Lock()
         self._started = 0.0
@@ -172,6 +197,9 @@ class Load:
         for thread in self._threads:
             thread.start()
         return self
+
+    def _make_publisher(self) -> Any:
+        return workerkit.Publisher(settings=self.settings)
 
     def _claim(self) -> int | None:
         with self._lock:
@@ -193,13 +221,21 @@ class Load:
             try:
                 self.publisher.publish(self.queue, self.body(n), message_id=message_id)
             except Exception as exc:
-                # Anything outside PublishError escaping a publish is a contract breach: the
-                # tests check foreign_errors().
-                self.oracle.fail(message_id)
-                self.errors.append(exc)
-                self.failed_after.append(time.monotonic() - began)
+                self._failed(message_id, exc, began)
             else:
                 self.oracle.confirm(message_id)
+
+    def _failed(self, message_id: str, exc: BaseException, began: float) -> None:
+        # Anything outside PublishError escaping a publish is a contract breach: the tests
+        # check foreign_errors().
+        self.oracle.fail(message_id)
+        self.errors.append(exc)
+        self.failed_after.append(time.monotonic() - began)
+
+    def stop(self) -> None:
+        """Publish nothing more than what was claimed so far (``join`` waits for those)."""
+        with self._lock:
+            self.count = self._next
 
     @property
     def published(self) -> int:
@@ -215,6 +251,48 @@ class Load:
     def foreign_errors(self) -> list[BaseException]:
         """Errors outside the PublishError tree (must be none)."""
         return [e for e in self.errors if not isinstance(e, workerkit.PublishError)]
+
+
+class AsyncLoad(Load):
+    """The same paced stream through ``workerkit.AsyncPublisher``: one event loop on a thread,
+    ``threads`` concurrent publishing tasks sharing one publisher."""
+
+    def _make_publisher(self) -> Any:
+        return None  # made on the load's own loop
+
+    def __init__(self, *args: Any, threads: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, threads=threads, **kwargs)
+        self._tasks = threads
+        self._threads = [threading.Thread(target=self._loop, daemon=True)]
+
+    def _loop(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        publisher = workerkit.AsyncPublisher(settings=self.settings)
+        try:
+            await asyncio.gather(*(self._task(publisher) for _ in range(self._tasks)))
+        finally:
+            await publisher.close()
+
+    async def _task(self, publisher: workerkit.AsyncPublisher) -> None:
+        while (n := self._claim()) is not None:
+            delay = self._started + n / self.rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            message_id = f"{self.prefix}{n}"
+            self.oracle.attempt(message_id)
+            began = time.monotonic()
+            try:
+                await publisher.publish(self.queue, self.body(n), message_id=message_id)
+            except Exception as exc:
+                self._failed(message_id, exc, began)
+            else:
+                self.oracle.confirm(message_id)
+
+    def join(self, timeout: float = 120.0) -> None:
+        self._threads[0].join(timeout)
+        assert not self._threads[0].is_alive(), "async publisher thread did not finish"
 
 
 def collect(oracle: Oracle, out_dir: Path) -> None:
@@ -235,6 +313,24 @@ def settle(oracle: Oracle, url: str, queue: str, out_dir: Path, timeout: float =
     # On timeout the oracle's check reports what is missing, with ids.
     with contextlib.suppress(AssertionError):
         wait_until(done, timeout, "every confirmed message to be finished or dead-lettered", 0.2)
+
+
+def set_alarm(broker: PrivateBroker, raised: bool) -> None:
+    """Raise or clear the node's memory alarm and wait (30 s deadline) until it is so, in one
+    ``rabbitmqctl eval``: each rabbitmqctl call boots a VM, seconds on a loaded machine."""
+    watermark, want = ("0.0000001", "true") if raised else ("0.8", "false")
+    result = broker.ctl(
+        "eval",
+        f"vm_memory_monitor:set_vm_memory_high_watermark({watermark}),"
+        " Raised = fun() -> lists:any(fun({{resource_limit, memory, _}, _}) -> true;"
+        " (_) -> false end, rabbit_alarm:get_alarms()) end,"
+        f" Wait = fun W(0) -> timeout; W(N) -> case Raised() of {want} -> ok;"
+        " _ -> timer:sleep(100), W(N - 1) end end,"
+        " Wait(300).",
+        timeout=60,
+    )
+    if result.stdout.strip() != "ok":
+        raise RuntimeError(f"memory alarm not {'raised' if raised else 'cleared'} in 30 s")
 
 
 def make_out_dir() -> Path:

@@ -16,6 +16,7 @@ import collections
 import json
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class Oracle:
     attempted: set[str] = field(default_factory=set)
     confirmed: set[str] = field(default_factory=set)
     unknown: set[str] = field(default_factory=set)
+    attempted_at: dict[str, float] = field(default_factory=dict)  # time.time() of the attempt
     finished: collections.Counter[str] = field(default_factory=collections.Counter)
     dead: set[str] = field(default_factory=set)
     recovery: list[float] = field(default_factory=list)
@@ -43,6 +45,7 @@ class Oracle:
     def attempt(self, message_id: str) -> None:
         with self._lock:
             self.attempted.add(message_id)
+            self.attempted_at.setdefault(message_id, time.time())
 
     def confirm(self, message_id: str) -> None:
         with self._lock:

@@ -9,6 +9,10 @@ machine does not crash, only the process). ``OUT_DIR/stats.json`` is rewritten e
 milliseconds with the runner's health, so the test can time how long recovery took.
 
 Handler modes (``WORKERKIT_TEST_MODE``): ``async`` (default) or ``sync`` (runs in the pool).
+``WORKERKIT_TEST_QUEUE_TYPE`` picks ``quorum`` (default) or ``classic``. Every handler run, failed
+or not, also appends ``<id> <attempt> <ok|fail|reject> <time>`` to ``OUT_DIR/attempts`` (the chaos
+soak checks the retry ladder with it), and the runner's ``/health`` endpoint listens on a free
+loopback port written to the stats file as ``health_port``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from workerkit import Message, Runner, Worker
+from workerkit import Message, Reject, Runner, Worker
+from workerkit.health import serve_health
 
 
 class Job(BaseModel):
@@ -30,6 +35,12 @@ class Job(BaseModel):
     sleep: float = 0.0  # seconds the handler sleeps (blocking in sync mode)
     cpu: float = 0.0  # seconds of pure-Python busy work (holds the GIL)
     poison: bool = False  # kill the process from inside the handler
+    fail: int = 0  # raise ChaosFailure on attempts 1..fail (a large value: always)
+    reject: bool = False  # raise Reject (straight to the DLQ)
+
+
+class ChaosFailure(Exception):
+    """What a failing handler raises; its name is checked in the DLQ headers."""
 
 
 def busy(seconds: float) -> None:
@@ -41,10 +52,23 @@ def busy(seconds: float) -> None:
 
 
 OUT_FD = -1  # the "finished" file, opened in main()
+ATTEMPTS_FD = -1  # the "attempts" file, opened in main()
 
 
 def record(message: Message) -> None:
     os.write(OUT_FD, f"{message.message_id}\n".encode())
+
+
+def outcome(job: Job, message: Message) -> None:
+    """Fail, reject or record the run, as the body asks; every run is logged to ``attempts``."""
+    verdict = "reject" if job.reject else "fail" if message.attempt <= job.fail else "ok"
+    line = f"{message.message_id} {message.attempt} {verdict} {time.time():.3f}\n"
+    os.write(ATTEMPTS_FD, line.encode())
+    if job.reject:
+        raise Reject("chaos: rejected by the body")
+    if verdict == "fail":
+        raise ChaosFailure(f"chaos: attempt {message.attempt} of {job.fail} failing")
+    record(message)
 
 
 class AsyncRecorder(Worker):
@@ -57,7 +81,7 @@ class AsyncRecorder(Worker):
             busy(job.cpu)
         if job.sleep:
             await asyncio.sleep(job.sleep)
-        record(message)
+        outcome(job, message)
 
 
 class SyncRecorder(Worker):
@@ -70,15 +94,15 @@ class SyncRecorder(Worker):
             busy(job.cpu)
         if job.sleep:
             time.sleep(job.sleep)
-        record(message)
+        outcome(job, message)
 
 
-def make_worker(queue: str, mode: str) -> type[Worker]:
+def make_worker(queue: str, mode: str, queue_type: str = "quorum") -> type[Worker]:
     base = SyncRecorder if mode == "sync" else AsyncRecorder
-    return type(base.__name__ + "Q", (base,), {"queue": queue})
+    return type(base.__name__ + "Q", (base,), {"queue": queue, "queue_type": queue_type})
 
 
-async def watch(runner: Runner, stats: Path) -> None:
+async def watch(runner: Runner, stats: Path, health_port: int) -> None:
     """Write the runner's health every 20 ms, with the wall-clock time it came back."""
     back_at: list[float] = []
     was_healthy = False
@@ -96,6 +120,7 @@ async def watch(runner: Runner, stats: Path) -> None:
                     "reconnects": runner.reconnects,
                     "last_recovery": runner.last_recovery,
                     "back_at": back_at,
+                    "health_port": health_port,
                 }
             )
         )
@@ -103,19 +128,29 @@ async def watch(runner: Runner, stats: Path) -> None:
         await asyncio.sleep(0.02)
 
 
-async def main(queue: str, out_dir: Path, mode: str) -> None:
-    global OUT_FD
-    OUT_FD = os.open(out_dir / "finished", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    runner = Runner([make_worker(queue, mode)])
-    watcher = asyncio.create_task(watch(runner, out_dir / "stats.json"))
+async def main(queue: str, out_dir: Path, mode: str, queue_type: str) -> None:
+    global OUT_FD, ATTEMPTS_FD
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    OUT_FD = os.open(out_dir / "finished", flags, 0o644)
+    ATTEMPTS_FD = os.open(out_dir / "attempts", flags, 0o644)
+    runner = Runner([make_worker(queue, mode, queue_type)])
+    health = await serve_health(lambda: bool(runner.healthy), "127.0.0.1", 0)
+    watcher = asyncio.create_task(watch(runner, out_dir / "stats.json", health.port))
     try:
         await runner.run()
     finally:
         watcher.cancel()
+        await health.close()
         os.close(OUT_FD)
+        os.close(ATTEMPTS_FD)
 
 
 if __name__ == "__main__":
     asyncio.run(
-        main(sys.argv[1], Path(sys.argv[2]), os.environ.get("WORKERKIT_TEST_MODE", "async"))
+        main(
+            sys.argv[1],
+            Path(sys.argv[2]),
+            os.environ.get("WORKERKIT_TEST_MODE", "async"),
+            os.environ.get("WORKERKIT_TEST_QUEUE_TYPE", "quorum"),
+        )
     )
