@@ -42,8 +42,8 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .errors import PublishError, TopologyError, WorkerkitError
-from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing
+from .errors import ConfigurationError, PublishError, TopologyError, WorkerkitError
+from .message import Header, Message, Outgoing, copy_headers
 from .settings import Settings, load_settings
 from .topology import Topology
 from .transport.base import Channel, Connection
@@ -82,6 +82,7 @@ RETURN_BATCH = 32
 
 # The quorum DLQ rewrites this on every return, so it must not count towards a message's identity.
 _VOLATILE_HEADERS = frozenset({"x-delivery-count"})
+UNROUTABLE_SUFFIX = ".unroutable"
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,19 @@ class ReplayResult:
 
 
 def dlq_of(queue: str) -> str:
-    """The dead-letter queue of a work queue (a name already ending in ``.dlq`` is kept)."""
-    return queue if queue.endswith(".dlq") else Topology.dlq_name(queue)
+    """The dead-letter queue of a work queue. A name already ending in ``.dlq`` is kept, and so
+    is ``<exchange>.unroutable``, where scheduled messages that matched no queue wait."""
+    if queue.endswith((".dlq", UNROUTABLE_SUFFIX)):
+        return queue
+    return Topology.dlq_name(queue)
 
 
 def work_queue_of(queue: str) -> str:
+    if queue.endswith(UNROUTABLE_SUFFIX):
+        raise ConfigurationError(
+            f"{queue!r} holds messages that matched no queue: there is no work queue to replay"
+            " them to (read them with `workerkit dlq list/show`, then publish them again)"
+        )
     return queue.removesuffix(".dlq")
 
 
@@ -131,7 +140,7 @@ def work_queue_of(queue: str) -> str:
 
 def dead_letter_from(message: Message) -> DeadLetter:
     """Interpret a message read from a DLQ."""
-    headers = dict(message.headers)
+    headers = _str_keys(message.headers)
     attempts = headers.get(Header.ATTEMPT)
     return DeadLetter(
         id=message_key(message),
@@ -153,11 +162,20 @@ def dead_letter_from(message: Message) -> DeadLetter:
     )
 
 
+def _str_keys(headers: Mapping[Any, Any]) -> dict[str, Any]:
+    """Headers for reading: a key another client sent as non-UTF-8 bytes (the client keeps it as
+    ``bytes``) is shown with backslash escapes, so keys sort and print like the others."""
+    return {
+        key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key): value
+        for key, value in headers.items()
+    }
+
+
 def message_key(message: Message) -> str:
     """The message id, or (when a publisher set none) a stable hash of body and headers."""
     if message.message_id:
         return message.message_id
-    stable = {k: v for k, v in message.headers.items() if k not in _VOLATILE_HEADERS}
+    stable = {k: v for k, v in _str_keys(message.headers).items() if k not in _VOLATILE_HEADERS}
     digest = hashlib.sha256(message.body)
     digest.update(orjson.dumps(stable, default=str, option=orjson.OPT_SORT_KEYS))
     return "h-" + digest.hexdigest()[:16]
@@ -475,7 +493,7 @@ async def replay(
     confirmed by the broker before its dead original is acked (duplicate, never loss).
     """
     settings = load_settings(settings, url)
-    dlq, target = dlq_of(queue), work_queue_of(queue)
+    dlq, target = dlq_of(queue), work_queue_of(dlq_of(queue))
     wanted = None if ids is None else set(ids)
     async with _dlq_connection(settings) as connection:
         channel = await connection.channel(confirms=True)
@@ -513,8 +531,8 @@ async def replay(
 def _fresh_copy(message: Message, queue: str) -> Outgoing:
     headers = {
         key: value
-        for key, value in message.headers.items()
-        if not key.lower().startswith(Header.PREFIX) and key not in BROKER_DEATH_HEADERS
+        for key, value in copy_headers(message.headers).items()
+        if not (isinstance(key, str) and key.lower().startswith(Header.PREFIX))
     }
     return Outgoing(
         exchange="",

@@ -27,6 +27,8 @@ one seam into this tree.
 
 from __future__ import annotations
 
+import math
+
 
 class WorkerkitError(Exception):
     """Base class of every error raised by workerkit."""
@@ -108,7 +110,7 @@ class RetryLater(Exception):
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
         super().__init__(reason)
-        if delay is not None and delay < 0:
-            raise ValueError("RetryLater delay must be >= 0")
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            raise ValueError(f"RetryLater delay must be a finite number >= 0, got {delay!r}")
         self.delay = delay
         self.reason = reason

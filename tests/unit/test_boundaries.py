@@ -1,0 +1,207 @@
+"""Bad input at the edges: a typed error before the network, never a reconnect (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workerkit import ConfigurationError, InvalidMessage, Settings
+from workerkit.dlq import _fresh_copy, dead_letter_from, dlq_of, message_key
+from workerkit.errors import RetryLater
+from workerkit.message import Message, Outgoing, build_outgoing
+from workerkit.settings import redact_url
+from workerkit.worker import Worker
+
+LIMIT = 1 << 20
+
+
+def outgoing(**kwargs: Any) -> Outgoing:
+    return build_outgoing("ex", kwargs.pop("routing_key", "k"), {}, max_body_size=LIMIT, **kwargs)
+
+
+# -- item 3: values pika cannot encode ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1.5, (1, 2), 2**63, -(2**63) - 1, "\udc80", {"nested": 0.5}, [1, 2.5], object(), {1: "x"}],
+)
+def test_header_values_that_cannot_be_encoded_are_invalid_messages(value: object) -> None:
+    with pytest.raises(InvalidMessage, match="header"):
+        outgoing(headers={"h": value})
+
+
+@pytest.mark.parametrize("key", ["k" * 256, "é" * 128, "\udc80", 7, b"bytes", ""])
+def test_bad_header_keys_are_invalid_messages(key: Any) -> None:
+    with pytest.raises(InvalidMessage, match="header"):
+        outgoing(headers={key: 1})
+
+
+@pytest.mark.parametrize("field", ["message_id", "correlation_id", "reply_to"])
+@pytest.mark.parametrize("value", ["x" * 256, "é" * 128, "\udc80"])
+def test_short_string_properties_are_checked(field: str, value: str) -> None:
+    with pytest.raises(InvalidMessage, match=field):
+        outgoing(**{field: value})
+
+
+def test_encodable_values_pass() -> None:
+    headers = {
+        "s": "é" * 1000,
+        "b": b"\x00\xff",
+        "t": True,
+        "i": 2**63 - 1,
+        "n": -(2**63),
+        "d": Decimal("1.25"),
+        "when": datetime(2024, 1, 2, tzinfo=timezone.utc),
+        "table": {"x": [1, "two", None]},
+        "none": None,
+        "k" * 255: 1,
+    }
+    assert outgoing(headers=headers, message_id="m" * 255).headers == headers
+
+
+def test_copies_of_foreign_headers_can_be_re_encoded() -> None:
+    """A foreign producer's floats and wide ints survive a retry/DLQ copy in a form pika encodes."""
+    foreign = {
+        "price": 1.5,
+        "ratio": float("nan"),
+        "big": 2**64 - 1,
+        b"\xff\xfe": "raw key",
+        "deep": {"f": [0.25, (1, 2)]},
+        "CC": ["elsewhere"],
+        "BCC": ["hidden"],
+        "x-death": [{}],
+    }
+    from workerkit.message import copy_headers
+
+    copied = copy_headers(foreign)
+    assert copied == {
+        "price": "1.5",
+        "ratio": "nan",
+        "big": str(2**64 - 1),
+        b"\xff\xfe": "raw key",
+        "deep": {"f": ["0.25", [1, 2]]},
+    }
+    from workerkit.message import check_headers
+
+    check_headers(copied, copy=True)  # does not raise
+
+
+# -- item 12: DLQ tools and bytes / int header keys --------------------------------------------
+
+
+def test_dlq_tools_accept_bytes_header_keys() -> None:
+    message = Message(b"{}", headers={b"\xff": b"v", "workerkit-reason": "x"})
+    dead = dead_letter_from(message)
+    assert dead.reason == "x"
+    assert message_key(message).startswith("h-")
+    copy = _fresh_copy(message, "q")
+    assert copy.headers == {b"\xff": b"v"}
+
+
+def test_unroutable_queue_is_readable_by_the_dlq_tools() -> None:
+    assert dlq_of("workerkit.unroutable") == "workerkit.unroutable"
+    assert dlq_of("orders") == "orders.dlq"
+
+
+# -- item 13: inf and nan ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["publish_timeout", "connect_timeout", "retry_delay"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_settings_refuse_inf_and_nan(name: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=f"WORKERKIT_{name.upper()}"):
+        Settings(**{name: value})
+
+
+@pytest.mark.parametrize("delay", [math.inf, math.nan, -1.0])
+def test_retry_later_refuses_non_finite_delays(delay: float) -> None:
+    with pytest.raises(ValueError):
+        RetryLater(delay=delay)
+
+
+@pytest.mark.parametrize("delay", [math.inf, math.nan, -1.0])
+def test_publish_refuses_non_finite_delays(delay: float) -> None:
+    from workerkit import AsyncPublisher
+
+    publisher = AsyncPublisher(settings=Settings())
+    with pytest.raises(InvalidMessage, match="delay"):
+        asyncio.run(publisher.publish("k", {}, delay=delay))
+
+
+# -- item 8: the password never leaks ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:123#s3cret@host/",
+        "amqp://guest:abc?s3cret@host/",
+        "amqp://guest:abc/s3cret@host/",
+        "amqp://guest:s3cret@host/#frag",
+    ],
+)
+def test_urls_that_do_not_parse_as_intended_are_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings(url=url)  # type: ignore[arg-type]
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:123#s3cret@host/",
+        "amqp://guest:abc?s3cret@host/",
+        "amqp://guest:abc/s3cret@host/",
+        "amqp://gu:est:s3cret@host:notaport/",
+        "amqp://s3cret@host/",
+        "amqp://:s3cret@host/",
+        "amqp://u:s3cret@[::1/",
+    ],
+)
+def test_redaction_never_shows_userinfo(url: str) -> None:
+    assert "s3cret" not in redact_url(url)
+
+
+# -- item 7: configuration errors are not "cannot connect" -------------------------------------
+
+
+def test_unknown_url_query_parameters_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="heartbeet"):
+        Settings(url="amqp://guest:guest@localhost/?heartbeet=5")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="WORKERKIT_HEARTBEAT"):
+        Settings(url="amqp://guest:guest@localhost/?heartbeat=5")  # type: ignore[arg-type]
+    Settings(url="amqp://guest:guest@localhost/?frame_max=131072&channel_max=64")  # type: ignore[arg-type]
+
+
+def test_missing_tls_files_are_refused(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pem")
+    for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        with pytest.raises(ConfigurationError, match=f"WORKERKIT_{name.upper()}"):
+            Settings(**{name: missing})
+
+
+@pytest.mark.parametrize("length", [198, 199, 200])
+def test_queue_names_whose_delay_bindings_overflow_are_refused(length: int) -> None:
+    with pytest.raises(ConfigurationError, match="bytes"):
+
+        class TooLong(Worker):
+            queue = "q" * length
+
+            async def handle(self, body: dict[str, Any]) -> None: ...
+
+
+def test_bindings_whose_delay_bindings_overflow_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="bytes"):
+
+        class LongBinding(Worker):
+            queue = "fine-queue-for-binding-test"
+            bindings = ("b" * 198,)
+
+            async def handle(self, body: dict[str, Any]) -> None: ...
