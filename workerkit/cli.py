@@ -319,9 +319,9 @@ def topology(targets: tuple[str, ...], url: str | None) -> None:
 
 async def _declare(settings: Settings, workers: Sequence[type[Worker]]) -> None:
     from .topology import Topology
-    from .transport.pika_asyncio import PikaTransport
+    from .transport import default_transport
 
-    connection = await PikaTransport().connect(
+    connection = await default_transport().connect(
         settings, name="workerkit-topology", on_lost=lambda _exc: None
     )
     try:

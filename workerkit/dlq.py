@@ -46,6 +46,7 @@ from .errors import ConfigurationError, PublishError, TopologyError, WorkerkitEr
 from .message import Header, Message, Outgoing, copy_headers
 from .settings import Settings, load_settings
 from .topology import Topology
+from .transport import default_transport
 from .transport.base import Channel, Connection
 
 __all__ = [
@@ -240,9 +241,7 @@ def _readable(body: bytes, content_type: str | None) -> str:
 
 @asynccontextmanager
 async def _dlq_connection(settings: Settings) -> AsyncIterator[Connection]:
-    from .transport.pika_asyncio import PikaTransport
-
-    connection = await PikaTransport().connect(
+    connection = await default_transport().connect(
         settings, name="workerkit-dlq", on_lost=lambda _exc: None
     )
     try:

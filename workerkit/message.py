@@ -261,11 +261,13 @@ def _check_decimal(value: Decimal, what: str) -> None:
     # AMQP decimals are a scale octet and a signed 32-bit unscaled value.
     if not value.is_finite():
         raise InvalidMessage(f"{what}: {value} is not a finite decimal")
-    sign, digits, exponent = value.normalize().as_tuple()
+    _sign, digits, exponent = value.normalize().as_tuple()
     assert isinstance(exponent, int)
     unscaled = int("".join(map(str, digits)) or "0") * 10 ** max(exponent, 0)
     if -exponent > 255 or unscaled >= 2**31:
-        raise InvalidMessage(f"{what}: {value} does not fit an AMQP decimal (scale <= 255, 31 bits)")
+        raise InvalidMessage(
+            f"{what}: {value} does not fit an AMQP decimal (scale <= 255, 32 bits)"
+        )
 
 
 def copy_headers(headers: Mapping[Any, Any]) -> dict[Any, Any]:

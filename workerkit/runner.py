@@ -22,9 +22,11 @@ from typing import Any
 from .consumer import WorkerRuntime
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
+from .publisher import refuse_sync_publishes_on
 from .retry import reconnecting
 from .settings import Settings, load_settings
 from .topology import Topology
+from .transport import default_transport
 from .transport.base import Channel, Connection, Transport
 from .worker import Worker
 
@@ -55,11 +57,7 @@ class Runner:
         if not workers:
             raise ConfigurationError("no workers to run")
         self.settings = load_settings(settings, url)
-        if transport is None:
-            from .transport.pika_asyncio import PikaTransport
-
-            transport = PikaTransport()
-        self.transport = transport
+        self.transport = transport if transport is not None else default_transport()
         self.topology = Topology(self.settings)
         self.prefetch = prefetch
         self.concurrency = concurrency
@@ -102,6 +100,7 @@ class Runner:
         self._lost = asyncio.Event()
         self.ready = asyncio.Event()
         loop = asyncio.get_running_loop()
+        refuse_sync_publishes_on(loop)  # a blocking publish here would stall every consumer
         self._warn_about_timeouts()
         installed = self._install_signals(loop) if self.handle_signals else []
         try:

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .message import Header
 from .settings import Settings
+from .transport.specs import ExchangeSpec, QueueSpec
 from .worker import MAX_ROUTED_NAME, Worker
 
 __all__ = [
@@ -51,20 +51,6 @@ RETRY = "r"
 SCHEDULED = "p"
 # worker.py refuses names whose delay bindings (``r.<levels>.<queue>``) would not fit 255 bytes.
 assert len(f"{RETRY}." + ".".join(["*"] * LEVELS) + ".") + MAX_ROUTED_NAME == 255
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeSpec:
-    name: str
-    type: str = "topic"
-    arguments: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    name: str
-    arguments: dict[str, Any]
-    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
 
 
 class Declarer(Protocol):

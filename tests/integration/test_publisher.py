@@ -288,7 +288,7 @@ def test_an_idle_publisher_keeps_its_connection(
     out, so a connection idle for several heartbeat timeouts is still the same one."""
     publisher = Publisher(settings=settings.model_copy(update={"heartbeat": 1}))
     publisher.publish(queue, {"n": 1})
-    core = publisher._async
+    core = publisher._core
     assert core is not None
     before = core._connection
     threading.Event().wait(4.0)  # the idle time is the scenario: the broker gives up after ~2 s

@@ -31,8 +31,8 @@ from typing import Any
 from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
 from ..message import Message, Outgoing
 from ..settings import Settings
-from ..topology import ExchangeSpec, QueueSpec
 from .base import OnLost, OnMessage, OnPublished
+from .specs import ExchangeSpec, QueueSpec
 
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
 

@@ -33,9 +33,9 @@ from ..errors import (
 )
 from ..message import Message, Outgoing
 from ..settings import Settings
-from ..topology import ExchangeSpec, QueueSpec
 from ._pika_internals import BatchingConnection, remove_get_empty_callback
 from .base import OnLost, OnMessage, OnPublished
+from .specs import ExchangeSpec, QueueSpec
 
 log = logging.getLogger("workerkit.transport")
 

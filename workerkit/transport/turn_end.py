@@ -14,9 +14,7 @@ from collections.abc import Callable
 
 TurnEnd = Callable[[Callable[[], object]], None]
 
-_hooks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnEnd] = (
-    weakref.WeakKeyDictionary()
-)
+_hooks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnEnd] = weakref.WeakKeyDictionary()
 
 
 def register(loop: asyncio.AbstractEventLoop, at_turn_end: TurnEnd) -> None:
