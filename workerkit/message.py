@@ -6,6 +6,7 @@ send :class:`Outgoing`.
 
 from __future__ import annotations
 
+import calendar
 import math
 import random
 import time
@@ -210,7 +211,7 @@ def short_string(value: str | bytes, what: str) -> None:
 def check_headers(headers: Mapping[Any, Any], *, copy: bool = False) -> None:
     """Raise InvalidMessage unless every key and value can be sent in an AMQP table.
 
-    Keys are non-empty ``str`` of at most 255 UTF-8 bytes (a copy of a delivered message may also
+    Keys are ``str`` of at most 255 UTF-8 bytes (a copy of a delivered message may also
     keep the ``bytes`` keys the client gave it for non-UTF-8 keys). Values: ``str`` (valid
     UTF-8), ``bytes``, ``bool``, ``int`` in the signed 64-bit range, ``Decimal``, ``datetime``
     (sent as whole seconds, UTC), ``None``, and ``list`` / ``dict`` of these.
@@ -218,19 +219,28 @@ def check_headers(headers: Mapping[Any, Any], *, copy: bool = False) -> None:
     for key, value in headers.items():
         _check_key(key, copy)
         _check_value(value, f"header {key!r}", copy)
+        if key in ROUTING_HEADERS and not (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+        ):
+            raise InvalidMessage(f"header {key!r} routes the message: it must be a list of str")
 
 
 def _check_key(key: object, copy: bool) -> None:
     if isinstance(key, bytes) and copy:
         short_string(key, f"header key {key!r}")
         return
-    if not isinstance(key, str) or not key:
-        raise InvalidMessage(f"header key {key!r}: header keys must be non-empty str")
+    if not isinstance(key, str):
+        raise InvalidMessage(f"header key {key!r}: header keys must be str")
     short_string(key, f"header key {key[:40]!r}")
 
 
 def _check_value(value: object, what: str, copy: bool) -> None:
-    if value is None or isinstance(value, bytes | bool | datetime):
+    if value is None or isinstance(value, bytes | bool):
+        return
+    if isinstance(value, datetime):
+        # Sent as unsigned seconds since the epoch, UTC (naive means UTC).
+        if calendar.timegm(value.utctimetuple()) < 0:
+            raise InvalidMessage(f"{what}: AMQP timestamps cannot be before 1970")
         return
     if isinstance(value, str):
         try:

@@ -37,7 +37,7 @@ def test_header_values_that_cannot_be_encoded_are_invalid_messages(value: object
         outgoing(headers={"h": value})
 
 
-@pytest.mark.parametrize("key", ["k" * 256, "é" * 128, "\udc80", 7, b"bytes", ""])
+@pytest.mark.parametrize("key", ["k" * 256, "é" * 128, "\udc80", 7, b"bytes"])
 def test_bad_header_keys_are_invalid_messages(key: Any) -> None:
     with pytest.raises(InvalidMessage, match="header"):
         outgoing(headers={key: 1})
