@@ -20,7 +20,6 @@ import concurrent.futures
 import logging
 import random
 import threading
-import time
 import traceback
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -417,18 +416,7 @@ class WorkerRuntime:
         headers: dict[str, Any],
     ) -> bool:
         """Publish a copy and wait for its confirm, then ack the original (else requeue it)."""
-        copy = Outgoing(
-            exchange=exchange,
-            routing_key=routing_key,
-            body=message.body,
-            content_type=message.content_type,
-            headers=headers,
-            message_id=message.message_id or "",
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp or int(time.time()),
-            reply_to=message.reply_to,
-            content_encoding=message.content_encoding,
-        )
+        copy = Outgoing.copy_of(message, exchange, routing_key, headers)
         try:
             await self.runner.publish(copy)
         except WorkerkitError as exc:

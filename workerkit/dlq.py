@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -43,7 +42,7 @@ from typing import Any, TypeVar
 import orjson
 
 from .errors import ConfigurationError, PublishError, TopologyError, WorkerkitError
-from .message import Header, Message, Outgoing, copy_headers
+from .message import Header, Message, Outgoing
 from .settings import Settings, load_settings
 from .topology import Topology
 from .transport import default_transport
@@ -530,23 +529,12 @@ async def replay(
 def _fresh_copy(message: Message, queue: str) -> Outgoing:
     headers = {
         key: value
-        for key, value in copy_headers(message.headers).items()
+        for key, value in message.headers.items()
         if not (isinstance(key, str) and key.lower().startswith(Header.PREFIX))
     }
-    return Outgoing(
-        exchange="",
-        routing_key=queue,
-        body=message.body,
-        content_type=message.content_type,
-        headers=headers,
-        # Keep the id: handlers deduplicate on it. An id-less message gets its stable hash, so
-        # a duplicate replay carries the same id and a broker return can be matched to it.
-        message_id=message_key(message),
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp or int(time.time()),
-        reply_to=message.reply_to,
-        content_encoding=message.content_encoding,
-    )
+    # Keep the id: handlers deduplicate on it. An id-less message gets its stable hash, so a
+    # duplicate replay carries the same id and a broker return can be matched to it.
+    return Outgoing.copy_of(message, "", queue, headers, message_id=message_key(message))
 
 
 async def count(queue: str, *, settings: Settings | None = None, url: str | None = None) -> int:

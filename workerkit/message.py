@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
@@ -27,6 +27,7 @@ __all__ = [
     "Header",
     "Message",
     "Outgoing",
+    "Properties",
     "check_headers",
     "copy_headers",
     "decoder_for",
@@ -36,6 +37,9 @@ __all__ = [
 JSON = "application/json"
 TEXT = "text/plain"
 BINARY = "application/octet-stream"
+
+
+_NO_HEADERS: Mapping[Any, Any] = MappingProxyType({})
 
 
 class Header:
@@ -71,27 +75,29 @@ BROKER_DEATH_HEADERS = frozenset(
 )
 
 
+@dataclass(slots=True)
+class Properties:
+    """The AMQP properties workerkit reads and writes, as one value shared by :class:`Message`,
+    :class:`Outgoing`, the DLQ tools and the transports (copies use ``dataclasses.replace``)."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: Mapping[Any, Any] = field(default_factory=lambda: _NO_HEADERS)
+    message_id: str | None = None
+    correlation_id: str | None = None
+    timestamp: int | None = None
+    reply_to: str | None = None
+
+
 class Message:
     """A delivered message as the handler sees it.
 
     ``attempt`` is 1 for the first delivery and counts retries; it comes from a header that only
-    workerkit writes (publishers cannot set ``workerkit-*`` headers through workerkit).
+    workerkit writes (publishers cannot set ``workerkit-*`` headers through workerkit). The AMQP
+    properties are in ``properties``; ``headers``, ``message_id`` and the others read them.
     """
 
-    __slots__ = (
-        "body",
-        "content_encoding",
-        "content_type",
-        "correlation_id",
-        "delivery_tag",
-        "exchange",
-        "headers",
-        "message_id",
-        "redelivered",
-        "reply_to",
-        "routing_key",
-        "timestamp",
-    )
+    __slots__ = ("body", "delivery_tag", "exchange", "properties", "redelivered", "routing_key")
 
     def __init__(
         self,
@@ -100,30 +106,66 @@ class Message:
         routing_key: str = "",
         exchange: str = "",
         redelivered: bool = False,
-        headers: Mapping[str, Any] | None = None,
+        headers: Mapping[Any, Any] | None = None,
         content_type: str | None = None,
         content_encoding: str | None = None,
         message_id: str | None = None,
         correlation_id: str | None = None,
         timestamp: int | None = None,
         reply_to: str | None = None,
+        *,
+        properties: Properties | None = None,
     ) -> None:
         self.body = body
         self.delivery_tag = delivery_tag
         self.routing_key = routing_key
         self.exchange = exchange
         self.redelivered = redelivered
-        self.headers: Mapping[str, Any] = headers if headers is not None else _NO_HEADERS
-        self.content_type = content_type
-        self.content_encoding = content_encoding
-        self.message_id = message_id
-        self.correlation_id = correlation_id
-        self.timestamp = timestamp
-        self.reply_to = reply_to
+        self.properties = properties or Properties(
+            content_type,
+            content_encoding,
+            headers if headers is not None else _NO_HEADERS,
+            message_id,
+            correlation_id,
+            timestamp,
+            reply_to,
+        )
+
+    @property
+    def headers(self) -> Mapping[Any, Any]:
+        return self.properties.headers
+
+    @headers.setter
+    def headers(self, value: Mapping[Any, Any]) -> None:
+        self.properties.headers = value
+
+    @property
+    def content_type(self) -> str | None:
+        return self.properties.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self.properties.content_encoding
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.properties.correlation_id
+
+    @property
+    def timestamp(self) -> int | None:
+        return self.properties.timestamp
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.properties.reply_to
 
     @property
     def attempt(self) -> int:
-        value = self.headers.get(Header.ATTEMPT)
+        value = self.properties.headers.get(Header.ATTEMPT)
         return value if isinstance(value, int) and value >= 1 else 1
 
     def __repr__(self) -> str:
@@ -140,13 +182,41 @@ class Outgoing:
     exchange: str
     routing_key: str
     body: bytes
-    content_type: str | None
-    headers: dict[str, Any] = field(default_factory=dict)
-    message_id: str = ""
-    correlation_id: str | None = None
-    timestamp: int = 0
-    reply_to: str | None = None
-    content_encoding: str | None = None
+    properties: Properties
+
+    @property
+    def headers(self) -> Mapping[Any, Any]:
+        return self.properties.headers
+
+    @property
+    def message_id(self) -> str:
+        return self.properties.message_id or ""
+
+    @classmethod
+    def copy_of(
+        cls,
+        message: Message,
+        exchange: str,
+        routing_key: str,
+        headers: Mapping[Any, Any],
+        *,
+        message_id: str | None = None,
+    ) -> Outgoing:
+        """The copy of a delivered message that workerkit publishes (retry, dead letter,
+        replay): same body and properties, ``headers`` made re-encodable by
+        :func:`copy_headers` (the broker's death headers and ``CC``/``BCC`` dropped)."""
+        props = message.properties
+        return cls(
+            exchange,
+            routing_key,
+            message.body,
+            replace(
+                props,
+                headers=copy_headers(headers),
+                message_id=message_id or props.message_id,
+                timestamp=props.timestamp or int(time.time()),
+            ),
+        )
 
 
 def encode_body(body: object) -> tuple[bytes, str]:
@@ -339,20 +409,21 @@ def build_outgoing(
     if reply_to is not None:
         short_string(reply_to, "reply_to")
     return Outgoing(
-        exchange=exchange,
-        routing_key=routing_key,
-        body=payload,
-        content_type=content_type,
-        headers=user_headers,
-        message_id=message_id or new_message_id(),
-        correlation_id=correlation_id,
-        timestamp=int(time.time()),
-        reply_to=reply_to,
+        exchange,
+        routing_key,
+        payload,
+        Properties(
+            content_type=content_type,
+            headers=user_headers,
+            message_id=message_id or new_message_id(),
+            correlation_id=correlation_id,
+            timestamp=int(time.time()),
+            reply_to=reply_to,
+        ),
     )
 
 
 Decoder = Callable[[Message], Any]
-_NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
 
 def _check_plain(message: Message, max_body_size: int) -> None:

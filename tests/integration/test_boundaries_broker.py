@@ -18,7 +18,7 @@ import pytest
 from workerkit import AsyncPublisher, InvalidMessage, Publisher, Settings
 from workerkit import dlq as dlq_tools
 from workerkit.errors import PublishError
-from workerkit.message import Outgoing
+from workerkit.message import Outgoing, Properties
 from workerkit.publisher import refuse_sync_publishes_on
 from workerkit.topology import Topology
 
@@ -96,7 +96,9 @@ async def test_an_unencodable_value_never_costs_the_connection(
         # The transport itself refuses what slips past (an Outgoing built by hand), still
         # without touching the connection.
         assert channel is not None
-        raw = Outgoing(settings.exchange, queue, b"{}", None, {"f": 0.5}, message_id="x")
+        raw = Outgoing(
+            settings.exchange, queue, b"{}", Properties(headers={"f": 0.5}, message_id="x")
+        )
         with pytest.raises(InvalidMessage, match="encode"):
             await channel.publish(raw, mandatory=True, timeout=5)
         assert time.monotonic() - started < 1.0

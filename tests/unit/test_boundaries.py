@@ -205,3 +205,33 @@ def test_bindings_whose_delay_bindings_overflow_are_refused() -> None:
             bindings = ("b" * 198,)
 
             async def handle(self, body: dict[str, Any]) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "words"),
+    [
+        ("WORKERKIT_URL", "amqp://guest:guest@127.0.0.1:5672/?heartbeet=5", "heartbeet"),
+        ("WORKERKIT_URL", "amqp://guest:123#s3cret@127.0.0.1/", "percent-encode"),
+        ("WORKERKIT_TLS_CA_FILE", "/nonexistent/ca.pem", "not a readable file"),
+    ],
+)
+def test_configuration_errors_stop_start_up_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, words: str
+) -> None:
+    from click.testing import CliRunner
+
+    from workerkit.cli import cli
+
+    monkeypatch.setenv(env, value)
+    result = CliRunner().invoke(cli, ["run", "workerkit_no_such_module_needed"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and words in result.stderr
+    assert "s3cret" not in result.stderr
+
+
+def test_a_publisher_raises_configuration_errors_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workerkit import Publisher
+
+    monkeypatch.setenv("WORKERKIT_URL", "amqp://guest:guest@127.0.0.1/?connection_attempts=3")
+    with pytest.raises(ConfigurationError, match="connection_attempts"):
+        Publisher()

@@ -11,7 +11,7 @@ from typing import Any
 from pika.spec import Basic, BasicProperties
 
 from workerkit.errors import Unroutable
-from workerkit.message import Outgoing
+from workerkit.message import Outgoing, Properties
 from workerkit.transport.pika_asyncio import PikaChannel, _Pending
 
 
@@ -28,7 +28,7 @@ def channel_with(*messages: Outgoing) -> tuple[PikaChannel, dict[int, Any]]:
 
 
 def out(routing_key: str, message_id: str) -> Outgoing:
-    return Outgoing("ex", routing_key, b"", None, message_id=message_id)
+    return Outgoing("ex", routing_key, b"", Properties(message_id=message_id))
 
 
 def returned(routing_key: str, message_id: str) -> tuple[Any, ...]:

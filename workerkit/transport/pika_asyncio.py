@@ -31,7 +31,7 @@ from ..errors import (
     Unroutable,
     WorkerkitError,
 )
-from ..message import Message, Outgoing
+from ..message import _NO_HEADERS, Message, Outgoing, Properties
 from ..settings import Settings
 from ._pika_internals import BatchingConnection, remove_get_empty_callback
 from .base import OnLost, OnMessage, OnPublished
@@ -493,16 +493,7 @@ class PikaChannel:
                 message.exchange,
                 message.routing_key,
                 mandatory,
-                BasicProperties(
-                    content_type=message.content_type,
-                    content_encoding=message.content_encoding,
-                    headers=message.headers or None,
-                    delivery_mode=PERSISTENT,
-                    message_id=message.message_id or None,
-                    correlation_id=message.correlation_id,
-                    timestamp=message.timestamp,
-                    reply_to=message.reply_to,
-                ),
+                _basic_properties(message.properties),
                 message.body,
             )
         except Exception as exc:
@@ -607,6 +598,19 @@ class PikaChannel:
             pass
 
 
+def _basic_properties(props: Properties) -> BasicProperties:
+    return BasicProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=props.headers or None,
+        delivery_mode=PERSISTENT,
+        message_id=props.message_id or None,
+        correlation_id=props.correlation_id,
+        timestamp=props.timestamp,
+        reply_to=props.reply_to,
+    )
+
+
 def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
     return Message(
         body,
@@ -614,11 +618,13 @@ def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
         method.routing_key,
         method.exchange,
         method.redelivered,
-        props.headers,
-        props.content_type,
-        props.content_encoding,
-        props.message_id or None,
-        props.correlation_id,
-        props.timestamp,
-        props.reply_to,
+        properties=Properties(
+            props.content_type,
+            props.content_encoding,
+            props.headers if props.headers is not None else _NO_HEADERS,
+            props.message_id or None,
+            props.correlation_id,
+            props.timestamp,
+            props.reply_to,
+        ),
     )
