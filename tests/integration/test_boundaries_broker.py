@@ -18,7 +18,7 @@ import pytest
 from workerkit import AsyncPublisher, InvalidMessage, Publisher, Settings
 from workerkit import dlq as dlq_tools
 from workerkit.errors import PublishError
-from workerkit.message import Outgoing, Properties
+from workerkit.message import Message, Outgoing, Properties
 from workerkit.publisher import refuse_sync_publishes_on
 from workerkit.topology import Topology
 
@@ -216,3 +216,51 @@ def test_the_sync_publisher_refuses_to_block_a_runner_loop(settings: Settings, q
     asyncio.run(handler())
     publisher.close()
     assert _get_all(settings, queue) == []
+
+
+async def test_the_runner_dead_letters_a_foreign_message_it_could_not_copy_before(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    """A foreign double too wide for 64 bits reaches the handler as a big int (pika's decoding);
+    the dead-letter copy must still be published, once, without a reconnect loop."""
+    from workerkit import Reject, RetryPolicy, Runner, Worker
+    from workerkit.testing import running, wait_for
+
+    q = unique("foreign")
+    handled: list[Any] = []
+
+    class Foreign(Worker):
+        queue = q
+        retry = RetryPolicy(max_attempts=1)
+
+        async def handle(self, body: dict[str, Any], message: Message) -> None:
+            handled.append(message.headers.get("huge"))
+            raise Reject("no thanks")
+
+    runner = Runner([Foreign], settings=settings)
+    try:
+        async with running(runner):
+            await asyncio.to_thread(_foreign_publish, settings, q, {"huge": 1e300, "CC": [q]})
+            await wait_for(lambda: len(handled) >= 1, timeout=10)
+            dlq = Topology.dlq_name(q)
+            got: list[tuple[Any, bytes]] = []
+
+            async def dead_lettered() -> bool:
+                got.extend(await asyncio.to_thread(_get_all, settings, dlq))
+                return bool(got)
+
+            deadline = time.monotonic() + 10
+            while not await dead_lettered():
+                assert time.monotonic() < deadline, "the dead-letter copy was never published"
+                await asyncio.sleep(0.05)
+            assert runner.reconnects == 0
+        assert handled == [int(1e300)]
+        [(props, _body)] = got
+        assert props.headers["huge"] == str(int(1e300))
+        assert "CC" not in props.headers
+        assert props.headers["workerkit-reason"] == "rejected"
+    finally:
+        conn = pika.BlockingConnection(pika.URLParameters(settings.url.get_secret_value()))
+        conn.channel().queue_delete(q)
+        conn.channel().queue_delete(Topology.dlq_name(q))
+        conn.close()
