@@ -94,10 +94,24 @@ class Message:
 
     ``attempt`` is 1 for the first delivery and counts retries; it comes from a header that only
     workerkit writes (publishers cannot set ``workerkit-*`` headers through workerkit). The AMQP
-    properties are in ``properties``; ``headers``, ``message_id`` and the others read them.
+    properties are plain attributes (one object per delivery keeps the consume path fast);
+    ``properties`` returns them as one :class:`Properties` value, and ``properties=`` sets them.
     """
 
-    __slots__ = ("body", "delivery_tag", "exchange", "properties", "redelivered", "routing_key")
+    __slots__ = (
+        "body",
+        "content_encoding",
+        "content_type",
+        "correlation_id",
+        "delivery_tag",
+        "exchange",
+        "headers",
+        "message_id",
+        "redelivered",
+        "reply_to",
+        "routing_key",
+        "timestamp",
+    )
 
     def __init__(
         self,
@@ -121,51 +135,35 @@ class Message:
         self.routing_key = routing_key
         self.exchange = exchange
         self.redelivered = redelivered
-        self.properties = properties or Properties(
-            content_type,
-            content_encoding,
-            headers if headers is not None else _NO_HEADERS,
-            message_id,
-            correlation_id,
-            timestamp,
-            reply_to,
+        if properties is not None:
+            headers = properties.headers
+            content_type, content_encoding = properties.content_type, properties.content_encoding
+            message_id, correlation_id = properties.message_id, properties.correlation_id
+            timestamp, reply_to = properties.timestamp, properties.reply_to
+        self.headers: Mapping[Any, Any] = headers if headers is not None else _NO_HEADERS
+        self.content_type = content_type
+        self.content_encoding = content_encoding
+        self.message_id = message_id
+        self.correlation_id = correlation_id
+        self.timestamp = timestamp
+        self.reply_to = reply_to
+
+    @property
+    def properties(self) -> Properties:
+        """The AMQP properties as one value (a snapshot: changing it changes nothing here)."""
+        return Properties(
+            self.content_type,
+            self.content_encoding,
+            self.headers,
+            self.message_id,
+            self.correlation_id,
+            self.timestamp,
+            self.reply_to,
         )
 
     @property
-    def headers(self) -> Mapping[Any, Any]:
-        return self.properties.headers
-
-    @headers.setter
-    def headers(self, value: Mapping[Any, Any]) -> None:
-        self.properties.headers = value
-
-    @property
-    def content_type(self) -> str | None:
-        return self.properties.content_type
-
-    @property
-    def content_encoding(self) -> str | None:
-        return self.properties.content_encoding
-
-    @property
-    def message_id(self) -> str | None:
-        return self.properties.message_id
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self.properties.correlation_id
-
-    @property
-    def timestamp(self) -> int | None:
-        return self.properties.timestamp
-
-    @property
-    def reply_to(self) -> str | None:
-        return self.properties.reply_to
-
-    @property
     def attempt(self) -> int:
-        value = self.properties.headers.get(Header.ATTEMPT)
+        value = self.headers.get(Header.ATTEMPT)
         return value if isinstance(value, int) and value >= 1 else 1
 
     def __repr__(self) -> str:

@@ -31,7 +31,7 @@ from ..errors import (
     Unroutable,
     WorkerkitError,
 )
-from ..message import _NO_HEADERS, Message, Outgoing, Properties
+from ..message import Message, Outgoing, Properties
 from ..settings import Settings
 from ._pika_internals import BatchingConnection, remove_get_empty_callback
 from .base import OnLost, OnMessage, OnPublished
@@ -612,19 +612,18 @@ def _basic_properties(props: Properties) -> BasicProperties:
 
 
 def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
+    # Positional and flat: this runs once per delivery.
     return Message(
         body,
         method.delivery_tag,
         method.routing_key,
         method.exchange,
         method.redelivered,
-        properties=Properties(
-            props.content_type,
-            props.content_encoding,
-            props.headers if props.headers is not None else _NO_HEADERS,
-            props.message_id or None,
-            props.correlation_id,
-            props.timestamp,
-            props.reply_to,
-        ),
+        props.headers,
+        props.content_type,
+        props.content_encoding,
+        props.message_id or None,
+        props.correlation_id,
+        props.timestamp,
+        props.reply_to,
     )
