@@ -54,3 +54,31 @@ def test_pika_is_imported_only_under_the_transport_and_privately_only_in_one_mod
             assert "_AsyncPlaintextTransport" not in text, path
             assert ".callbacks.remove" not in text, path
             assert not _private_attributes(path) - {"_raw", "_wk_publish"}, path
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_the_transport_seam_does_not_depend_on_workers_or_topology() -> None:
+    root = Path(workerkit.__file__).parent / "transport"
+    for name in ("base.py", "specs.py", "pika_asyncio.py", "memory.py", "_pika_internals.py"):
+        imported = _imports(root / name)
+        assert not {"..worker", "..topology", "..consumer", "..runner"} & imported, name
+
+
+def test_the_default_transport_is_chosen_in_one_place() -> None:
+    root = Path(workerkit.__file__).parent
+    naming = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "PikaTransport" in path.read_text()
+    }
+    assert naming == {"transport/__init__.py", "transport/pika_asyncio.py"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,21 @@ def _source(cls: type) -> str:
         return inspect.getsource(cls)
     except (OSError, TypeError):
         return ""
+
+
+_warned = False
+log = logging.getLogger("workerkit.transport")
+
+
+def _warn_slow_path() -> None:
+    """Say once that this pika no longer has what the direct send needs (it still works)."""
+    global _warned
+    _warned = True
+    log.warning(
+        "pika %s has no _AsyncPlaintextTransport._sock: frames go through pika's own (slower)"
+        " send path; workerkit.transport._pika_internals needs updating for this release",
+        pika.__version__,
+    )
 
 
 def remove_get_empty_callback(raw: PikaRawChannel, callback: Callable[[Any], None]) -> None:
@@ -136,9 +152,12 @@ class BatchingConnection(AsyncioConnection):  # type: ignore[misc]
             return
         data = b"".join(frames)
         sock = getattr(transport, "_sock", None)
+        plain = type(transport) is _AsyncPlaintextTransport
+        if plain and not _warned and not hasattr(transport, "_sock"):
+            _warn_slow_path()  # renamed in this pika (None only means closing)
         if (
             sock is not None
-            and type(transport) is _AsyncPlaintextTransport
+            and plain
             and transport.get_write_buffer_size() == 0
             and getattr(transport, "_state", None) == _ACTIVE
         ):
