@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from .message import Header
 from .settings import Settings
 from .transport.specs import ExchangeSpec, QueueSpec
-from .worker import MAX_ROUTED_NAME, Worker
+from .worker import Worker
 
 __all__ = [
     "LEVELS",
@@ -49,8 +49,6 @@ MAX_DELAY = MAX_UNITS * UNIT_MS / 1000  # seconds: about 310 days
 
 RETRY = "r"
 SCHEDULED = "p"
-# worker.py refuses names whose delay bindings (``r.<levels>.<queue>``) would not fit 255 bytes.
-assert len(f"{RETRY}." + ".".join(["*"] * LEVELS) + ".") + MAX_ROUTED_NAME == 255
 
 
 class Declarer(Protocol):

@@ -235,3 +235,22 @@ def test_a_publisher_raises_configuration_errors_at_once(monkeypatch: pytest.Mon
     monkeypatch.setenv("WORKERKIT_URL", "amqp://guest:guest@127.0.0.1/?connection_attempts=3")
     with pytest.raises(ConfigurationError, match="connection_attempts"):
         Publisher()
+
+
+def test_the_longest_accepted_names_fill_the_delay_bindings_exactly() -> None:
+    """worker.MAX_ROUTED_NAME agrees with the delay layout topology.py builds."""
+    from workerkit.topology import Topology
+    from workerkit.worker import MAX_ROUTED_NAME
+
+    class Longest(Worker):
+        queue = "q" * MAX_ROUTED_NAME
+        bindings = ("b" * MAX_ROUTED_NAME,)
+
+        async def handle(self, body: dict[str, Any]) -> None: ...
+
+    try:
+        specs = Topology(Settings()).worker_queues(Longest)
+        keys = [key for spec in specs for _exchange, key in spec.bindings]
+        assert max(len(key.encode()) for key in keys) == 255
+    finally:
+        Worker.registry.pop(Longest.queue, None)
