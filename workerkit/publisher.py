@@ -45,7 +45,7 @@ from .transport import default_transport
 from .transport.base import Channel, Connection, OnPublished, Transport
 from .worker import MAX_ROUTED_NAME
 
-__all__ = ["AsyncPublisher", "Publisher", "refuse_sync_publishes_on"]
+__all__ = ["AsyncPublisher", "Publisher", "allow_sync_publishes_on", "refuse_sync_publishes_on"]
 
 log = logging.getLogger("workerkit.publisher")
 
@@ -441,13 +441,22 @@ class AsyncPublisher:
 
 
 # Loops that must never block on a sync publish (the runner's: blocking it stalls every consumer,
-# heartbeat and ack of the process for up to the publish timeout).
-_async_only: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+# heartbeat and ack of the process for up to the publish timeout), with how many runners use each.
+_async_only: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
 
 
 def refuse_sync_publishes_on(loop: asyncio.AbstractEventLoop) -> None:
     """Make a sync :class:`Publisher` called on ``loop``'s thread, while it runs, raise."""
-    _async_only.add(loop)
+    _async_only[loop] = _async_only.get(loop, 0) + 1
+
+
+def allow_sync_publishes_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Undo one :func:`refuse_sync_publishes_on` (the runner calls it once it has stopped)."""
+    left = _async_only.get(loop, 0) - 1
+    if left > 0:
+        _async_only[loop] = left
+    else:
+        _async_only.pop(loop, None)
 
 
 def _check_calling_thread() -> None:

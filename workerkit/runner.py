@@ -22,7 +22,7 @@ from typing import Any
 from .consumer import WorkerRuntime
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
-from .publisher import refuse_sync_publishes_on
+from .publisher import allow_sync_publishes_on, refuse_sync_publishes_on
 from .retry import reconnecting
 from .settings import Settings, load_settings
 from .topology import Topology
@@ -119,6 +119,7 @@ class Runner:
             await self._supervise()
         finally:
             await self._shutdown()
+            allow_sync_publishes_on(loop)
             for sig in installed:
                 loop.remove_signal_handler(sig)
 

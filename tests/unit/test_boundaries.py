@@ -254,3 +254,31 @@ def test_the_longest_accepted_names_fill_the_delay_bindings_exactly() -> None:
         assert max(len(key.encode()) for key in keys) == 255
     finally:
         Worker.registry.pop(Longest.queue, None)
+
+
+async def test_a_running_runner_refuses_sync_publishes_on_its_loop() -> None:
+    """Blocking the runner's loop would stall every consumer and heartbeat: refused at once,
+    and only while a runner uses the loop."""
+    from workerkit import Publisher, Runner
+    from workerkit.errors import PublishError
+    from workerkit.testing import running
+    from workerkit.transport.memory import MemoryTransport
+
+    class Quiet(Worker):
+        queue = "unit.syncpub.quiet"
+
+        async def handle(self, body: dict[str, Any]) -> None: ...
+
+    # Nothing listens on this port: a publish that got past the check would fail differently.
+    publisher = Publisher(url="amqp://guest:guest@127.0.0.1:1/")
+    runner = Runner([Quiet], settings=Settings(exchange="wkt"), transport=MemoryTransport())
+    try:
+        async with running(runner):
+            with pytest.raises(PublishError, match="AsyncPublisher"):
+                publisher.publish("k", {})
+        with pytest.raises(Exception) as after:
+            publisher.publish("k", {}, timeout=0.2)
+        assert "AsyncPublisher" not in str(after.value)  # the runner is gone: not refused
+    finally:
+        publisher.close()
+        Worker.registry.pop(Quiet.queue, None)
