@@ -350,12 +350,9 @@ async def _declare(
     settings: Settings, workers: Sequence[type[Worker]], transport: Transport | None = None
 ) -> None:
     from .topology import Topology
+    from .transport import default_transport
 
-    if transport is None:
-        from .transport.pika_asyncio import PikaTransport
-
-        transport = PikaTransport()
-    connection = await transport.connect(
+    connection = await (transport or default_transport()).connect(
         settings, name="workerkit-topology", on_lost=lambda _exc: None
     )
     try:

@@ -32,7 +32,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -42,10 +41,11 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .errors import PublishError, TopologyError, WorkerkitError
-from .message import BROKER_DEATH_HEADERS, Header, Message, Outgoing
+from .errors import ConfigurationError, PublishError, TopologyError, WorkerkitError
+from .message import Header, Message, Outgoing
 from .settings import Settings, load_settings
 from .topology import Topology
+from .transport import default_transport
 from .transport.base import Channel, Connection, Transport
 
 __all__ = [
@@ -83,6 +83,7 @@ RETURN_BATCH = 32
 
 # The quorum DLQ rewrites this on every return, so it must not count towards a message's identity.
 _VOLATILE_HEADERS = frozenset({"x-delivery-count"})
+UNROUTABLE_SUFFIX = ".unroutable"
 
 
 @dataclass(frozen=True)
@@ -119,11 +120,19 @@ class ReplayResult:
 
 
 def dlq_of(queue: str) -> str:
-    """The dead-letter queue of a work queue (a name already ending in ``.dlq`` is kept)."""
-    return queue if queue.endswith(".dlq") else Topology.dlq_name(queue)
+    """The dead-letter queue of a work queue. A name already ending in ``.dlq`` is kept, and so
+    is ``<exchange>.unroutable``, where scheduled messages that matched no queue wait."""
+    if queue.endswith((".dlq", UNROUTABLE_SUFFIX)):
+        return queue
+    return Topology.dlq_name(queue)
 
 
 def work_queue_of(queue: str) -> str:
+    if queue.endswith(UNROUTABLE_SUFFIX):
+        raise ConfigurationError(
+            f"{queue!r} holds messages that matched no queue: there is no work queue to replay"
+            " them to (read them with `workerkit dlq list/show`, then publish them again)"
+        )
     return queue.removesuffix(".dlq")
 
 
@@ -132,7 +141,7 @@ def work_queue_of(queue: str) -> str:
 
 def dead_letter_from(message: Message) -> DeadLetter:
     """Interpret a message read from a DLQ."""
-    headers = dict(message.headers)
+    headers = _str_keys(message.headers)
     attempts = headers.get(Header.ATTEMPT)
     return DeadLetter(
         id=message_key(message),
@@ -154,11 +163,20 @@ def dead_letter_from(message: Message) -> DeadLetter:
     )
 
 
+def _str_keys(headers: Mapping[Any, Any]) -> dict[str, Any]:
+    """Headers for reading: a key another client sent as non-UTF-8 bytes (the client keeps it as
+    ``bytes``) is shown with backslash escapes, so keys sort and print like the others."""
+    return {
+        key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key): value
+        for key, value in headers.items()
+    }
+
+
 def message_key(message: Message) -> str:
     """The message id, or (when a publisher set none) a stable hash of body and headers."""
     if message.message_id:
         return message.message_id
-    stable = {k: v for k, v in message.headers.items() if k not in _VOLATILE_HEADERS}
+    stable = {k: v for k, v in _str_keys(message.headers).items() if k not in _VOLATILE_HEADERS}
     digest = hashlib.sha256(message.body)
     digest.update(orjson.dumps(stable, default=str, option=orjson.OPT_SORT_KEYS))
     return "h-" + digest.hexdigest()[:16]
@@ -229,11 +247,9 @@ def _readable(body: bytes, content_type: str | None) -> str:
 async def _dlq_connection(
     settings: Settings, transport: Transport | None = None
 ) -> AsyncIterator[Connection]:
-    if transport is None:
-        from .transport.pika_asyncio import PikaTransport
-
-        transport = PikaTransport()
-    connection = await transport.connect(settings, name="workerkit-dlq", on_lost=lambda _exc: None)
+    connection = await (transport or default_transport()).connect(
+        settings, name="workerkit-dlq", on_lost=lambda _exc: None
+    )
     try:
         yield connection
     finally:
@@ -499,7 +515,7 @@ async def replay(
     the number replayed so far after each confirm.
     """
     settings = load_settings(settings, url)
-    dlq, target = dlq_of(queue), work_queue_of(queue)
+    dlq, target = dlq_of(queue), work_queue_of(dlq_of(queue))
     wanted = None if ids is None else set(ids)
     async with _dlq_connection(settings, transport) as connection:
         channel = await connection.channel(confirms=True)
@@ -544,22 +560,11 @@ def _fresh_copy(message: Message, queue: str) -> Outgoing:
     headers = {
         key: value
         for key, value in message.headers.items()
-        if not key.lower().startswith(Header.PREFIX) and key not in BROKER_DEATH_HEADERS
+        if not (isinstance(key, str) and key.lower().startswith(Header.PREFIX))
     }
-    return Outgoing(
-        exchange="",
-        routing_key=queue,
-        body=message.body,
-        content_type=message.content_type,
-        headers=headers,
-        # Keep the id: handlers deduplicate on it. An id-less message gets its stable hash, so
-        # a duplicate replay carries the same id and a broker return can be matched to it.
-        message_id=message_key(message),
-        correlation_id=message.correlation_id,
-        timestamp=message.timestamp or int(time.time()),
-        reply_to=message.reply_to,
-        content_encoding=message.content_encoding,
-    )
+    # Keep the id: handlers deduplicate on it. An id-less message gets its stable hash, so a
+    # duplicate replay carries the same id and a broker return can be matched to it.
+    return Outgoing.copy_of(message, "", queue, headers, message_id=message_key(message))
 
 
 async def count(

@@ -171,11 +171,11 @@ async def prune(
 
 
 async def _connect(settings: Settings, transport: Transport | None) -> Any:
-    if transport is None:
-        from .transport.pika_asyncio import PikaTransport
+    from .transport import default_transport
 
-        transport = PikaTransport()
-    return await transport.connect(settings, name="workerkit-topology", on_lost=lambda _e: None)
+    return await (transport or default_transport()).connect(
+        settings, name="workerkit-topology", on_lost=lambda _e: None
+    )
 
 
 # -- ways of reading the broker ---------------------------------------------------------------

@@ -30,6 +30,7 @@ one seam into this tree.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -137,7 +138,7 @@ class RetryLater(Exception):
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
         super().__init__(reason)
-        if delay is not None and not 0 <= delay < float("inf"):  # also refuses NaN
-            raise ValueError(f"RetryLater delay must be a finite number >= 0, not {delay!r}")
+        if delay is not None and not (math.isfinite(delay) and delay >= 0):
+            raise ValueError(f"RetryLater delay must be a finite number >= 0, got {delay!r}")
         self.delay = delay
         self.reason = reason

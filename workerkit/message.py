@@ -6,10 +6,14 @@ send :class:`Outgoing`.
 
 from __future__ import annotations
 
+import calendar
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
@@ -23,6 +27,9 @@ __all__ = [
     "Header",
     "Message",
     "Outgoing",
+    "Properties",
+    "check_headers",
+    "copy_headers",
     "decoder_for",
     "encode_body",
 ]
@@ -30,6 +37,9 @@ __all__ = [
 JSON = "application/json"
 TEXT = "text/plain"
 BINARY = "application/octet-stream"
+
+
+_NO_HEADERS: Mapping[Any, Any] = MappingProxyType({})
 
 
 class Header:
@@ -65,11 +75,27 @@ BROKER_DEATH_HEADERS = frozenset(
 )
 
 
+@dataclass(slots=True)
+class Properties:
+    """The AMQP properties workerkit reads and writes, as one value shared by :class:`Message`,
+    :class:`Outgoing`, the DLQ tools and the transports (copies use ``dataclasses.replace``)."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    headers: Mapping[Any, Any] = field(default_factory=lambda: _NO_HEADERS)
+    message_id: str | None = None
+    correlation_id: str | None = None
+    timestamp: int | None = None
+    reply_to: str | None = None
+
+
 class Message:
     """A delivered message as the handler sees it.
 
     ``attempt`` is 1 for the first delivery and counts retries; it comes from a header that only
-    workerkit writes (publishers cannot set ``workerkit-*`` headers through workerkit).
+    workerkit writes (publishers cannot set ``workerkit-*`` headers through workerkit). The AMQP
+    properties are plain attributes (one object per delivery keeps the consume path fast);
+    ``properties`` returns them as one :class:`Properties` value, and ``properties=`` sets them.
     """
 
     __slots__ = (
@@ -95,7 +121,7 @@ class Message:
         routing_key: str = "",
         exchange: str = "",
         redelivered: bool = False,
-        headers: Mapping[str, Any] | None = None,
+        headers: Mapping[Any, Any] | None = None,
         content_type: str | None = None,
         content_encoding: str | None = None,
         message_id: str | None = None,
@@ -103,13 +129,20 @@ class Message:
         timestamp: int | None = None,
         reply_to: str | None = None,
         queue: str = "",
+        *,
+        properties: Properties | None = None,
     ) -> None:
         self.body = body
         self.delivery_tag = delivery_tag
         self.routing_key = routing_key
         self.exchange = exchange
         self.redelivered = redelivered
-        self.headers: Mapping[str, Any] = headers if headers is not None else _NO_HEADERS
+        if properties is not None:
+            headers = properties.headers
+            content_type, content_encoding = properties.content_type, properties.content_encoding
+            message_id, correlation_id = properties.message_id, properties.correlation_id
+            timestamp, reply_to = properties.timestamp, properties.reply_to
+        self.headers: Mapping[Any, Any] = headers if headers is not None else _NO_HEADERS
         self.content_type = content_type
         self.content_encoding = content_encoding
         self.message_id = message_id
@@ -117,6 +150,19 @@ class Message:
         self.timestamp = timestamp
         self.reply_to = reply_to
         self.queue = queue  # the queue it was consumed from (set by the runner)
+
+    @property
+    def properties(self) -> Properties:
+        """The AMQP properties as one value (a snapshot: changing it changes nothing here)."""
+        return Properties(
+            self.content_type,
+            self.content_encoding,
+            self.headers,
+            self.message_id,
+            self.correlation_id,
+            self.timestamp,
+            self.reply_to,
+        )
 
     @property
     def attempt(self) -> int:
@@ -137,13 +183,46 @@ class Outgoing:
     exchange: str
     routing_key: str
     body: bytes
-    content_type: str | None
-    headers: dict[str, Any] = field(default_factory=dict)
-    message_id: str = ""
-    correlation_id: str | None = None
-    timestamp: int = 0
-    reply_to: str | None = None
-    content_encoding: str | None = None
+    properties: Properties
+
+    @property
+    def headers(self) -> dict[Any, Any]:
+        """The headers, as a dict of this message's own (publish middleware may add some)."""
+        headers = self.properties.headers
+        if type(headers) is not dict:
+            headers = dict(headers)
+            self.properties = replace(self.properties, headers=headers)
+        return headers
+
+    @property
+    def message_id(self) -> str:
+        return self.properties.message_id or ""
+
+    @classmethod
+    def copy_of(
+        cls,
+        message: Message,
+        exchange: str,
+        routing_key: str,
+        headers: Mapping[Any, Any],
+        *,
+        message_id: str | None = None,
+    ) -> Outgoing:
+        """The copy of a delivered message that workerkit publishes (retry, dead letter,
+        replay): same body and properties, ``headers`` made re-encodable by
+        :func:`copy_headers` (the broker's death headers and ``CC``/``BCC`` dropped)."""
+        props = message.properties
+        return cls(
+            exchange,
+            routing_key,
+            message.body,
+            replace(
+                props,
+                headers=copy_headers(headers),
+                message_id=message_id or props.message_id,
+                timestamp=props.timestamp or int(time.time()),
+            ),
+        )
 
 
 def encode_body(body: object) -> tuple[bytes, str]:
@@ -177,6 +256,133 @@ def new_message_id() -> str:
     return "%032x" % (random.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
 
 
+# -- what AMQP can carry ----------------------------------------------------------------------
+#
+# The client encodes a header table value by value while it builds the frames; a value it cannot
+# encode used to surface as a failed send (and a reconnect). Checked here, before anything is
+# sent, an unencodable value is an InvalidMessage naming the header.
+
+SHORT_STRING = 255  # bytes: header keys, ids, reply_to, routing keys, queue and exchange names
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1  # the signed 64-bit integer the client sends
+# Headers whose values re-route a message (sender-selected distribution): a copy that workerkit
+# publishes to a retry level or a DLQ must go exactly there, so they are dropped from copies.
+ROUTING_HEADERS = frozenset({"CC", "BCC"})
+
+
+def short_string(value: str | bytes, what: str) -> None:
+    """Raise InvalidMessage unless ``value`` fits an AMQP short string (1 length byte)."""
+    if isinstance(value, str):
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidMessage(f"{what} is not valid UTF-8 (a lone surrogate?)") from None
+    elif isinstance(value, bytes):
+        size = len(value)
+    else:
+        raise InvalidMessage(f"{what} must be a str, not {type(value).__name__}")
+    if size > SHORT_STRING:
+        raise InvalidMessage(f"{what} is {size} bytes; AMQP allows at most {SHORT_STRING}")
+
+
+def check_headers(headers: Mapping[Any, Any], *, copy: bool = False) -> None:
+    """Raise InvalidMessage unless every key and value can be sent in an AMQP table.
+
+    Keys are ``str`` of at most 255 UTF-8 bytes (a copy of a delivered message may also
+    keep the ``bytes`` keys the client gave it for non-UTF-8 keys). Values: ``str`` (valid
+    UTF-8), ``bytes``, ``bool``, ``int`` in the signed 64-bit range, ``Decimal``, ``datetime``
+    (sent as whole seconds, UTC), ``None``, and ``list`` / ``dict`` of these.
+    """
+    for key, value in headers.items():
+        _check_key(key, copy)
+        _check_value(value, f"header {key!r}", copy)
+        if key in ROUTING_HEADERS and not (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+        ):
+            raise InvalidMessage(f"header {key!r} routes the message: it must be a list of str")
+
+
+def _check_key(key: object, copy: bool) -> None:
+    if isinstance(key, bytes) and copy:
+        short_string(key, f"header key {key!r}")
+        return
+    if not isinstance(key, str):
+        raise InvalidMessage(f"header key {key!r}: header keys must be str")
+    short_string(key, f"header key {key[:40]!r}")
+
+
+def _check_value(value: object, what: str, copy: bool) -> None:
+    if value is None or isinstance(value, bytes | bool):
+        return
+    if isinstance(value, datetime):
+        # Sent as unsigned seconds since the epoch, UTC (naive means UTC).
+        if calendar.timegm(value.utctimetuple()) < 0:
+            raise InvalidMessage(f"{what}: AMQP timestamps cannot be before 1970")
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidMessage(f"{what}: not valid UTF-8 (a lone surrogate?)") from None
+    elif isinstance(value, int):
+        if not _LONG_MIN <= value <= _LONG_MAX:
+            raise InvalidMessage(f"{what}: {value} is outside the signed 64-bit range")
+    elif isinstance(value, Decimal):
+        _check_decimal(value, what)
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(item, what, copy)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_key(key, copy)
+            _check_value(item, f"{what}[{key!r}]", copy)
+    elif isinstance(value, float):
+        raise InvalidMessage(
+            f"{what}: AMQP floats cannot be sent by the client; send str(value) or a Decimal"
+        )
+    else:
+        raise InvalidMessage(f"{what}: a {type(value).__name__} cannot be sent as a header value")
+
+
+def _check_decimal(value: Decimal, what: str) -> None:
+    # AMQP decimals are a scale octet and a signed 32-bit unscaled value.
+    if not value.is_finite():
+        raise InvalidMessage(f"{what}: {value} is not a finite decimal")
+    _sign, digits, exponent = value.normalize().as_tuple()
+    assert isinstance(exponent, int)
+    unscaled = int("".join(map(str, digits)) or "0") * 10 ** max(exponent, 0)
+    if -exponent > 255 or unscaled >= 2**31:
+        raise InvalidMessage(
+            f"{what}: {value} does not fit an AMQP decimal (scale <= 255, 32 bits)"
+        )
+
+
+def copy_headers(headers: Mapping[Any, Any]) -> dict[Any, Any]:
+    """The headers a workerkit copy (retry, dead-letter, replay) of a delivered message carries.
+
+    The broker's death headers and the re-routing ``CC``/``BCC`` are dropped. Values another
+    client could send but this one cannot encode are kept in a form it can: a float becomes its
+    shortest round-tripping text (``"1.5"``, ``"nan"``), an integer outside the signed 64-bit
+    range its decimal text, a tuple a list.
+    """
+    return {
+        key: _encodable(value)
+        for key, value in headers.items()
+        if key not in BROKER_DEATH_HEADERS and key not in ROUTING_HEADERS
+    }
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if _LONG_MIN <= value <= _LONG_MAX else str(value)
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    return value
+
+
 def build_outgoing(
     exchange: str,
     routing_key: str,
@@ -189,32 +395,41 @@ def build_outgoing(
     max_body_size: int,
 ) -> Outgoing:
     """The one place where both publishers turn user input into an :class:`Outgoing`."""
-    if not routing_key or len(routing_key.encode()) > 255:
-        raise InvalidMessage("routing key must be 1 to 255 bytes")
+    if not isinstance(routing_key, str) or not routing_key:
+        raise InvalidMessage("routing key must be a non-empty str")
+    short_string(routing_key, "routing key")
     payload, content_type = encode_body(body)
     if len(payload) > max_body_size:
         raise MessageTooLarge(f"body is {len(payload)} bytes, above max_body_size={max_body_size}")
     user_headers = dict(headers) if headers else {}
-    for key in user_headers:
-        if key.lower().startswith(Header.PREFIX):
-            raise InvalidMessage(
-                f"header {key!r}: workerkit-* headers are written by workerkit only"
-            )
+    if user_headers:
+        check_headers(user_headers)
+        for key in user_headers:
+            if key.lower().startswith(Header.PREFIX):
+                raise InvalidMessage(
+                    f"header {key!r}: workerkit-* headers are written by workerkit only"
+                )
+    for value, what in ((message_id, "message_id"), (correlation_id, "correlation_id")):
+        if value is not None:
+            short_string(value, what)
+    if reply_to is not None:
+        short_string(reply_to, "reply_to")
     return Outgoing(
-        exchange=exchange,
-        routing_key=routing_key,
-        body=payload,
-        content_type=content_type,
-        headers=user_headers,
-        message_id=message_id or new_message_id(),
-        correlation_id=correlation_id,
-        timestamp=int(time.time()),
-        reply_to=reply_to,
+        exchange,
+        routing_key,
+        payload,
+        Properties(
+            content_type=content_type,
+            headers=user_headers,
+            message_id=message_id or new_message_id(),
+            correlation_id=correlation_id,
+            timestamp=int(time.time()),
+            reply_to=reply_to,
+        ),
     )
 
 
 Decoder = Callable[[Message], Any]
-_NO_HEADERS: Mapping[str, Any] = MappingProxyType({})
 
 
 def _check_plain(message: Message, max_body_size: int) -> None:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .decision import Outcome
@@ -162,6 +162,21 @@ def publish_outcome(error: BaseException | None) -> str:
     return "error"
 
 
+def publish_started(
+    hooks: Sequence[Middleware], outgoing: Outgoing
+) -> Callable[[BaseException | None], None]:
+    """Run ``before_publish`` now; returns what to call with the publish's error (None once
+    confirmed), which runs ``after_publish``."""
+    call_hooks(hooks, "before_publish", outgoing)
+    started = time.perf_counter()
+
+    def finished(error: BaseException | None) -> None:
+        duration = time.perf_counter() - started
+        call_hooks_reversed(hooks, "after_publish", outgoing, publish_outcome(error), duration)
+
+    return finished
+
+
 @contextlib.contextmanager
 def observed_publish(hooks: Sequence[Middleware], outgoing: Outgoing) -> Iterator[None]:
     """Run the publish hooks around the body of the block (the publish and its confirm).
@@ -169,15 +184,10 @@ def observed_publish(hooks: Sequence[Middleware], outgoing: Outgoing) -> Iterato
     The same for the sync and the async publisher: the hooks run in the caller's thread and
     context (which is what carries a trace from a handler into its publishes).
     """
-    call_hooks(hooks, "before_publish", outgoing)
-    started = time.perf_counter()
+    finished = publish_started(hooks, outgoing)
     try:
         yield
     except BaseException as exc:
-        call_hooks_reversed(
-            hooks, "after_publish", outgoing, publish_outcome(exc), time.perf_counter() - started
-        )
+        finished(exc)
         raise
-    call_hooks_reversed(
-        hooks, "after_publish", outgoing, "confirmed", time.perf_counter() - started
-    )
+    finished(None)

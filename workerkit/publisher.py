@@ -1,13 +1,15 @@
 """Publishers: :class:`AsyncPublisher` for asyncio code and :class:`Publisher` for everything else.
 
-Both share one core: the body is encoded by ``message.build_outgoing``, published persistent and
-``mandatory`` on a confirm channel, and a publish returns only once the broker confirmed it. A lost
-connection is retried (tenacity, jittered) within the publish timeout; past it a typed error is
-raised. Nothing here waits without a deadline.
+Both are thin fronts on one core, :class:`_Core`: the body is encoded by
+``message.build_outgoing``, published persistent and ``mandatory`` on a confirm channel, and a
+publish returns only once the broker confirmed it. A lost connection is retried (tenacity,
+jittered) within the publish timeout, and everything a publish does (connecting, opening the
+channel, declaring the delay layout) fits inside that timeout; past it a typed error is raised.
+A message that cannot be encoded raises InvalidMessage before anything is sent.
 
-:class:`Publisher` runs one :class:`AsyncPublisher` on a private event-loop thread: any number of
-threads can publish at once and their confirms are in flight together. After ``fork()`` the child
-gets a fresh connection on first use (the parent's socket is never touched).
+:class:`Publisher` runs the core on a private event loop (``workerkit._shared_loop``): any number
+of threads can publish at once and their confirms are in flight together. After ``fork()`` the
+child gets a fresh connection on first use (the parent's socket is never touched).
 """
 
 from __future__ import annotations
@@ -16,18 +18,19 @@ import asyncio
 import atexit
 import contextlib
 import contextvars
-import functools
 import logging
+import math
 import os
-import selectors
+import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import tenacity
 
+from ._shared_loop import Settle, SharedLoop
 from .errors import (
     AccessRefused,
     ConnectionFailed,
@@ -37,20 +40,342 @@ from .errors import (
     WorkerkitError,
 )
 from .message import Outgoing, build_outgoing
-from .middleware import Middleware, check_middleware, observed_publish
+from .middleware import Middleware, check_middleware, observed_publish, publish_started
 from .settings import Settings, load_settings
 from .topology import MAX_DELAY, Topology
-from .transport.base import Channel, Connection, Transport
+from .transport import default_transport
+from .transport.base import Channel, Connection, OnPublished, Transport
+from .worker import MAX_ROUTED_NAME
 
-__all__ = ["AsyncPublisher", "Publisher"]
+__all__ = ["AsyncPublisher", "Publisher", "allow_sync_publishes_on", "refuse_sync_publishes_on"]
 
 log = logging.getLogger("workerkit.publisher")
 
 # publish_many keeps at most this many confirms outstanding at once.
 WINDOW = 1000
 
-# What a loop-side operation reports back: (error, value).
-Settle = Callable[[BaseException | None, Any], None]
+
+class _Core:
+    """What both publishers do, on the event loop that owns the connection.
+
+    One publish path: :meth:`submit` sends on the open channel with a plain callback (no
+    coroutine, task or future per message: most of what a publish would otherwise cost), and
+    falls back to connecting (with retries, within the deadline) only when it must.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        transport: Transport | None,
+        middleware: tuple[Middleware, ...] = (),
+    ) -> None:
+        self.settings = settings
+        self.middleware = middleware  # publish hooks; empty means one check per publish
+        self._transport = transport if transport is not None else default_transport()
+        self._topology = Topology(settings)
+        self._connection: Connection | None = None
+        self._channel: Channel | None = None
+        self._lock: asyncio.Lock | None = None
+        self._delays_declared = False
+        self._closed = False
+        self._last_error: ConnectionFailed | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    # -- pure: safe from any thread ----------------------------------------------------------
+
+    def limit(self, timeout: float | None) -> float:
+        if timeout is None:
+            return self.settings.publish_timeout
+        if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
+            raise InvalidMessage(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+        return float(timeout)
+
+    def message(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        delay: float | None = None,
+    ) -> Outgoing:
+        """Encode and route a message; InvalidMessage if it cannot be sent as given."""
+        message = build_outgoing(
+            self.settings.exchange,
+            routing_key,
+            body,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            max_body_size=self.settings.max_body_size,
+        )
+        if delay is None:
+            return message
+        if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
+            raise InvalidMessage(f"delay must be a finite number of seconds >= 0, got {delay!r}")
+        if delay > MAX_DELAY:
+            raise InvalidMessage(f"delay {delay}s is above the longest delay, {MAX_DELAY:.0f}s")
+        if delay > 0:
+            exchange, key = self._topology.scheduled_route(routing_key, delay)
+            if len(key.encode()) > 255:
+                raise InvalidMessage(
+                    f"a delayed message's routing key must be at most {MAX_ROUTED_NAME} bytes"
+                )
+            message.exchange, message.routing_key = exchange, key
+        return message
+
+    # -- on the loop -------------------------------------------------------------------------
+
+    def submit(self, message: Outgoing, limit: float, on_done: OnPublished) -> None:
+        """Publish ``message``; ``on_done(error or None)`` runs once, on the loop, within
+        ``limit`` seconds (plus at most the transport's timeout sweep)."""
+        self._attempt(message, time.monotonic() + limit, limit, on_done, retry=False)
+
+    async def publish(self, message: Outgoing, limit: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+        self.submit(message, limit, settle)
+        await fut
+
+    def _attempt(
+        self, message: Outgoing, deadline: float, limit: float, on_done: OnPublished, retry: bool
+    ) -> None:
+        channel = self._channel
+        delayed = message.exchange != self.settings.exchange
+        if (
+            retry
+            or channel is None
+            or not channel.is_open
+            or (delayed and not self._delays_declared)
+        ):
+            self._keep(self._connect_then(message, deadline, limit, on_done, retry))
+            return
+
+        def on_confirm(error: BaseException | None) -> None:
+            if isinstance(error, ConnectionFailed) and not isinstance(error, AccessRefused):
+                self._forget(channel, error)
+                if time.monotonic() < deadline:
+                    self._attempt(message, deadline, limit, on_done, retry=True)
+                    return
+                error = PublishTimeout(f"could not publish within {limit}s: {error}")
+            on_done(error)
+
+        remaining = max(0.001, deadline - time.monotonic())
+        channel.publish_nowait(message, mandatory=True, timeout=remaining, on_done=on_confirm)
+
+    async def _connect_then(
+        self, message: Outgoing, deadline: float, limit: float, on_done: OnPublished, retry: bool
+    ) -> None:
+        """Connect (and declare the delay layout if needed) within the deadline, then publish."""
+        delayed = message.exchange != self.settings.exchange
+        try:
+            if retry:  # a channel just failed under this publish: do not hammer the broker
+                await asyncio.sleep(min(random.uniform(0.05, 0.2), _left(deadline)))
+            await self._ready(deadline, limit, "publish", delays=delayed)
+        except Exception as exc:
+            on_done(exc)
+            return
+        except BaseException:
+            on_done(PublishError("the publish was cancelled"))
+            raise
+        self._attempt(message, deadline, limit, on_done, retry=False)
+
+    async def _ready(self, deadline: float, limit: float, what: str, *, delays: bool) -> None:
+        """An open channel (and the delay layout, if ``delays``) by ``deadline``.
+
+        Lost or refused connections are retried; every RPC is inside the deadline, so a publish
+        with a 10 s timeout never takes 40 s on a broker that accepts but does not answer.
+        """
+        try:
+            await asyncio.wait_for(self._connect_retrying(deadline, delays), _left(deadline))
+        except AccessRefused:
+            raise  # credentials or permissions: retrying cannot help, and it is not a timeout
+        except (ConnectionFailed, asyncio.TimeoutError) as exc:
+            cause = self._last_error or exc
+            words = f": {cause}" if str(cause) else ": the broker did not answer"
+            raise PublishTimeout(f"could not {what} within {limit}s{words}") from None
+
+    async def _connect_retrying(self, deadline: float, delays: bool) -> None:
+        async for attempt in self._retrying(deadline):
+            with attempt:
+                channel = await self._channel_before(deadline)
+                if delays and not self._delays_declared:
+                    await self._topology.declare_exchanges(channel)
+                    self._delays_declared = True
+
+    def _retrying(self, deadline: float) -> tenacity.AsyncRetrying:
+        """Jittered retries of a lost or refused connection until ``deadline``."""
+        backoff = tenacity.wait_random_exponential(multiplier=0.1, max=2.0)
+        return tenacity.AsyncRetrying(
+            # Never sleep past the deadline: the caller was promised an answer by then.
+            wait=lambda state: min(backoff(state), _left(deadline)),
+            stop=lambda _state: time.monotonic() >= deadline,
+            retry=tenacity.retry_if_exception_type(ConnectionFailed)
+            & tenacity.retry_if_not_exception_type(AccessRefused),
+            reraise=True,
+        )
+
+    def _forget(self, channel: Channel, error: BaseException | None = None) -> None:
+        if isinstance(error, ConnectionFailed):
+            self._last_error = error
+        if self._channel is channel:
+            self._channel = None
+
+    async def _channel_before(self, deadline: float) -> Channel:
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            return channel
+        if self._closed:
+            raise PublishError("publisher is closed")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._channel is not None and self._channel.is_open:
+                return self._channel
+            if self._connection is not None:
+                old, self._connection = self._connection, None
+                self._close_later(old)
+            settings = self.settings
+            remaining = _left(deadline)
+            if remaining < settings.connect_timeout:
+                settings = settings.model_copy(update={"connect_timeout": max(remaining, 0.001)})
+            try:
+                connection = await self._transport.connect(
+                    settings, name="workerkit-publisher", on_lost=self._on_lost
+                )
+            except ConnectionFailed as exc:
+                self._last_error = exc
+                raise
+            self._last_error = None
+            try:
+                channel = await connection.channel(confirms=True)
+                await channel.declare_exchange(self._topology.main_exchange())
+            except BaseException:
+                self._close_later(connection)  # never wait past the deadline to tidy up
+                raise
+            self._connection, self._channel = connection, channel
+            self._delays_declared = False
+            return channel
+
+    def _close_later(self, connection: Connection) -> None:
+        self._keep(_quietly_close(connection))
+
+    def _keep(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that is referenced until done (asyncio keeps only weak ones)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_lost(self, error: Exception) -> None:
+        log.warning("publisher connection lost: %s", error)
+        self._channel = None
+
+    async def connect(self, limit: float) -> None:
+        await self._ready(time.monotonic() + limit, limit, "connect", delays=False)
+
+    async def close(self) -> None:
+        self._closed = True
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            await connection.close()
+
+    def _answered(self, message: Outgoing, on_done: OnPublished) -> OnPublished:
+        """``on_done``, preceded by the publish hooks' ``after_publish`` when there are any."""
+        if not self.middleware:
+            return on_done
+        finished = publish_started(self.middleware, message)
+
+        def answered(error: BaseException | None) -> None:
+            finished(error)
+            on_done(error)
+
+        return answered
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, object]], *, delay: float | None, limit: float
+    ) -> list[str]:
+        """Publish pairs in order with up to WINDOW confirms in flight; stop at the first error.
+
+        Nothing is created per item up front: items are encoded and sent as the window allows,
+        so a million of them cost a window's worth of memory (plus the returned ids).
+        """
+        ids: list[str] = []
+        pairs = iter(items)
+        first = next(pairs, None)
+        if first is None:
+            return ids
+        # The first goes alone: it connects (and declares the delay exchanges), so the rest all
+        # take the connected path and leave in order.
+        message = self.message(first[0], first[1], delay=delay)
+        if self.middleware:
+            with observed_publish(self.middleware, message):
+                await self.publish(message, limit)
+        else:
+            await self.publish(message, limit)
+        ids.append(message.message_id)
+        window = _Window(WINDOW)
+        try:
+            for routing_key, body in pairs:
+                await window.room()
+                if window.error is not None:
+                    break
+                message = self.message(routing_key, body, delay=delay)
+                window.taken()
+                self.submit(message, limit, self._answered(message, window.answered))
+                ids.append(message.message_id)
+        finally:
+            await window.drained()
+        if window.error is not None:
+            raise window.error
+        return ids
+
+
+class _Window:
+    """Publishes in flight, at most ``size``; remembers the first error."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.flying = 0
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+
+    def taken(self) -> None:
+        self.flying += 1
+
+    def answered(self, error: BaseException | None) -> None:
+        self.flying -= 1
+        if error is not None and self.error is None:
+            self.error = error
+        self._changed.set()
+
+    async def room(self) -> None:
+        while self.flying >= self.size and self.error is None:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def drained(self) -> None:
+        while self.flying:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _quietly_close(connection: Connection) -> None:
+    with contextlib.suppress(WorkerkitError):
+        await connection.close()
 
 
 class AsyncPublisher:
@@ -70,18 +395,7 @@ class AsyncPublisher:
     ) -> None:
         self.settings = load_settings(settings, url)
         self.middleware = check_middleware(middleware, "AsyncPublisher")
-        if transport is None:
-            from .transport.pika_asyncio import PikaTransport
-
-            transport = PikaTransport()
-        self._transport = transport
-        self._topology = Topology(self.settings)
-        self._connection: Connection | None = None
-        self._channel: Channel | None = None
-        self._lock: asyncio.Lock | None = None
-        self._delays_declared = False
-        self._closed = False
-        self._last_error: ConnectionFailed | None = None
+        self._core = _Core(self.settings, transport, self.middleware)
 
     async def __aenter__(self) -> AsyncPublisher:
         await self.connect()
@@ -96,12 +410,7 @@ class AsyncPublisher:
         Retried like a publish within ``timeout`` (default ``Settings.publish_timeout``): past
         it :class:`PublishTimeout`; refused credentials raise :class:`AccessRefused` at once.
         """
-        limit = timeout if timeout is not None else self.settings.publish_timeout
-        deadline = time.monotonic() + limit
-        with self._timeout_after(limit, "connect"):
-            async for attempt in self._retrying(deadline):
-                with attempt:
-                    await self._channel_before(deadline)
+        await self._core.connect(self._core.limit(timeout))
 
     async def publish(
         self,
@@ -119,17 +428,26 @@ class AsyncPublisher:
 
         ``delay`` (seconds) holds the message in the broker's delay queues first. Raises
         :class:`Unroutable` when no queue is bound, :class:`PublishTimeout` when no confirm came
-        within ``timeout`` (default ``Settings.publish_timeout``, retries included),
-        :class:`MessageTooLarge` for a body above ``max_body_size``.
+        within ``timeout`` (default ``Settings.publish_timeout``, retries and connecting
+        included), :class:`InvalidMessage` (before anything is sent) for a message that cannot
+        be sent as given, :class:`MessageTooLarge` for a body above ``max_body_size``.
         """
-        message = self._outgoing(
-            routing_key, body, headers, message_id, correlation_id, reply_to, delay
+        core = self._core
+        limit = core.limit(timeout)
+        message = core.message(
+            routing_key,
+            body,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            delay=delay,
         )
-        if self.middleware:  # -- middleware: publish hooks (middleware.py)
+        if self.middleware:  # the hooks run in the caller's context (a trace from a handler)
             with observed_publish(self.middleware, message):
-                await self._send(message, timeout)
-            return message.message_id
-        await self._send(message, timeout)
+                await core.publish(message, limit)
+        else:
+            await core.publish(message, limit)
         return message.message_id
 
     async def publish_many(
@@ -139,429 +457,46 @@ class AsyncPublisher:
         delay: float | None = None,
         timeout: float | None = None,
     ) -> list[str]:
-        """Publish ``(routing_key, body)`` pairs with many confirms in flight; returns their ids.
+        """Publish ``(routing_key, body)`` pairs in order with many confirms in flight; returns
+        their ids.
 
-        They are sent in the list's order. Raises the first error; the other messages, before
-        and after it, may already be confirmed (they are published concurrently; publishing
-        them again is safe under at-least-once delivery).
+        Stops at the first error and raises it once the publishes in flight are answered: the
+        messages before it may be confirmed, none after it is sent (publishing them again is
+        safe under at-least-once delivery). ``items`` may be any iterable, read as it goes.
         """
-        batch = list(items)
-        if not batch:
-            return []
-        # The first goes alone: it connects (and declares the delay exchanges), so the rest all
-        # take the connected path and leave in order, not in the order they got the connection.
-        first = await self.publish(*batch[0], delay=delay, timeout=timeout)
-        window = asyncio.Semaphore(WINDOW)
-
-        async def one(routing_key: str, body: object) -> str:
-            async with window:
-                return await self.publish(routing_key, body, delay=delay, timeout=timeout)
-
-        rest = await asyncio.gather(*(one(rk, body) for rk, body in batch[1:]))
-        return [first, *rest]
+        return await self._core.publish_many(items, delay=delay, limit=self._core.limit(timeout))
 
     async def close(self) -> None:
-        self._closed = True
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None:
-            await connection.close()
+        await self._core.close()
 
-    # -- internals ---------------------------------------------------------------------------
 
-    def _outgoing(
-        self,
-        routing_key: str,
-        body: object,
-        headers: Mapping[str, Any] | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        reply_to: str | None,
-        delay: float | None,
-    ) -> Outgoing:
-        """Encode and route a message (pure: safe to call from any thread)."""
-        message = build_outgoing(
-            self.settings.exchange,
-            routing_key,
-            body,
-            headers=headers,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            max_body_size=self.settings.max_body_size,
+# Loops that must never block on a sync publish (the runner's: blocking it stalls every consumer,
+# heartbeat and ack of the process for up to the publish timeout), with how many runners use each.
+_async_only: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+
+
+def refuse_sync_publishes_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Make a sync :class:`Publisher` called on ``loop``'s thread, while it runs, raise."""
+    _async_only[loop] = _async_only.get(loop, 0) + 1
+
+
+def allow_sync_publishes_on(loop: asyncio.AbstractEventLoop) -> None:
+    """Undo one :func:`refuse_sync_publishes_on` (the runner calls it once it has stopped)."""
+    left = _async_only.get(loop, 0) - 1
+    if left > 0:
+        _async_only[loop] = left
+    else:
+        _async_only.pop(loop, None)
+
+
+def _check_calling_thread() -> None:
+    running = asyncio._get_running_loop()
+    if running is not None and running in _async_only:
+        raise PublishError(
+            "Publisher blocks its caller, and this thread runs the worker's event loop: in an"
+            " async handler use AsyncPublisher (await publisher.publish(...)), or make the"
+            " handler a plain def (it then runs in a thread)"
         )
-        if delay is not None and delay > 0:
-            if delay > MAX_DELAY:
-                raise InvalidMessage(f"delay {delay}s is above the longest delay, {MAX_DELAY:.0f}s")
-            if len(routing_key) > 190:
-                raise InvalidMessage("a delayed message's routing key must be at most 190 bytes")
-            message.exchange, message.routing_key = self._topology.scheduled_route(
-                routing_key, delay
-            )
-        return message
-
-    def _submit(self, message: Outgoing, limit: float, settle: Settle) -> None:
-        """On the loop: publish, then ``settle(error)`` once the broker answered.
-
-        Connected, this is a plain callback (no coroutine or task per message, which is most
-        of what a publish from another thread would otherwise cost); else the retrying path.
-        """
-        channel = self._channel
-        delayed = message.exchange != self.settings.exchange
-        if channel is None or not channel.is_open or (delayed and not self._delays_declared):
-            _settle_when_done(asyncio.ensure_future(self._send(message, limit)), settle)
-            return
-        started = time.monotonic()
-
-        def on_confirm(error: BaseException | None) -> None:
-            if isinstance(error, ConnectionFailed) and not isinstance(error, AccessRefused):
-                self._forget(channel)
-                remaining = limit - (time.monotonic() - started)
-                _settle_when_done(asyncio.ensure_future(self._send(message, remaining)), settle)
-            else:
-                settle(error, None)
-
-        channel.publish_nowait(message, mandatory=True, timeout=limit, on_done=on_confirm)
-
-    async def _send(self, message: Outgoing, timeout: float | None) -> None:
-        limit = timeout if timeout is not None else self.settings.publish_timeout
-        deadline = time.monotonic() + limit
-        delayed = message.exchange != self.settings.exchange
-        channel = self._channel
-        if channel is not None and channel.is_open and (self._delays_declared or not delayed):
-            # The usual case: connected, so publish without setting up the retry machinery.
-            try:
-                await channel.publish(message, mandatory=True, timeout=limit)
-                return
-            except ConnectionFailed:
-                self._forget(channel)
-        with self._timeout_after(limit, "publish"):
-            async for attempt in self._retrying(deadline):
-                with attempt:
-                    channel = await self._channel_before(deadline)
-                    if delayed and not self._delays_declared:
-                        await self._topology.declare_exchanges(channel)
-                        self._delays_declared = True
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise PublishTimeout(f"no confirm within {limit}s")
-                    try:
-                        await channel.publish(message, mandatory=True, timeout=remaining)
-                    except ConnectionFailed:
-                        self._forget(channel)
-                        raise
-
-    @staticmethod
-    def _retrying(deadline: float) -> tenacity.AsyncRetrying:
-        """Jittered retries of a lost or refused connection until ``deadline``."""
-        backoff = tenacity.wait_random_exponential(multiplier=0.1, max=2.0)
-        return tenacity.AsyncRetrying(
-            # Never sleep past the deadline: the caller was promised an answer by then.
-            wait=lambda state: min(backoff(state), max(0.0, deadline - time.monotonic())),
-            stop=_StopAt(deadline),
-            retry=tenacity.retry_if_exception_type(ConnectionFailed)
-            & tenacity.retry_if_not_exception_type(AccessRefused),
-            reraise=True,
-        )
-
-    @contextlib.contextmanager
-    def _timeout_after(self, limit: float, what: str) -> Iterator[None]:
-        """A connection problem that outlived the retries is a PublishTimeout naming its cause."""
-        try:
-            yield
-        except AccessRefused:
-            raise  # credentials or permissions: retrying cannot help, and it is not a timeout
-        except ConnectionFailed as exc:
-            cause = self._last_error or exc
-            raise PublishTimeout(f"could not {what} within {limit}s: {cause}") from exc
-
-    def _forget(self, channel: Channel) -> None:
-        if self._channel is channel:
-            self._channel = None
-
-    async def _channel_before(self, deadline: float) -> Channel:
-        channel = self._channel
-        if channel is not None and channel.is_open:
-            return channel
-        if self._closed:
-            raise PublishError("publisher is closed")
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._channel is not None and self._channel.is_open:
-                return self._channel
-            if self._connection is not None:
-                old, self._connection = self._connection, None
-                with contextlib.suppress(WorkerkitError):
-                    await old.close()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ConnectionFailed("no time left to connect")
-            settings = self.settings
-            if remaining < settings.connect_timeout:
-                settings = settings.model_copy(update={"connect_timeout": remaining})
-            try:
-                connection = await self._transport.connect(
-                    settings, name="workerkit-publisher", on_lost=self._on_lost
-                )
-            except ConnectionFailed as exc:
-                self._last_error = exc
-                raise
-            self._last_error = None
-            try:
-                channel = await connection.channel(confirms=True)
-                await channel.declare_exchange(self._topology.main_exchange())
-            except BaseException:
-                await connection.close()
-                raise
-            self._connection, self._channel = connection, channel
-            self._delays_declared = False
-            return channel
-
-    def _on_lost(self, error: Exception) -> None:
-        log.warning("publisher connection lost: %s", error)
-        self._channel = None
-
-
-def _settle_when_done(task: asyncio.Future[Any], settle: Settle) -> None:
-    """Call ``settle`` with the outcome of ``task`` once it is done."""
-
-    def copy(done: asyncio.Future[Any]) -> None:
-        if done.cancelled():
-            settle(PublishError("the publish was cancelled"), None)
-        elif (error := done.exception()) is not None:
-            settle(error, None)
-        else:
-            settle(None, done.result())
-
-    task.add_done_callback(copy)
-
-
-class _StopAt(tenacity.stop.stop_base):
-    """Stop retrying once the publish deadline has passed."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return time.monotonic() >= self.deadline
-
-
-class _TurnEndSelector(selectors.DefaultSelector):
-    """The loop's selector, running ``turn_end`` callbacks just before each poll.
-
-    Before the poll is the end of a turn of the loop: frames queued during the turn go out
-    and answered threads are woken there, without a turn (and a poll that lets go of the
-    GIL) of their own, and without waking a thread while this one still has work to do.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.turn_end: list[Callable[[], object]] = []
-
-    def end_turn(self) -> None:
-        while self.turn_end:
-            callbacks = self.turn_end[:]
-            del self.turn_end[:]
-            for callback in callbacks:
-                try:
-                    callback()
-                except Exception:  # one broken callback must not stop the loop or the others
-                    log.exception("publisher loop: end-of-turn callback failed")
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        self.end_turn()
-        return super().select(timeout)
-
-
-class _Waiter:
-    """One synchronous call waiting for its answer, or for its turn to drive the loop.
-
-    ``wake`` is a lock held from birth: releasing it is the cheapest wake-up CPython has.
-    """
-
-    __slots__ = ("can_drive", "done", "error", "promoted", "value", "wake")
-
-    def __init__(self, can_drive: bool) -> None:
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.can_drive = can_drive
-        self.done = False
-        self.promoted = False
-        self.error: BaseException | None = None
-        self.value: Any = None
-
-
-_HOUSEKEEPER = _Waiter(can_drive=False)  # marks the housekeeping thread as the driver
-
-
-class _SharedLoop:
-    """An event loop driven by the threads that wait on it (leader/follower).
-
-    A thread that calls while nobody drives runs the loop itself until its own answer is in: no
-    hand-off to an I/O thread and back, so one thread publishes about as fast as a blocking
-    client. Threads that call meanwhile queue their callback and sleep; the loop wakes each
-    with its answer, and a driver whose answer is in hands the loop to a waiting thread. A
-    housekeeping thread drives when nobody else does: heartbeats while idle, and callers that
-    cannot drive because their thread already runs an event loop.
-    """
-
-    def __init__(self, housekeeping_interval: float) -> None:
-        self._selector = _TurnEndSelector()
-        self.loop = asyncio.SelectorEventLoop(self._selector)
-        # The pika transport looks for this to send a turn's frames at its end (not next turn).
-        self.loop.wk_turn_end = self._selector.turn_end  # type: ignore[attr-defined]
-        self._interval = housekeeping_interval
-        self._mutex = threading.Lock()
-        self._driver: _Waiter | None = None
-        self._waiting: dict[_Waiter, None] = {}  # oldest first
-        self._inbox: list[tuple[Callable[[Settle], None], _Waiter]] = []
-        self._nudge = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(
-            target=self._housekeep, name="workerkit-publisher", daemon=True
-        )
-        self._thread.start()
-
-    def call(self, start: Callable[[Settle], None], limit: float | None) -> Any:
-        """Run ``start(settle)`` on the loop; return what it settles with, or raise it.
-
-        ``limit`` bounds only the wait for a loop that another thread drives and that never
-        answers; the work itself carries its own deadlines.
-        """
-        waiter = _Waiter(can_drive=asyncio._get_running_loop() is None)
-        with self._mutex:
-            if self._stopping:
-                raise PublishError("publisher is closed")
-            driver = self._driver
-            drive = driver is None and waiter.can_drive
-            if drive:
-                self._driver = waiter
-            else:
-                self._waiting[waiter] = None
-            self._inbox.append((start, waiter))
-            first = len(self._inbox) == 1
-        if drive:
-            if first:
-                self.loop.call_soon(self._drain)
-            self._drive(waiter)
-        else:
-            # Under load the loop is awake anyway: one wake-up serves every queued call.
-            if first:
-                self.loop.call_soon_threadsafe(self._drain)
-            if driver is None:
-                self._nudge.set()
-            elif driver is _HOUSEKEEPER and waiter.can_drive:
-                self.loop.call_soon_threadsafe(self.loop.stop)  # let this thread drive instead
-            self._follow(waiter, limit)
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.value
-
-    def _drain(self) -> None:
-        """On the loop: start every queued call."""
-        with self._mutex:
-            batch, self._inbox = self._inbox, []
-        for start, waiter in batch:
-            settle = functools.partial(self._settle, waiter)
-            try:
-                start(settle)
-            except Exception as exc:  # a bug must reach its caller, not hang it
-                settle(exc, None)
-
-    def stop(self, timeout: float) -> None:
-        """Stop the housekeeping thread and close the loop once nobody waits on it."""
-        with self._mutex:
-            self._stopping = True
-        self._nudge.set()
-        self._thread.join(timeout)
-
-    def _settle(self, waiter: _Waiter, error: BaseException | None, value: Any) -> None:
-        """On the loop: record the answer and wake whoever waits for it."""
-        with self._mutex:
-            if waiter.done:
-                return  # its caller gave up
-            waiter.done = True
-            waiter.error, waiter.value = error, value
-            self._waiting.pop(waiter, None)
-            driver = self._driver
-            idle = driver is _HOUSEKEEPER and not self._waiting
-        if driver is waiter or idle:
-            self.loop.stop()
-        if driver is not waiter:
-            # Woken now, the thread would fight this one for the GIL at each of its system
-            # calls; at the end of the turn this thread is about to block instead.
-            self._selector.turn_end.append(waiter.wake.release)
-
-    def _drive(self, waiter: _Waiter) -> None:
-        try:
-            while not waiter.done:
-                self.loop.run_forever()
-                self._selector.end_turn()  # stop() ends the loop before its turn's end
-        finally:
-            waiter.done = True  # interrupted: a late answer is dropped
-            self._hand_over()
-
-    def _follow(self, waiter: _Waiter, limit: float | None) -> None:
-        try:
-            woke = waiter.wake.acquire(timeout=-1 if limit is None else limit)
-        except BaseException:  # interrupted: never keep the loop to ourselves
-            if not self._withdraw(waiter) and waiter.promoted:
-                waiter.done = True
-                self._hand_over()
-            raise
-        if not woke:
-            if self._withdraw(waiter):
-                raise PublishTimeout(f"no answer within {limit}s: the publisher loop is stuck")
-            waiter.wake.acquire()  # answered or promoted just now: the wake-up is due
-        if waiter.promoted:
-            self._drive(waiter)
-
-    def _withdraw(self, waiter: _Waiter) -> bool:
-        """Stop waiting; False if ``waiter`` was answered or handed the loop meanwhile."""
-        with self._mutex:
-            if waiter.done or waiter.promoted:
-                return False
-            waiter.done = True
-            del self._waiting[waiter]
-            return True
-
-    def _hand_over(self) -> None:
-        """Pass the loop to the oldest waiting thread that can drive, else to the housekeeper."""
-        with self._mutex:
-            successor = next((w for w in self._waiting if w.can_drive), None)
-            self._driver = successor
-            if successor is not None:
-                del self._waiting[successor]
-                successor.promoted = True
-            unattended = successor is None and bool(self._waiting)
-        if successor is not None:
-            successor.wake.release()
-        elif unattended:
-            self._nudge.set()
-
-    def _housekeep(self) -> None:
-        while True:
-            self._nudge.wait(self._interval)
-            self._nudge.clear()
-            with self._mutex:
-                if self._driver is not None:
-                    continue
-                self._driver = _HOUSEKEEPER
-                finished = self._stopping and not self._waiting
-                if not self._waiting:
-                    self.loop.call_soon(self.loop.stop)  # one pass: timers and heartbeats
-            if finished:
-                break
-            try:
-                while True:
-                    self.loop.run_forever()
-                    self._selector.end_turn()
-                    with self._mutex:
-                        if not self._waiting or any(w.can_drive for w in self._waiting):
-                            break
-            finally:
-                self._hand_over()
-        self.loop.close()
 
 
 _live: weakref.WeakSet[Publisher] = weakref.WeakSet()
@@ -571,7 +506,9 @@ class Publisher:
     """Confirmed publishing from synchronous code: thread-safe and fork-safe.
 
     ``publisher = Publisher()`` at module level, then ``publisher.publish("orders.placed", order)``
-    from any thread; it returns the message id once the broker confirmed.
+    from any thread; it returns the message id once the broker confirmed. Calling it from a
+    coroutine on a workerkit runner's loop raises :class:`PublishError` (it would stall the
+    worker); use :class:`AsyncPublisher` there.
     """
 
     def __init__(
@@ -592,8 +529,8 @@ class Publisher:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._guard = threading.Lock()
-        self._shared: _SharedLoop | None = None
-        self._async: AsyncPublisher | None = None
+        self._shared: SharedLoop | None = None
+        self._core: _Core | None = None
         self._closed = False
 
     def __enter__(self) -> Publisher:
@@ -615,16 +552,27 @@ class Publisher:
         timeout: float | None = None,
     ) -> str:
         """Publish and block until the broker confirmed; see :meth:`AsyncPublisher.publish`."""
+        _check_calling_thread()
         core, shared = self._ensure()
-        message = core._outgoing(
-            routing_key, body, headers, message_id, correlation_id, reply_to, delay
+        limit = core.limit(timeout)
+        message = core.message(
+            routing_key,
+            body,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            delay=delay,
         )
-        limit = timeout if timeout is not None else self.settings.publish_timeout
-        if self.middleware:  # -- middleware: publish hooks, in the calling thread
+
+        def start(settle: Settle) -> None:
+            core.submit(message, limit, lambda error: settle(error, None))
+
+        if self.middleware:  # the hooks run in the calling thread and its context
             with observed_publish(self.middleware, message):
-                shared.call(functools.partial(core._submit, message, limit), limit + 5)
-            return message.message_id
-        shared.call(functools.partial(core._submit, message, limit), limit + 5)
+                shared.call(start, limit + 5)
+        else:
+            shared.call(start, limit + 5)
         return message.message_id
 
     def publish_many(
@@ -634,15 +582,19 @@ class Publisher:
         delay: float | None = None,
         timeout: float | None = None,
     ) -> list[str]:
-        """Publish many ``(routing_key, body)`` pairs with their confirms in flight together."""
+        """Publish many ``(routing_key, body)`` pairs; see :meth:`AsyncPublisher.publish_many`.
+
+        ``items`` is read on the publisher's loop thread as the window allows.
+        """
+        _check_calling_thread()
         core, shared = self._ensure()
-        batch = list(items)
+        limit = core.limit(timeout)
 
         # The hooks run on the loop thread here: carry the caller's context (a trace) there.
         context = contextvars.copy_context()
 
         def start(settle: Settle) -> None:
-            coro = core.publish_many(batch, delay=delay, timeout=timeout)
+            coro = core.publish_many(items, delay=delay, limit=limit)
             _settle_when_done(context.run(asyncio.ensure_future, coro), settle)
 
         # Each message has its own deadline; the batch as a whole gets no extra one.
@@ -655,7 +607,7 @@ class Publisher:
             if self._pid != os.getpid() or self._closed:
                 return
             self._closed = True
-            shared, core = self._shared, self._async
+            shared, core = self._shared, self._core
         if shared is None or core is None:
             return
         try:
@@ -666,25 +618,37 @@ class Publisher:
             log.debug("closing the publisher: %s", exc)
         shared.stop(10)
 
-    def _ensure(self) -> tuple[AsyncPublisher, _SharedLoop]:
+    def _ensure(self) -> tuple[_Core, SharedLoop]:
         if self._pid != os.getpid():
             self._reset()  # forked: the parent's connection and threads are not ours
-        core, shared = self._async, self._shared
+        core, shared = self._core, self._shared
         if core is not None and shared is not None and not self._closed:
             return core, shared
         with self._guard:
             if self._closed:
                 raise PublishError("publisher is closed")
-            if self._async is None or self._shared is None:
+            if self._core is None or self._shared is None:
                 # pika sends a heartbeat every heartbeat/2 seconds when the loop runs: an idle
                 # publisher's loop must run well within that.
                 heartbeat = self.settings.heartbeat or 4
                 interval = min(1.0, max(0.05, heartbeat / 4))
-                self._shared = _SharedLoop(interval)
-                self._async = AsyncPublisher(
-                    settings=self.settings, transport=self._transport, middleware=self.middleware
-                )
-            return self._async, self._shared
+                self._shared = SharedLoop(interval)
+                self._core = _Core(self.settings, self._transport, self.middleware)
+            return self._core, self._shared
+
+
+def _settle_when_done(task: asyncio.Future[Any], settle: Settle) -> None:
+    """Call ``settle`` with the outcome of ``task`` once it is done."""
+
+    def copy(done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            settle(PublishError("the publish was cancelled"), None)
+        elif (error := done.exception()) is not None:
+            settle(error, None)
+        else:
+            settle(None, done.result())
+
+    task.add_done_callback(copy)
 
 
 def _after_fork_in_child() -> None:

@@ -132,9 +132,9 @@ def _wait_amqp(url: str, deadline_s: float = 60.0) -> None:
 
 
 async def _handshake(settings: Settings) -> None:
-    from .transport.pika_asyncio import PikaTransport
+    from .transport import default_transport
 
-    connection = await PikaTransport().connect(
+    connection = await default_transport().connect(
         settings, name="workerkit-pytest", on_lost=lambda _e: None
     )
     await connection.close()

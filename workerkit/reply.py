@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import DecodeError, RemoteError
-from .message import BINARY, JSON, Header, Message, Outgoing, decoder_for, encode_body
+from .message import BINARY, JSON, Header, Message, Outgoing, Properties, decoder_for, encode_body
 
 __all__ = [
     "DIRECT_REPLY_TO",
@@ -85,14 +85,10 @@ def _reply(
     request: Message, body: bytes, content_type: str | None, headers: dict[str, Any]
 ) -> Outgoing:
     assert request.reply_to, "only a request (with reply_to) is answered"
-    return Outgoing(
-        exchange="",
-        routing_key=request.reply_to,
-        body=body,
-        content_type=content_type,
-        headers=headers,
-        correlation_id=request.correlation_id,
+    properties = Properties(
+        content_type=content_type, headers=headers, correlation_id=request.correlation_id
     )
+    return Outgoing("", request.reply_to, body, properties)
 
 
 def reply_mandatory(reply_to: str) -> bool:

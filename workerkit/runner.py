@@ -24,11 +24,13 @@ from typing import Any
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
 from .middleware import Middleware, call_hooks, check_middleware
+from .publisher import allow_sync_publishes_on, refuse_sync_publishes_on
 from .reply import reply_mandatory
 from .retry import reconnecting
 from .runtime import LEASE, WorkerRuntime
 from .settings import Settings, load_settings
 from .topology import Topology
+from .transport import default_transport
 from .transport.base import Channel, Connection, Transport
 from .worker import Worker
 
@@ -70,11 +72,7 @@ class Runner:
         if not workers:
             raise ConfigurationError("no workers to run")
         self.settings = load_settings(settings, url)
-        if transport is None:
-            from .transport.pika_asyncio import PikaTransport
-
-            transport = PikaTransport()
-        self.transport = transport
+        self.transport = transport if transport is not None else default_transport()
         self._topology = Topology(self.settings)
         self.prefetch = prefetch
         self.concurrency = concurrency
@@ -148,6 +146,7 @@ class Runner:
         self.ready = asyncio.Event()
         self._state = RunnerState.STARTING
         loop = asyncio.get_running_loop()
+        refuse_sync_publishes_on(loop)  # a blocking publish here would stall every consumer
         self._warn_about_timeouts()
         installed = self._install_signals(loop) if self.handle_signals else []
         try:
@@ -180,6 +179,7 @@ class Runner:
             self._state = RunnerState.DRAINING
             await self._shutdown()
             self._state = RunnerState.STOPPED
+            allow_sync_publishes_on(loop)
             for sig in installed:
                 loop.remove_signal_handler(sig)
 

@@ -981,18 +981,7 @@ class WorkerRuntime:
                 exchange, routing_key = "", self.queue
             case _:
                 assert_never(decision)
-        return Outgoing(
-            exchange=exchange,
-            routing_key=routing_key,
-            body=message.body,
-            content_type=message.content_type,
-            headers=headers,
-            message_id=message.message_id or "",
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp or int(time.time()),
-            reply_to=message.reply_to,
-            content_encoding=message.content_encoding,
-        )
+        return Outgoing.copy_of(message, exchange, routing_key, headers)
 
     def _log_copy(
         self, message: Message, decision: Retry | DeadLetter | Recount, error: BaseException | None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -16,15 +18,91 @@ __all__ = ["Settings", "load_settings", "redact_url"]
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and errors)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = quote(parts.username or "", safe="")
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    """The URL without its user information (``amqp://***@host:5672/vhost``), for logs and errors.
+
+    Everything between ``://`` and the last ``@`` goes, whatever characters it holds: a password
+    with a raw ``#``, ``?`` or ``/`` must not leak because the URL does not parse as intended.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***" if "@" in url else url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}://{rest}"
+
+
+# URL query parameters the client honours that no setting overrides. The others have settings of
+# their own (a query value would be silently overridden), or are unknown: both are refused.
+URL_QUERY_INTS = {"channel_max": (1, 65535), "frame_max": (4096, 2**31 - 1)}
+URL_QUERY_OVERRIDDEN = {
+    "heartbeat": "WORKERKIT_HEARTBEAT",
+    "connection_attempts": "WORKERKIT_RECONNECT_MAX_DELAY",
+    "retry_delay": "WORKERKIT_RECONNECT_MAX_DELAY",
+    "socket_timeout": "WORKERKIT_CONNECT_TIMEOUT",
+    "stack_timeout": "WORKERKIT_CONNECT_TIMEOUT",
+    "blocked_connection_timeout": "WORKERKIT_PUBLISH_TIMEOUT",
+    "ssl_options": "WORKERKIT_TLS_CA_FILE, WORKERKIT_TLS_CERT_FILE and WORKERKIT_TLS_KEY_FILE",
+    "client_properties": "nothing (workerkit names its connections)",
+}
+
+
+def check_url(raw: str) -> None:
+    """Raise ValueError (never naming the password) unless ``raw`` parses as it reads."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in ("amqp", "amqps"):
+        raise ValueError("must start with amqp:// or amqps://")
+    if "@" in rest:
+        userinfo, _, after = rest.rpartition("@")
+        if re.search(r"[/?#\[\]]", userinfo):
+            raise ValueError(
+                "the user or password holds a raw '/', '?', '#', '[' or ']' (percent-encode"
+                " it: '#' is %23) and the URL would not parse as intended"
+            )
+        if ":" not in userinfo:
+            raise ValueError("names a user but no password (amqp://user:password@host/)")
+        if "@" in userinfo:
+            raise ValueError("the user or password holds a raw '@' (percent-encode it as %40)")
+    else:
+        after = rest
+    if "#" in after:
+        raise ValueError("has a '#' fragment, which AMQP URLs do not use")
+    try:
+        parts = urlsplit(f"{scheme}://{after}")
+    except ValueError:
+        raise ValueError("has a host that does not parse") from None
+    try:
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
+    if not parts.hostname:
+        raise ValueError("names no host")
+    _check_query(parts.query)
+
+
+def _check_query(query: str) -> None:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError("has a query string that does not parse") from None
+    for name, value in pairs:
+        if name in URL_QUERY_OVERRIDDEN:
+            raise ValueError(f"query parameter {name!r}: set {URL_QUERY_OVERRIDDEN[name]} instead")
+        if name in URL_QUERY_INTS:
+            low, high = URL_QUERY_INTS[name]
+            if not value.isdigit() or not low <= int(value) <= high:
+                raise ValueError(f"query parameter {name!r} must be an integer in [{low}, {high}]")
+        elif name == "locale":
+            continue
+        elif name == "tcp_options":
+            try:
+                parsed = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise ValueError("query parameter 'tcp_options' must be a dict literal")
+        else:
+            known = ", ".join(sorted([*URL_QUERY_INTS, "locale", "tcp_options"]))
+            raise ValueError(f"unknown query parameter {name!r} (known: {known})")
 
 
 _NOT_SETTINGS = ("WORKERKIT_TEST", "WORKERKIT_BENCH")
@@ -46,6 +124,8 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         hide_input_in_errors=True,  # the input may be a password
+        # inf and nan pass a `gt=0` check; as a timeout or a delay they mean a hang or a hot loop.
+        allow_inf_nan=False,
     )
 
     url: SecretStr = Field(
@@ -160,17 +240,16 @@ class Settings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: SecretStr) -> SecretStr:
-        raw = value.get_secret_value()
-        parts = urlsplit(raw)
-        if parts.scheme not in ("amqp", "amqps"):
-            scheme = parts.scheme or "no"
-            raise ValueError(f"must start with amqp:// or amqps://, got {scheme} scheme")
-        if parts.username is not None and parts.password is None:
-            raise ValueError("names a user but no password (amqp://user:password@host/)")
-        try:
-            parts.port  # noqa: B018 - a port that is not a number raises here
-        except ValueError:
-            raise ValueError("has a port that is not a number") from None
+        check_url(value.get_secret_value())
+        return value
+
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        # Checked here, not at connect time: a missing file is not a broker that cannot be
+        # reached, and must stop start-up instead of being retried forever.
+        if value is not None and not (os.path.isfile(value) and os.access(value, os.R_OK)):
+            raise ValueError(f"{value!r} is not a readable file")
         return value
 
     def __init__(self, *args: Any, **values: Any) -> None:

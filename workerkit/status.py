@@ -210,9 +210,9 @@ def _management_status(
 async def _from_amqp(
     settings: Settings, workers: Sequence[type[Worker]], base: str, error: str
 ) -> Status:
-    from .transport.pika_asyncio import PikaTransport
+    from .transport import default_transport
 
-    connection = await PikaTransport().connect(
+    connection = await default_transport().connect(
         settings, name="workerkit-status", on_lost=lambda _exc: None
     )
     try:

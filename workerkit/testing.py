@@ -18,6 +18,7 @@ from .publisher import AsyncPublisher, Publisher
 from .runner import Runner
 from .settings import Settings
 from .topology import Topology
+from .transport import default_transport
 from .transport.base import Channel, Transport
 from .transport.memory import MemoryBroker, MemoryTransport
 from .worker import Worker
@@ -276,12 +277,7 @@ class BrokerHarness:
 
     @contextlib.asynccontextmanager
     async def _channel(self) -> AsyncIterator[Channel]:
-        transport = self.transport()
-        if transport is None:
-            from .transport.pika_asyncio import PikaTransport
-
-            transport = PikaTransport()
-        connection = await transport.connect(
+        connection = await (self.transport() or default_transport()).connect(
             self.settings, name="workerkit-test", on_lost=lambda _e: None
         )
         try:
@@ -354,12 +350,10 @@ class BrokerHarness:
 
 async def delete_layout(settings: Settings, transport: Transport | None = None) -> None:
     """Delete the exchange of ``settings`` and its delay layout (queues first)."""
-    if transport is None:
-        from .transport.pika_asyncio import PikaTransport
-
-        transport = PikaTransport()
     topo = Topology(settings)
-    connection = await transport.connect(settings, name="workerkit-test", on_lost=lambda _e: None)
+    connection = await (transport or default_transport()).connect(
+        settings, name="workerkit-test", on_lost=lambda _e: None
+    )
     try:
         channel = await connection.channel()
         for spec in topo.delay_queues():

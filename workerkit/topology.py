@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .message import Header
 from .settings import Settings
+from .transport.specs import ExchangeSpec, QueueSpec
 from .worker import Worker
 
 __all__ = [
@@ -49,20 +49,6 @@ MAX_DELAY = MAX_UNITS * UNIT_MS / 1000  # seconds: about 310 days
 
 RETRY = "r"
 SCHEDULED = "p"
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeSpec:
-    name: str
-    type: str = "topic"
-    arguments: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    name: str
-    arguments: dict[str, Any]
-    bindings: tuple[tuple[str, str], ...] = ()  # (exchange, routing key)
 
 
 class Declarer(Protocol):

@@ -93,7 +93,7 @@ class Tracing(Middleware):
                 "messaging.rabbitmq.destination.routing_key": outgoing.routing_key,
                 "messaging.message.id": outgoing.message_id,
                 "messaging.message.body.size": len(outgoing.body),
-                **_conversation(outgoing.correlation_id),
+                **_conversation(outgoing.properties.correlation_id),
             },
         )
         propagate.inject(outgoing.headers, context=trace.set_span_in_context(span))

@@ -63,6 +63,15 @@ _OVERFLOW = ("reject-publish", "drop-head", "reject-publish-dlx")
 DEFAULT_IDEMPOTENCY_TTL = 7 * 24 * 3600.0
 
 
+# The delay layout binds a queue as ``r.<28 one-word levels>.<queue>`` and each routing key as
+# ``p.<levels>.<key>`` (topology.py): 58 bytes of prefix inside AMQP's 255-byte short string.
+MAX_ROUTED_NAME = 255 - 58
+
+
+def _too_long(name: str) -> bool:
+    return len(name.encode("utf-8", "surrogatepass")) > MAX_ROUTED_NAME
+
+
 def validate_queue_name(name: object, owner: str = "queue") -> str:
     """Return ``name`` if it is a usable workerkit queue name, else raise ConfigurationError."""
     if name is None:
@@ -71,6 +80,11 @@ def validate_queue_name(name: object, owner: str = "queue") -> str:
         raise ConfigurationError(
             f"{owner}: queue name {name!r} must be 1-200 characters of letters, digits, "
             "'_', '-' and '.'-separated words"
+        )
+    if _too_long(name):
+        raise ConfigurationError(
+            f"{owner}: queue name {name[:40]!r}... is over {MAX_ROUTED_NAME} bytes: its delay"
+            " binding would overflow the broker's 255-byte limit"
         )
     if name.startswith("amq.") or name.startswith("workerkit.") or name.endswith(".dlq"):
         raise ConfigurationError(
@@ -82,6 +96,11 @@ def validate_queue_name(name: object, owner: str = "queue") -> str:
 def _validate_binding(key: object, owner: str) -> str:
     if not isinstance(key, str) or not key or len(key) > 255:
         raise ConfigurationError(f"{owner}: binding {key!r} must be a non-empty string")
+    if _too_long(key):
+        raise ConfigurationError(
+            f"{owner}: binding {key[:40]!r}... is over {MAX_ROUTED_NAME} bytes: its delay"
+            " binding would overflow the broker's 255-byte limit"
+        )
     if not all(_BINDING_WORD.match(word) for word in key.split(".")):
         raise ConfigurationError(
             f"{owner}: binding {key!r} must be '.'-separated words of letters, digits, '_', '-', "

@@ -254,12 +254,12 @@ async def test_message_without_id_is_still_reported_unroutable(
     settings: Settings, unique: Callable[[str], str]
 ) -> None:
     """The runner republishes users' id-less messages; a return must still be noticed."""
-    from workerkit.message import Outgoing
+    from workerkit.message import Outgoing, Properties
     from workerkit.transport.pika_asyncio import PikaTransport
 
     conn = await PikaTransport().connect(settings, name="test", on_lost=lambda _e: None)
     channel = await conn.channel(confirms=True)
-    message = Outgoing("", unique("nobody"), b"{}", "application/json", message_id="")
+    message = Outgoing("", unique("nobody"), b"{}", Properties(content_type="application/json"))
     with pytest.raises(Unroutable):
         await channel.publish(message, mandatory=True, timeout=5)
     await conn.close()
@@ -288,7 +288,7 @@ def test_an_idle_publisher_keeps_its_connection(
     out, so a connection idle for several heartbeat timeouts is still the same one."""
     publisher = Publisher(settings=settings.model_copy(update={"heartbeat": 1}))
     publisher.publish(queue, {"n": 1})
-    core = publisher._async
+    core = publisher._core
     assert core is not None
     before = core._connection
     threading.Event().wait(4.0)  # the idle time is the scenario: the broker gives up after ~2 s

@@ -10,7 +10,7 @@ import pytest
 
 from workerkit import Settings, TopologyError, Unroutable
 from workerkit.errors import AccessRefused, ConnectionFailed
-from workerkit.message import Message, Outgoing
+from workerkit.message import Message, Outgoing, Properties
 from workerkit.testing import wait_for
 from workerkit.topology import ExchangeSpec, QueueSpec
 from workerkit.transport.memory import MemoryBroker, MemoryChannel, MemoryTransport
@@ -19,7 +19,12 @@ SETTINGS = Settings()
 
 
 def out(routing_key: str, body: bytes = b"x", exchange: str = "ex", **headers: Any) -> Outgoing:
-    return Outgoing(exchange, routing_key, body, "text/plain", dict(headers), message_id=body.hex())
+    return Outgoing(
+        exchange,
+        routing_key,
+        body,
+        Properties(content_type="text/plain", headers=dict(headers), message_id=body.hex()),
+    )
 
 
 @pytest.fixture

@@ -66,15 +66,15 @@ def test_build_outgoing_sets_properties() -> None:
         "ex", "orders.placed", Order(order_id=1, email="x"), headers={"k": "v"},
         correlation_id="c1", max_body_size=LIMIT,
     )  # fmt: skip
-    assert (out.exchange, out.routing_key, out.content_type) == (
+    assert (out.exchange, out.routing_key, out.properties.content_type) == (
         "ex",
         "orders.placed",
         "application/json",
     )
     assert out.headers == {"k": "v"}
-    assert out.correlation_id == "c1"
+    assert out.properties.correlation_id == "c1"
     assert len(out.message_id) == 32
-    assert out.timestamp > 1_600_000_000
+    assert (out.properties.timestamp or 0) > 1_600_000_000
     other = build_outgoing("ex", "k", {}, max_body_size=LIMIT)
     assert other.message_id != out.message_id
 
@@ -107,7 +107,7 @@ def test_build_outgoing_refuses_bad_routing_keys(key: str) -> None:
 
 def test_model_round_trip() -> None:
     out = build_outgoing("ex", "k", Order(order_id=7, email="a@b.c"), max_body_size=LIMIT)
-    decoded = decoder_for(Order, LIMIT)(msg(out.body, out.content_type))
+    decoded = decoder_for(Order, LIMIT)(msg(out.body, out.properties.content_type))
     assert decoded == Order(order_id=7, email="a@b.c")
 
 

@@ -38,9 +38,7 @@ def _delivered(out: Any) -> Message:
     """What the caller receives for an Outgoing reply."""
     return Message(
         out.body,
-        headers=out.headers,
-        content_type=out.content_type,
-        correlation_id=out.correlation_id,
+        properties=out.properties,
     )
 
 
@@ -61,7 +59,7 @@ def test_values_round_trip(value: Any, expected: Any) -> None:
     out = reply_to_request(REQUEST, value)
     assert out.exchange == ""
     assert out.routing_key == REQUEST.reply_to
-    assert out.correlation_id == "corr-1"
+    assert out.properties.correlation_id == "corr-1"
     assert out.headers[REPLY_HEADER] == "ok"
     assert decode_reply(_delivered(out)) == expected
 

@@ -24,7 +24,7 @@ from workerkit import (
     Worker,
 )
 from workerkit.errors import ConnectionFailed
-from workerkit.message import Header, Outgoing
+from workerkit.message import Header, Outgoing, Properties
 from workerkit.publisher import AsyncPublisher
 from workerkit.runner import Runner
 from workerkit.testing import in_memory, memory_publisher, running, wait_for
@@ -142,7 +142,12 @@ async def test_pickle_is_dead_lettered_not_unpickled(
     async with running(runner):
         conn = await MemoryTransport(broker).connect(settings(), name="raw", on_lost=print)
         channel = await conn.channel(confirms=True)
-        evil = Outgoing(EXCHANGE, queue, b"\x80\x04K\x01.", "application/x-python-pickle")
+        evil = Outgoing(
+            EXCHANGE,
+            queue,
+            b"\x80\x04K\x01.",
+            Properties(content_type="application/x-python-pickle"),
+        )
         await channel.publish(evil, mandatory=True, timeout=1)
         await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 1, 5)
     (dead,) = broker.messages(f"{queue}.dlq")

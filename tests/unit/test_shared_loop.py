@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from workerkit._shared_loop import Settle
+from workerkit._shared_loop import SharedLoop as _SharedLoop
 from workerkit.errors import PublishError, PublishTimeout
-from workerkit.publisher import Settle, _SharedLoop
 
 DEADLINE = 10.0
 

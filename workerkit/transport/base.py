@@ -12,7 +12,7 @@ from typing import Protocol
 
 from ..message import Message, Outgoing
 from ..settings import Settings
-from ..topology import ExchangeSpec, QueueSpec
+from .specs import ExchangeSpec, QueueSpec
 
 OnMessage = Callable[[Message], None]
 OnLost = Callable[[Exception], None]

@@ -30,14 +30,14 @@ import functools
 import itertools
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
-from ..message import Message, Outgoing
+from ..message import _NO_HEADERS, Message, Outgoing, Properties
 from ..settings import Settings
-from ..topology import ExchangeSpec, QueueSpec
 from .base import Channel, Connection, OnClosed, OnLost, OnMessage, OnPublished
+from .specs import ExchangeSpec, QueueSpec
 
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
 
@@ -53,60 +53,36 @@ class _Envelope:
     exchange: str
     routing_key: str
     body: bytes
-    headers: dict[str, Any]
-    content_type: str | None = None
-    content_encoding: str | None = None
-    message_id: str | None = None
-    correlation_id: str | None = None
-    timestamp: int | None = None
-    reply_to: str | None = None
+    properties: Properties  # headers: a dict of this copy's own
     redelivered: bool = False
     returns: int = 0  # times handed back unacked (quorum queues' delivery count)
     expiry: asyncio.TimerHandle | None = None
 
+    @property
+    def headers(self) -> dict[Any, Any]:
+        headers = self.properties.headers
+        assert isinstance(headers, dict)
+        return headers
+
     @classmethod
     def from_outgoing(cls, message: Outgoing) -> _Envelope:
-        return cls(
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            body=message.body,
-            headers=dict(message.headers),
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            message_id=message.message_id or None,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            reply_to=message.reply_to,
-        )
+        props = message.properties
+        own = replace(props, headers=dict(props.headers), message_id=props.message_id or None)
+        return cls(message.exchange, message.routing_key, message.body, own)
 
     def copy(self) -> _Envelope:
-        return _Envelope(
-            exchange=self.exchange,
-            routing_key=self.routing_key,
-            body=self.body,
-            headers=dict(self.headers),
-            content_type=self.content_type,
-            content_encoding=self.content_encoding,
-            message_id=self.message_id,
-            correlation_id=self.correlation_id,
-            timestamp=self.timestamp,
-            reply_to=self.reply_to,
-        )
+        own = replace(self.properties, headers=dict(self.headers))
+        return _Envelope(self.exchange, self.routing_key, self.body, own)
 
     def to_message(self, delivery_tag: int) -> Message:
+        headers = dict(self.headers) if self.headers else _NO_HEADERS
         return Message(
             self.body,
             delivery_tag,
             self.routing_key,
             self.exchange,
             self.redelivered,
-            dict(self.headers) if self.headers else None,
-            self.content_type,
-            self.content_encoding,
-            self.message_id,
-            self.correlation_id,
-            self.timestamp,
-            self.reply_to,
+            properties=replace(self.properties, headers=headers),
         )
 
 

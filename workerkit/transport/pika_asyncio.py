@@ -15,15 +15,15 @@ from typing import Any, NamedTuple, TypeVar
 
 import pika
 import pika.exceptions as px
-import pika.frame
 from pika.adapters.asyncio_connection import AsyncioConnection
-from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 from pika.channel import Channel as PikaRawChannel
 from pika.spec import Basic, BasicProperties
 
 from ..errors import (
     AccessRefused,
+    ConfigurationError,
     ConnectionFailed,
+    InvalidMessage,
     PublishError,
     PublishNacked,
     PublishTimeout,
@@ -31,17 +31,17 @@ from ..errors import (
     Unroutable,
     WorkerkitError,
 )
-from ..message import Message, Outgoing
+from ..message import Message, Outgoing, Properties
 from ..settings import Settings
-from ..topology import ExchangeSpec, QueueSpec
+from ._pika_internals import BatchingConnection, remove_get_empty_callback
 from .base import OnClosed, OnLost, OnMessage, OnPublished
+from .specs import ExchangeSpec, QueueSpec
 
 log = logging.getLogger("workerkit.transport")
 
 T = TypeVar("T")
 
 PERSISTENT = 2
-_ACTIVE = getattr(_AsyncPlaintextTransport, "_STATE_ACTIVE", object())
 SWEEP_INTERVAL = 0.05  # how often unconfirmed publishes are checked against their deadline
 
 
@@ -124,90 +124,6 @@ def _parameters(settings: Settings, name: str) -> pika.URLParameters:
     return params
 
 
-class _BatchingConnection(AsyncioConnection):  # type: ignore[misc]
-    """pika writes every frame with its own send(); this one writes a loop turn's frames at once.
-
-    A publish is three frames and an ack one: batching cuts the syscalls per message several
-    fold when many publishes or acks happen in one turn of the loop.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._wk_frames: list[bytes] = []
-        self._wk_routes: dict[tuple[int, str, str, bool], bytes] = {}
-        self._wk_loop = kwargs["custom_ioloop"]
-        # A loop may offer to run callbacks at the end of its turn (the sync Publisher's does):
-        # then the frames go out without a turn of their own.
-        self._wk_turn_end: list[Callable[[], None]] | None = getattr(
-            self._wk_loop, "wk_turn_end", None
-        )
-        super().__init__(*args, **kwargs)
-
-    def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
-        frames = self._wk_frames
-        if not frames:
-            if self._wk_turn_end is not None:
-                self._wk_turn_end.append(self._wk_flush)
-            else:
-                self._wk_loop.call_soon(self._wk_flush)
-        for frame in marshaled_frames:
-            self.bytes_sent += len(frame)
-            self.frames_sent += 1
-            frames.append(frame)
-
-    def _wk_publish(
-        self,
-        channel_number: int,
-        exchange: str,
-        routing_key: str,
-        mandatory: bool,
-        props: BasicProperties,
-        body: bytes,
-    ) -> None:
-        """pika's ``basic_publish`` minus the work a hot path need not repeat.
-
-        The same frames, built with pika's own classes; only the Basic.Publish frame of a route
-        is built once and reused, because a publisher sends to a few routes over and over.
-        """
-        if self.is_closed:
-            raise px.ConnectionWrongStateError("publishing on a closed connection")
-        key = (channel_number, exchange, routing_key, mandatory)
-        method = self._wk_routes.get(key)
-        if method is None:
-            if len(self._wk_routes) >= 1024:
-                self._wk_routes.clear()
-            publish = Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-            method = self._wk_routes[key] = pika.frame.Method(channel_number, publish).marshal()
-        frames = [method, pika.frame.Header(channel_number, len(body), props).marshal()]
-        step = self._body_max_length
-        for start in range(0, len(body), step):
-            frames.append(pika.frame.Body(channel_number, body[start : start + step]).marshal())
-        self._output_marshaled_frames(frames)
-
-    def _wk_flush(self) -> None:
-        frames, self._wk_frames = self._wk_frames, []
-        transport = self._transport
-        if not frames or transport is None:
-            return
-        data = b"".join(frames)
-        sock = getattr(transport, "_sock", None)  # private: without it, pika's own path
-        if (
-            sock is not None
-            and type(transport) is _AsyncPlaintextTransport
-            and transport.get_write_buffer_size() == 0
-            and getattr(transport, "_state", None) == _ACTIVE
-        ):
-            # pika would wait a loop turn for writability (and pay two epoll_ctl calls) to send
-            # what a non-blocking send takes now; only a remainder goes through its buffer.
-            try:
-                sent = sock.send(data)
-            except OSError:  # would block, or broken: pika's own send sees to it
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._adapter_emit_data(data)
-
-
 class PikaTransport:
     """Opens :class:`PikaConnection` objects on the running event loop."""
 
@@ -227,8 +143,13 @@ class PikaTransport:
         try:
             params = _parameters(settings, name)
         except (ValueError, TypeError, OSError, ssl.SSLError) as exc:
-            raise ConnectionFailed(f"bad connection settings: {exc}") from None
-        raw = _BatchingConnection(
+            # Settings already refused what they can tell (unknown query parameters, missing
+            # files); what is left here (a file that is not a certificate) is configuration
+            # too: retrying cannot fix it.
+            raise ConfigurationError(
+                f"bad connection settings for {settings.redacted_url}: {exc}"
+            ) from None
+        raw = BatchingConnection(
             params,
             on_open_callback=on_open,
             on_open_error_callback=on_open_error,
@@ -367,9 +288,9 @@ class PikaChannel:
         self._seq = 0
         self._unconfirmed: dict[int, _Pending] = {}
         self._sweeping = False
-        # Returned messages, keyed like _return_key; checked when their confirm arrives.
+        # Sequence numbers of publishes the broker returned; checked when their confirm arrives.
         self._lowest = 1
-        self._returned: set[str] = set()
+        self._returned: set[int] = set()
 
     def _attach(self, raw: PikaRawChannel) -> None:
         self._raw = raw
@@ -404,6 +325,7 @@ class PikaChannel:
                 fut.set_exception(error)
         self._pending.clear()
         unconfirmed, self._unconfirmed = self._unconfirmed, {}
+        self._returned.clear()
         for entry in unconfirmed.values():
             entry.on_done(error)
 
@@ -505,7 +427,7 @@ class PikaChannel:
         fut: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
 
         def on_get(_ch: Any, method: Basic.GetOk, props: BasicProperties, body: bytes) -> None:
-            self._raw.callbacks.remove(self._raw.channel_number, Basic.GetEmpty, on_empty)
+            remove_get_empty_callback(self._raw, on_empty)
             if not fut.done():
                 fut.set_result(_message(method, props, body))
 
@@ -597,28 +519,25 @@ class PikaChannel:
         if self._close_error is not None:
             on_done(self._close_error)
             return
-        props = BasicProperties(
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            headers=message.headers or None,
-            delivery_mode=PERSISTENT,
-            message_id=message.message_id or None,
-            correlation_id=message.correlation_id,
-            timestamp=message.timestamp,
-            reply_to=message.reply_to,
-        )
         raw = self._raw
         try:
-            if not raw.is_open:
-                raise px.ChannelWrongStateError("the channel is closed")
-            raw.connection._wk_publish(
+            frames = raw.connection.publish_frames(
                 raw.channel_number,
                 message.exchange,
                 message.routing_key,
                 mandatory,
-                props,
+                _basic_properties(message.properties),
                 message.body,
             )
+        except Exception as exc:
+            # Nothing was sent: a value the client cannot encode is the message's fault, never
+            # the connection's (publishers would otherwise reconnect and retry it).
+            on_done(InvalidMessage(f"cannot encode the message: {type(exc).__name__}: {exc}"))
+            return
+        try:
+            if not raw.is_open:
+                raise px.ChannelWrongStateError("the channel is closed")
+            raw.connection.send_frames(frames)
         except Exception as exc:
             on_done(translate(exc, what="publishing"))
             return
@@ -642,6 +561,7 @@ class PikaChannel:
         blocked = " (the broker has blocked this connection: alarm)" * self._connection.blocked
         for seq in overdue:
             entry = self._unconfirmed.pop(seq)
+            self._returned.discard(seq)
             entry.on_done(
                 PublishTimeout(f"no confirm from the broker within {entry.timeout}s{blocked}")
             )
@@ -650,27 +570,43 @@ class PikaChannel:
             asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._expire)
 
     def _on_return(
-        self, _ch: Any, _method: Basic.Return, props: BasicProperties, _body: bytes
+        self, _ch: Any, method: Basic.Return, props: BasicProperties, _body: bytes
     ) -> None:
-        # The broker sends basic.return before the confirm of the same message. Messages without
-        # an id are matched by route: every in-flight publish on that route is unroutable too.
-        self._returned.add(props.message_id or _route_key(_method.exchange, _method.routing_key))
+        """Mark the publish this basic.return belongs to.
+
+        The broker routes a channel's publishes in order and returns an unroutable one before
+        its confirm, so the return belongs to the oldest unconfirmed publish with the same
+        exchange, routing key and id that is not marked yet. A publish that timed out is no
+        longer unconfirmed, so its late return can never be pinned on a later one.
+        """
+        message_id = props.message_id or ""
+        for seq, entry in self._unconfirmed.items():
+            message = entry.message
+            if (
+                seq not in self._returned
+                and message.routing_key == method.routing_key
+                and message.exchange == method.exchange
+                and (message.message_id or "") == message_id
+            ):
+                self._returned.add(seq)
+                return
+        log.debug("a return matched no unconfirmed publish (it timed out): %s", method)
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         tag: int = method.delivery_tag
         nacked = isinstance(method, Basic.Nack)
         first = self._lowest if method.multiple else tag
+        returned = self._returned
         for seq in range(first, tag + 1):
             entry = self._unconfirmed.pop(seq, None)
             if entry is None:
                 continue
-            message = entry.message
-            key = message.message_id or _route_key(message.exchange, message.routing_key)
             if nacked:
                 entry.on_done(PublishNacked("the broker nacked the message"))
-            elif key in self._returned:
-                self._returned.discard(key)
+            elif returned and seq in returned:
+                returned.discard(seq)
+                message = entry.message
                 entry.on_done(Unroutable(message.exchange, message.routing_key))
             else:
                 entry.on_done(None)
@@ -695,11 +631,21 @@ class PikaChannel:
             pass
 
 
-def _route_key(exchange: str, routing_key: str) -> str:
-    return f"\0{exchange}\0{routing_key}"
+def _basic_properties(props: Properties) -> BasicProperties:
+    return BasicProperties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=props.headers or None,
+        delivery_mode=PERSISTENT,
+        message_id=props.message_id or None,
+        correlation_id=props.correlation_id,
+        timestamp=props.timestamp,
+        reply_to=props.reply_to,
+    )
 
 
 def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
+    # Positional and flat: this runs once per delivery.
     return Message(
         body,
         method.delivery_tag,

@@ -1,0 +1,70 @@
+"""basic.return is matched to the publish it belongs to, by publish sequence (issue 9, item 11).
+
+Frames are fed to the channel's handlers directly, in the order the broker sends them, so the
+interleavings that are rare on a live broker are exact here."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from pika.spec import Basic, BasicProperties
+
+from workerkit.errors import Unroutable
+from workerkit.message import Outgoing, Properties
+from workerkit.transport.pika_asyncio import PikaChannel, _Pending
+
+
+def channel_with(*messages: Outgoing) -> tuple[PikaChannel, dict[int, Any]]:
+    channel = PikaChannel.__new__(PikaChannel)
+    PikaChannel.__init__(channel, SimpleNamespace(blocked=False))  # type: ignore[arg-type]
+    outcomes: dict[int, Any] = {}
+    for seq, message in enumerate(messages, start=1):
+        channel._seq = seq
+        channel._unconfirmed[seq] = _Pending(
+            lambda error, seq=seq: outcomes.__setitem__(seq, error), message, 1e18, 10.0
+        )
+    return channel, outcomes
+
+
+def out(routing_key: str, message_id: str) -> Outgoing:
+    return Outgoing("ex", routing_key, b"", Properties(message_id=message_id))
+
+
+def returned(routing_key: str, message_id: str) -> tuple[Any, ...]:
+    method = Basic.Return(312, "NO_ROUTE", "ex", routing_key)
+    return (None, method, BasicProperties(message_id=message_id), b"")
+
+
+def ack(tag: int, multiple: bool = False) -> Any:
+    return SimpleNamespace(method=Basic.Ack(delivery_tag=tag, multiple=multiple))
+
+
+def test_one_id_in_flight_twice_is_reported_per_publish() -> None:
+    # 1 is routable (its quorum queue confirms late), 2 has the same id and is returned.
+    channel, outcomes = channel_with(out("bound", "same"), out("nobody", "same"))
+    channel._on_return(*returned("nobody", "same"))
+    channel._on_confirm(ack(2, multiple=True))  # 1 and 2 confirmed in one frame
+    assert outcomes[1] is None
+    assert isinstance(outcomes[2], Unroutable)
+
+
+def test_a_multiple_ack_reports_only_the_returned_publish() -> None:
+    channel, outcomes = channel_with(out("k", "a"), out("k", "a"), out("k", "a"))
+    channel._on_return(*returned("k", "a"))  # the broker returns the first of the three
+    channel._on_confirm(ack(3, multiple=True))
+    assert isinstance(outcomes[1], Unroutable)
+    assert outcomes[2] is None and outcomes[3] is None
+
+
+def test_a_stale_return_is_never_pinned_on_a_later_publish() -> None:
+    channel, outcomes = channel_with(out("k", "x"))
+    channel._unconfirmed.pop(1)  # it timed out: the caller already got PublishTimeout
+    channel._on_return(*returned("k", "x"))  # its return arrives late
+    channel._on_confirm(ack(1))
+    channel._seq = 2
+    channel._unconfirmed[2] = _Pending(
+        lambda error: outcomes.__setitem__(2, error), out("k", "x"), 1e18, 10.0
+    )
+    channel._on_confirm(ack(2))
+    assert outcomes == {2: None}
