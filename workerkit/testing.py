@@ -291,23 +291,12 @@ class BrokerHarness:
         for run in runs:
             for rt in run.runner.runtimes:
                 # Prefetched messages wait in the runtime's deque; handled ones count in flight.
-                if getattr(rt, "in_flight", 0) or getattr(rt, "deque", None):
+                if rt.in_flight or rt.deque:
                     return f"{rt.queue}: a message is being handled"
         queues = [rt.queue for run in runs for rt in run.runner.runtimes]
         delays = [spec.name for spec in Topology(self.settings).delay_queues()[1:]]
         if self.memory is not None:
-            memory = self.memory
-
-            def state() -> str:
-                for name in [*queues, *delays]:
-                    if memory.ready_count(name):
-                        return f"{name}: {memory.ready_count(name)} message(s) waiting"
-                for name in queues:
-                    if memory.unacked(name):
-                        return f"{name}: {memory.unacked(name)} message(s) not acked yet"
-                return ""
-
-            return memory.on_home(state)
+            return self.memory.on_home(lambda: _memory_busy(self.memory, queues, delays))
         async with self._channel() as channel:
             for name in [*queues, *delays]:
                 try:
@@ -450,3 +439,15 @@ class _Run:
             self.__exit__(None, None, None)
         elif self._stack is not None:
             self.runner.stop()  # an ``async with`` that never exited: its loop is gone
+
+
+def _memory_busy(memory: MemoryBroker | None, queues: list[str], delays: list[str]) -> str:
+    """What still waits in the memory broker ('' when idle); runs on the broker's loop."""
+    assert memory is not None
+    for name in [*queues, *delays]:
+        if memory.ready_count(name):
+            return f"{name}: {memory.ready_count(name)} message(s) waiting"
+    for name in queues:
+        if memory.unacked(name):
+            return f"{name}: {memory.unacked(name)} message(s) not acked yet"
+    return ""

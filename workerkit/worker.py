@@ -295,52 +295,71 @@ def _positive(value: object) -> bool:
 def _queue_arguments(cls: type[Worker], name: str) -> dict[str, Any]:
     """The RabbitMQ arguments the queue options ask for (checked here, declared by topology)."""
     args: dict[str, Any] = {}
-    quorum = cls.queue_type == "quorum"
-    if cls.max_priority is not None:
-        if not isinstance(cls.max_priority, int) or not 1 <= cls.max_priority <= 255:
-            raise ConfigurationError(f"{name}: max_priority must be an int in [1, 255]")
-        if quorum:
-            raise ConfigurationError(
-                f"{name}: max_priority needs queue_type = 'classic' (quorum queues take no"
-                " x-max-priority; RabbitMQ 4.0+ gives them two priority levels without it)"
-            )
-        args["x-max-priority"] = cls.max_priority
-    if cls.message_ttl is not None:
-        if not _positive(cls.message_ttl) or cls.message_ttl * 1000 > 2**32 - 1:
-            raise ConfigurationError(f"{name}: message_ttl must be seconds in (0, 4294967]")
-        args["x-message-ttl"] = max(1, round(cls.message_ttl * 1000))
-    if cls.max_length is not None:
-        if (
-            not isinstance(cls.max_length, int)
-            or isinstance(cls.max_length, bool)
-            or cls.max_length < 1
-        ):
-            raise ConfigurationError(f"{name}: max_length must be an int >= 1")
-        args["x-max-length"] = cls.max_length
-    if cls.overflow is not None:
-        if cls.overflow not in _OVERFLOW:
-            raise ConfigurationError(f"{name}: overflow must be one of {', '.join(_OVERFLOW)}")
-        if quorum and cls.overflow != "reject-publish":
-            raise ConfigurationError(
-                f"{name}: a quorum queue's overflow is always 'reject-publish' (its at-least-once"
-                " dead-lettering needs it); use queue_type = 'classic' for another"
-            )
-        args["x-overflow"] = cls.overflow
+    for option in (_priority, _ttl, _length, _overflow, _single_active, _extra):
+        args.update(option(cls, name))
+    return args
+
+
+def _priority(cls: type[Worker], name: str) -> dict[str, Any]:
+    if cls.max_priority is None:
+        return {}
+    if not isinstance(cls.max_priority, int) or not 1 <= cls.max_priority <= 255:
+        raise ConfigurationError(f"{name}: max_priority must be an int in [1, 255]")
+    if cls.queue_type == "quorum":
+        raise ConfigurationError(
+            f"{name}: max_priority needs queue_type = 'classic' (quorum queues take no"
+            " x-max-priority; RabbitMQ 4.0+ gives them two priority levels without it)"
+        )
+    return {"x-max-priority": cls.max_priority}
+
+
+def _ttl(cls: type[Worker], name: str) -> dict[str, Any]:
+    if cls.message_ttl is None:
+        return {}
+    if not _positive(cls.message_ttl) or cls.message_ttl * 1000 > 2**32 - 1:
+        raise ConfigurationError(f"{name}: message_ttl must be seconds in (0, 4294967]")
+    return {"x-message-ttl": max(1, round(cls.message_ttl * 1000))}
+
+
+def _length(cls: type[Worker], name: str) -> dict[str, Any]:
+    length = cls.max_length
+    if length is None:
+        return {}
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ConfigurationError(f"{name}: max_length must be an int >= 1")
+    return {"x-max-length": length}
+
+
+def _overflow(cls: type[Worker], name: str) -> dict[str, Any]:
+    if cls.overflow is None:
+        return {}
+    if cls.overflow not in _OVERFLOW:
+        raise ConfigurationError(f"{name}: overflow must be one of {', '.join(_OVERFLOW)}")
+    if cls.queue_type == "quorum" and cls.overflow != "reject-publish":
+        raise ConfigurationError(
+            f"{name}: a quorum queue's overflow is always 'reject-publish' (its at-least-once"
+            " dead-lettering needs it); use queue_type = 'classic' for another"
+        )
+    return {"x-overflow": cls.overflow}
+
+
+def _single_active(cls: type[Worker], name: str) -> dict[str, Any]:
     if not isinstance(cls.single_active_consumer, bool):
         raise ConfigurationError(f"{name}: single_active_consumer must be True or False")
-    if cls.single_active_consumer:
-        args["x-single-active-consumer"] = True
+    return {"x-single-active-consumer": True} if cls.single_active_consumer else {}
+
+
+def _extra(cls: type[Worker], name: str) -> dict[str, Any]:
     if not isinstance(cls.arguments, Mapping):
         raise ConfigurationError(f"{name}: arguments must be a dict of 'x-...' queue arguments")
-    for key, value in cls.arguments.items():
+    for key in cls.arguments:
         if not isinstance(key, str) or not key.startswith("x-"):
             raise ConfigurationError(f"{name}: queue argument {key!r} must start with 'x-'")
         if key in _MANAGED_ARGUMENTS:
             raise ConfigurationError(
                 f"{name}: queue argument {key!r} is set by workerkit: use {_MANAGED_ARGUMENTS[key]}"
             )
-        args[key] = value
-    return args
+    return dict(cls.arguments)
 
 
 def _inspect_handler(cls: type[Worker], name: str) -> Handler:
