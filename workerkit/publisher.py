@@ -41,6 +41,7 @@ from .errors import (
 )
 from .message import Outgoing, build_outgoing
 from .middleware import Middleware, check_middleware, observed_publish, publish_started
+from .retry import AnyThreadRetrying
 from .settings import Settings, load_settings
 from .topology import MAX_DELAY, Topology
 from .transport import default_transport
@@ -216,7 +217,7 @@ class _Core:
     def _retrying(self, deadline: float) -> tenacity.AsyncRetrying:
         """Jittered retries of a lost or refused connection until ``deadline``."""
         backoff = tenacity.wait_random_exponential(multiplier=0.1, max=2.0)
-        return tenacity.AsyncRetrying(
+        return AnyThreadRetrying(
             # Never sleep past the deadline: the caller was promised an answer by then.
             wait=lambda state: min(backoff(state), _left(deadline)),
             stop=lambda _state: time.monotonic() >= deadline,

@@ -10,13 +10,22 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import tenacity
 
 from .errors import AccessRefused, ConfigurationError, Reject, RetryLater, TopologyError
 
-__all__ = ["Ack", "DeadLetter", "Decision", "Retry", "RetryPolicy", "reconnecting"]
+__all__ = [
+    "Ack",
+    "AnyThreadRetrying",
+    "DeadLetter",
+    "Decision",
+    "Retry",
+    "RetryPolicy",
+    "reconnecting",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +135,21 @@ class RetryPolicy:
 
 
 _FATAL = (AccessRefused, TopologyError, ConfigurationError)
+
+
+class AnyThreadRetrying(tenacity.AsyncRetrying):
+    """tenacity's async retrying with its state kept per retrying object, not per thread.
+
+    tenacity keeps a retry's statistics and iteration state in a ``threading.local``. The sync
+    Publisher's event loop is driven by whichever calling thread is waiting (leader/follower),
+    so one retry can start on one thread and resume on another, which found empty state there
+    (``KeyError: 'idle_for'``). Each retry here is its own object on one event loop, so plain
+    attributes are right. (tests/unit/test_retry.py checks the attribute tenacity uses.)
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._local = SimpleNamespace()  # type: ignore[assignment]
 
 
 def reconnecting(

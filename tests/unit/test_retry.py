@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -162,3 +163,17 @@ async def test_reconnecting_never_retries_fatal_errors(fatal: Exception) -> None
                 calls += 1
                 raise fatal
     assert calls == 1
+
+
+def test_any_thread_retrying_replaces_tenacitys_per_thread_state() -> None:
+    # AnyThreadRetrying relies on tenacity keeping its state in ``_local``: if a tenacity
+    # release renames it, this fails instead of the sync Publisher failing mid-retry.
+    from workerkit.retry import AnyThreadRetrying
+
+    retrying = AnyThreadRetrying()
+    retrying.statistics["idle_for"] = 1.0
+    seen: list[object] = []
+    thread = threading.Thread(target=lambda: seen.append(retrying.statistics.get("idle_for")))
+    thread.start()
+    thread.join()
+    assert seen == [1.0]
