@@ -144,6 +144,9 @@ class Runner:
         )
         self._publish_channel = await self._publish_conn.channel(confirms=True)
         await self.topology.declare_exchanges(self._publish_channel)
+        await self.topology.adopt_dead_letter_queues(
+            self._consume_conn, [rt.cls for rt in self.runtimes]
+        )
         for rt in self.runtimes:
             await rt.attach(self._consume_conn)
 

@@ -19,20 +19,33 @@ the worker, holds a waiting message, any delay works, and nothing waits behind a
   ``p.<bits>.<routing key>`` (a scheduled publish) to every queue whose bindings match, the same
   as the main exchange would. What matches nothing goes to ``<exchange>.unroutable`` (its
   alternate exchange) instead of vanishing.
+
+Dead letters are never dropped by the broker, on any supported RabbitMQ (3.10 to 4.3): from 4.0
+every quorum queue without an explicit ``x-delivery-limit`` has a limit of 20, and 4.0 to 4.2
+count each ``basic.nack(requeue=True)`` (how ``workerkit dlq list/show`` give messages back)
+toward it, so a DLQ without a dead-letter target of its own would drop its messages after about
+20 listings. Every ``<queue>.dlq`` is therefore declared with :data:`DEAD_LETTER_DELIVERY_LIMIT`.
+A DLQ declared by an older workerkit without that argument cannot be re-declared with it (the
+broker refuses inequivalent arguments): :meth:`Topology.adopt_dead_letter_queues` finds such
+queues, keeps declaring them as they are and says so (protect them with a policy, see
+docs/brokers.md).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .errors import TopologyError
 from .message import Header
 from .settings import Settings
 from .worker import Worker
 
 __all__ = [
+    "DEAD_LETTER_DELIVERY_LIMIT",
     "LEVELS",
     "MAX_DELAY",
     "UNIT_MS",
@@ -49,6 +62,13 @@ MAX_DELAY = MAX_UNITS * UNIT_MS / 1000  # seconds: about 310 days
 
 RETRY = "r"
 SCHEDULED = "p"
+
+# A DLQ's delivery limit: effectively none (a listing a second for 68 years). -1, which means
+# "unlimited" from 4.0 on, is not used: 3.10 accepts it and then drops every returned message.
+DEAD_LETTER_DELIVERY_LIMIT = 2**31 - 1
+_LIMIT_ARG = "x-delivery-limit"
+
+log = logging.getLogger("workerkit.topology")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +97,16 @@ class Declarer(Protocol):
     async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None: ...
 
 
+class ClosableDeclarer(Declarer, Protocol):
+    async def close(self) -> None: ...
+
+
+class ChannelSource(Protocol):
+    """What adopting DLQs needs from a transport connection: throwaway channels."""
+
+    async def channel(self) -> ClosableDeclarer: ...
+
+
 def delay_units(seconds: float) -> int:
     """The delay in units, rounded up so that a message is never due sooner than asked."""
     if seconds <= 0:
@@ -95,6 +125,9 @@ class Topology:
         self.unroutable = f"{self.exchange}.unroutable"
         self._stars = ".".join(["*"] * LEVELS)
         self._delay_prefix = f"{self.exchange}.delay."
+        # DLQs that exist without a delivery limit (declared by an older workerkit): declared
+        # with their old arguments, see adopt_dead_letter_queues.
+        self.legacy_dlqs: set[str] = set()
 
     # -- names -------------------------------------------------------------------------------
 
@@ -194,6 +227,8 @@ class Topology:
                 "x-overflow": "reject-publish",
             }
             dlq_arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+            if dlq not in self.legacy_dlqs:
+                dlq_arguments[_LIMIT_ARG] = DEAD_LETTER_DELIVERY_LIMIT
         else:
             arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq}
             dlq_arguments = {}
@@ -213,6 +248,37 @@ class Topology:
         for worker in workers:
             for queue in self.worker_queues(worker):
                 await self._declare_queue(channel, queue)
+
+    async def adopt_dead_letter_queues(
+        self, connection: ChannelSource, workers: Iterable[type[Worker]]
+    ) -> None:
+        """Declare each quorum worker's DLQ on a channel of its own, so that a DLQ left by an
+        older workerkit (no delivery limit: the broker refuses the new argument and closes the
+        channel) is found without breaking the caller's channel. Such a DLQ is then declared
+        with its old arguments and a warning says how to protect it."""
+        for worker in workers:
+            dlq = self.worker_queues(worker)[0]
+            if _LIMIT_ARG not in dlq.arguments:
+                continue  # a classic DLQ, or one already known to be legacy
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(dlq)
+            except TopologyError as exc:
+                if f"inequivalent arg '{_LIMIT_ARG}'" not in str(exc):
+                    raise
+                self.legacy_dlqs.add(dlq.name)
+                log.warning(
+                    "%s exists without a delivery limit (declared by an older workerkit): kept"
+                    " as it is. On RabbitMQ 4.0-4.2 every `dlq list`/`dlq show` counts toward"
+                    " the default limit of 20 and would drop its messages: protect it with"
+                    " `rabbitmqctl set_policy --apply-to quorum_queues workerkit-dlq"
+                    " '\\.dlq$' '{\"delivery-limit\": %d}'`, or replay it and delete it so"
+                    " that workerkit re-declares it (see docs/brokers.md).",
+                    dlq.name,
+                    DEAD_LETTER_DELIVERY_LIMIT,
+                )
+                continue  # the refusal closed that channel
+            await channel.close()
 
     async def declare_exchanges(self, channel: Declarer) -> None:
         """The main exchange and the delay layout (what a publisher needs)."""
