@@ -82,8 +82,9 @@ def declare_worker_queue(worker: type) -> None:
     async def declare() -> None:
         conn = await PikaTransport().connect(settings(), name="bench-declare", on_lost=print)
         try:
-            channel = await conn.channel()
-            await Topology(settings()).declare(channel, [worker])
+            topology = Topology(settings())
+            await topology.adopt_dead_letter_queues(conn, [worker])
+            await topology.declare(await conn.channel(), [worker])
         finally:
             await conn.close()
 

@@ -231,6 +231,8 @@ class AsyncPublisher:
                 with attempt:
                     channel = await self._channel_before(deadline)
                     if delayed and not self._delays_declared:
+                        if self._connection is not None:  # an old .unroutable: keep it
+                            await self._topology.adopt_dead_letter_queues(self._connection)
                         await self._topology.declare_exchanges(channel)
                         self._delays_declared = True
                     remaining = deadline - time.monotonic()

@@ -143,10 +143,10 @@ class Runner:
             self.settings, name="workerkit-publish", on_lost=self.connection_lost
         )
         self._publish_channel = await self._publish_conn.channel(confirms=True)
-        await self.topology.declare_exchanges(self._publish_channel)
         await self.topology.adopt_dead_letter_queues(
             self._consume_conn, [rt.cls for rt in self.runtimes]
         )
+        await self.topology.declare_exchanges(self._publish_channel)
         for rt in self.runtimes:
             await rt.attach(self._consume_conn)
 

@@ -24,11 +24,11 @@ Dead letters are never dropped by the broker, on any supported RabbitMQ (3.10 to
 every quorum queue without an explicit ``x-delivery-limit`` has a limit of 20, and 4.0 to 4.2
 count each ``basic.nack(requeue=True)`` (how ``workerkit dlq list/show`` give messages back)
 toward it, so a DLQ without a dead-letter target of its own would drop its messages after about
-20 listings. Every ``<queue>.dlq`` is therefore declared with :data:`DEAD_LETTER_DELIVERY_LIMIT`.
-A DLQ declared by an older workerkit without that argument cannot be re-declared with it (the
-broker refuses inequivalent arguments): :meth:`Topology.adopt_dead_letter_queues` finds such
-queues, keeps declaring them as they are and says so (protect them with a policy, see
-docs/brokers.md).
+20 listings. Every ``<queue>.dlq`` and ``<exchange>.unroutable`` is therefore declared with
+:data:`DEAD_LETTER_DELIVERY_LIMIT`. Such a queue declared by an older workerkit without that
+argument cannot be re-declared with it (the broker refuses inequivalent arguments):
+:meth:`Topology.adopt_dead_letter_queues` finds such queues, keeps declaring them as they are
+and says so (protect them with a policy, see docs/brokers.md).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Topology:
         self._delay_prefix = f"{self.exchange}.delay."
         # DLQs that exist without a delivery limit (declared by an older workerkit): declared
         # with their old arguments, see adopt_dead_letter_queues.
-        self.legacy_dlqs: set[str] = set()
+        self.legacy_queues: set[str] = set()
 
     # -- names -------------------------------------------------------------------------------
 
@@ -196,7 +196,11 @@ class Topology:
         ]
 
     def delay_queues(self) -> list[QueueSpec]:
-        queues = [QueueSpec(self.unroutable, {"x-queue-type": "quorum"}, ((self.unroutable, ""),))]
+        queues = [
+            QueueSpec(
+                self.unroutable, self._store_arguments(self.unroutable), ((self.unroutable, ""),)
+            )
+        ]
         for level in range(LEVELS):
             queues.append(
                 QueueSpec(
@@ -226,9 +230,7 @@ class Topology:
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
             }
-            dlq_arguments: dict[str, Any] = {"x-queue-type": "quorum"}
-            if dlq not in self.legacy_dlqs:
-                dlq_arguments[_LIMIT_ARG] = DEAD_LETTER_DELIVERY_LIMIT
+            dlq_arguments = self._store_arguments(dlq)
         else:
             arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq}
             dlq_arguments = {}
@@ -237,6 +239,12 @@ class Topology:
         bindings.append((self.delay_out, f"{RETRY}.{self._stars}.{worker.queue}"))
         bindings.extend((self.delay_out, f"{SCHEDULED}.{self._stars}.{key}") for key in keys)
         return [QueueSpec(dlq, dlq_arguments), QueueSpec(worker.queue, arguments, tuple(bindings))]
+
+    def _store_arguments(self, name: str) -> dict[str, Any]:
+        """A quorum queue that keeps dead or unroutable messages: no delivery limit drops them."""
+        if name in self.legacy_queues:
+            return {"x-queue-type": "quorum"}
+        return {"x-queue-type": "quorum", _LIMIT_ARG: DEAD_LETTER_DELIVERY_LIMIT}
 
     async def declare(self, channel: Declarer, workers: Iterable[type[Worker]] = ()) -> None:
         """Declare the exchange, the delay layout and each worker's queues. Idempotent."""
@@ -250,31 +258,33 @@ class Topology:
                 await self._declare_queue(channel, queue)
 
     async def adopt_dead_letter_queues(
-        self, connection: ChannelSource, workers: Iterable[type[Worker]]
+        self, connection: ChannelSource, workers: Iterable[type[Worker]] = ()
     ) -> None:
-        """Declare each quorum worker's DLQ on a channel of its own, so that a DLQ left by an
-        older workerkit (no delivery limit: the broker refuses the new argument and closes the
-        channel) is found without breaking the caller's channel. Such a DLQ is then declared
-        with its old arguments and a warning says how to protect it."""
-        for worker in workers:
-            dlq = self.worker_queues(worker)[0]
-            if _LIMIT_ARG not in dlq.arguments:
+        """Declare ``<exchange>.unroutable`` and each quorum worker's DLQ on channels of their
+        own, before anything else, so that such a queue left by an older workerkit (no delivery
+        limit: the broker refuses the new argument and closes the channel) is found without
+        breaking the caller's channel. It is then declared with its old arguments from here on,
+        and a warning says how to protect it."""
+        stores = [self.delay_queues()[0]]
+        stores += [self.worker_queues(worker)[0] for worker in workers]
+        for spec in stores:
+            if spec.arguments.get(_LIMIT_ARG) != DEAD_LETTER_DELIVERY_LIMIT:
                 continue  # a classic DLQ, or one already known to be legacy
             channel = await connection.channel()
             try:
-                await channel.declare_queue(dlq)
+                await channel.declare_queue(spec)
             except TopologyError as exc:
                 if f"inequivalent arg '{_LIMIT_ARG}'" not in str(exc):
                     raise
-                self.legacy_dlqs.add(dlq.name)
+                self.legacy_queues.add(spec.name)
                 log.warning(
                     "%s exists without a delivery limit (declared by an older workerkit): kept"
                     " as it is. On RabbitMQ 4.0-4.2 every `dlq list`/`dlq show` counts toward"
                     " the default limit of 20 and would drop its messages: protect it with"
-                    " `rabbitmqctl set_policy --apply-to quorum_queues workerkit-dlq"
-                    " '\\.dlq$' '{\"delivery-limit\": %d}'`, or replay it and delete it so"
-                    " that workerkit re-declares it (see docs/brokers.md).",
-                    dlq.name,
+                    " `rabbitmqctl set_policy --apply-to queues workerkit-dead-letters"
+                    " '\\.(dlq|unroutable)$' '{\"delivery-limit\": %d}'`, or replay it and"
+                    " delete it so that workerkit re-declares it (see docs/brokers.md).",
+                    spec.name,
                     DEAD_LETTER_DELIVERY_LIMIT,
                 )
                 continue  # the refusal closed that channel

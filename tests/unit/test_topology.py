@@ -161,7 +161,7 @@ def test_quorum_arguments(topology: Topology) -> None:
 
 def test_legacy_dlq_keeps_its_arguments(topology: Topology) -> None:
     cls = worker()
-    topology.legacy_dlqs.add(f"{cls.queue}.dlq")
+    topology.legacy_queues.add(f"{cls.queue}.dlq")
     dlq, _ = topology.worker_queues(cls)
     assert dlq.arguments == {"x-queue-type": "quorum"}
 
