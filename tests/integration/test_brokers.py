@@ -176,3 +176,20 @@ async def test_a_dlq_from_an_older_workerkit_is_adopted_not_refused(
         conn.channel().queue_declare(f"{fresh}.dlq", durable=True, arguments=args)
     finally:
         conn.close()
+
+
+async def test_minus_one_means_unlimited_only_from_4_0(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str], broker_version: str
+) -> None:
+    """Why DEAD_LETTER_DELIVERY_LIMIT is a huge number and not -1: 3.10 accepts -1 and then
+    drops a message at its first return; 4.x reads it as "no limit"."""
+    name = unique("minusone")
+    cleanup.append(name)
+    url = settings.url.get_secret_value()
+    await asyncio.to_thread(
+        declare_raw, url, name, {"x-queue-type": "quorum", "x-delivery-limit": -1}
+    )
+    await asyncio.to_thread(publish_many_raw, url, "", name, [b"{}"])
+    assert await asyncio.to_thread(give_back, url, name, "nack")
+    kept = await asyncio.to_thread(ready_count, url, name)
+    assert kept == (0 if broker_version == "3.10" else 1)

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +140,17 @@ class PrivateBroker:
     version of the test run (:func:`version_under_test`).
     """
 
-    def __init__(self, tls: TlsFiles | None = None, version: str | None = None) -> None:
+    def __init__(
+        self,
+        tls: TlsFiles | None = None,
+        version: str | None = None,
+        config: Callable[[PrivateBroker], list[str]] | None = None,
+        plugins: str = "[].",
+        files: Sequence[Path] = (),
+    ) -> None:
+        """``config`` replaces the default rabbitmq.conf lines (it may read ``self.port`` and
+        ``self.inner(self.base / name)`` for each of ``files``, copied into the node's folder);
+        ``plugins`` is the enabled_plugins term."""
         token = uuid.uuid4().hex[:6]
         self.version = version or version_under_test()
         self.root = root_of(self.version)
@@ -157,6 +167,7 @@ class PrivateBroker:
                 self.base = self.root / NODES_DIR / f"wkr{token}"
                 self.base.mkdir(parents=True)
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self._config, self._plugins, self._files = config, plugins, files
         self._write_files()
 
     def inner(self, path: Path) -> str:
@@ -170,7 +181,9 @@ class PrivateBroker:
     def _write_files(self) -> None:
         (self.base / "mnesia").mkdir()
         (self.base / "log").mkdir()
-        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "enabled_plugins").write_text(self._plugins + "\n")
+        for source in self._files:
+            shutil.copy(source, self.base / source.name)
         (self.base / "env.conf").write_text("ERL_EPMD_ADDRESS=127.0.0.1\n")
         lines = [
             f"listeners.tcp.default = 127.0.0.1:{self.port}",
@@ -190,6 +203,8 @@ class PrivateBroker:
                 "ssl_options.verify = verify_none",
                 "ssl_options.fail_if_no_peer_cert = false",
             ]
+        if self._config is not None:
+            lines = self._config(self)
         (self.base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         uid, gid = _ids(self.root, "rabbitmq")
         os.chown(self.base, uid, gid)
