@@ -3,6 +3,8 @@
 #
 #   scripts/brokers.sh build [VERSION...]   build the missing roots (default: 4.0 4.3)
 #   scripts/brokers.sh path VERSION         print the root of VERSION (built or not)
+#   scripts/brokers.sh clean                stop nodes a killed test run left running in the
+#                                           roots, delete their folders, unmount /proc
 #
 # 4.0 is Debian trixie's rabbitmq-server (4.0.5), 4.3 forky's (4.3.6); 3.10 is the host's own
 # and needs no root. Roots live outside the repository, in $WORKERKIT_BROKER_ROOTS (default
@@ -90,6 +92,23 @@ build() {
     echo "$root"
 }
 
+# Only processes chrooted into one of our roots are touched: they were started by the test
+# fixtures (tests/reliability/broker.py), never by anyone else.
+clean() {
+    local root pid
+    for root in "$ROOTS"/*/; do
+        root=$(realpath "$root")
+        [ -e "$root/$MARK" ] || continue
+        for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+            [ "$(readlink "/proc/$pid/root" 2>/dev/null)" = "$root" ] || continue
+            echo "stopping pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" | cut -c1-60)) in $root" >&2
+            kill -9 "$pid" 2>/dev/null || true
+        done
+        rm -rf "$root/var/lib/workerkit-nodes"/*
+        unmount_under "$root/proc"
+    done
+}
+
 case "${1:-}" in
     build)
         shift
@@ -100,5 +119,6 @@ case "${1:-}" in
         done
         ;;
     path) echo "$ROOTS/$(suite_of "${2:?version}")" ;;
-    *) echo "usage: $0 build [4.0|4.3 ...] | path VERSION" >&2; exit 2 ;;
+    clean) clean ;;
+    *) echo "usage: $0 build [4.0|4.3 ...] | path VERSION | clean" >&2; exit 2 ;;
 esac

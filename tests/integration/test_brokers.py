@@ -193,3 +193,21 @@ async def test_minus_one_means_unlimited_only_from_4_0(
     assert await asyncio.to_thread(give_back, url, name, "nack")
     kept = await asyncio.to_thread(ready_count, url, name)
     assert kept == (0 if broker_version == "3.10" else 1)
+
+
+def test_pytest_header_names_the_broker_under_test(broker_version: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORKERKIT_TEST_BROKER": broker_version}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "tests/unit/test_retry.py"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    expected = {"3.10": "RabbitMQ 3.10.", "4.0": "RabbitMQ 4.0.", "4.3": "RabbitMQ 4.3."}
+    header = [line for line in result.stdout.splitlines() if line.startswith("broker:")]
+    assert header and expected[broker_version] in header[0], result.stdout[:2000]

@@ -13,8 +13,9 @@ Versions (``WORKERKIT_TEST_BROKER`` picks one for a whole pytest run, see
 * ``4.0`` and ``4.3``: a Debian root (trixie: 4.0.5, forky: 4.3.6) built by
   ``scripts/brokers.sh`` under /var/cache/workerkit-brokers. The node runs chrooted into it,
   with its data folders inside the root (owned by the root's ``rabbitmq`` user), /proc mounted
-  while any node of that root runs, and an epmd of its own on its own port (the host's epmd on
-  4369 belongs to the shared node and speaks an older protocol).
+  while any node of that root runs, and an epmd of its own on its own port (so that it never
+  touches the shared node's epmd on 4369). ``scripts/brokers.sh clean`` stops what a killed
+  test run left behind.
 """
 
 from __future__ import annotations
