@@ -22,7 +22,7 @@ from workerkit.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent / "reliability"))
 
-from broker import PrivateBroker, describe, version_under_test
+from broker import PrivateBroker, describe, set_session_node, version_under_test
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -77,9 +77,11 @@ def broker_url() -> Iterator[str]:
     if version_under_test() != "3.10":
         node = PrivateBroker()
         node.start()
+        set_session_node(node)  # rabbitmqctl-based helpers look at this node
         try:
             yield node.url
         finally:
+            set_session_node(None)
             node.stop()
         return
     if _listening("127.0.0.1", 5672):

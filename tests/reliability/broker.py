@@ -116,6 +116,25 @@ def _proc_mounted(root: Path) -> bool:
         return any(line.split()[1] == target for line in mounts)
 
 
+# The node a whole pytest run uses as its broker (tests/conftest.py's broker_url), if private.
+_session_node: PrivateBroker | None = None
+
+
+def set_session_node(node: PrivateBroker | None) -> None:
+    global _session_node
+    _session_node = node
+
+
+def session_ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """rabbitmqctl against the broker the tests run on: the session's private node (4.x, from
+    inside its root), else the host's own node."""
+    if _session_node is not None:
+        return _session_node.ctl(*args, timeout=30)
+    return subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, check=True, timeout=30
+    )
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now, avoiding RabbitMQ's own port ranges."""
     while True:
