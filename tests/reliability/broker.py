@@ -354,11 +354,28 @@ class PrivateBroker:
         if self.root is None:
             shutil.rmtree(self.base, ignore_errors=True)
             return
-        # The node's own epmd (it outlives the node) goes too; the host's is the shared node's.
-        subprocess.run(
-            self._command("epmd", "-kill", env=self._ctl_env()), capture_output=True, check=False
-        )
+        # The node's own epmd outlives it (and `epmd -kill` refuses while a name is still
+        # registered): every process left in the root with this node's epmd port goes.
+        for pid in self._own_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
         self._release_root()
+
+    def _own_processes(self) -> list[int]:
+        """Processes chrooted into this root whose environment names this node's epmd port:
+        the node, its epmd and their helpers, never anything another node or anyone started."""
+        assert self.root is not None
+        root, mark = str(self.root.resolve()), f"ERL_EPMD_PORT={self.epmd_port}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "root") == root and mark in (
+                    (entry / "environ").read_bytes().split(b"\0")
+                ):
+                    found.append(int(entry.name))
+        return found
 
     def _ctl_env(self) -> dict[str, str]:
         return {
