@@ -2,18 +2,26 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help dev test lint fmt typecheck unit integration reliability bench settings-table clean
+.PHONY: help dev test brokers lint fmt typecheck unit integration reliability bench settings-table clean
 
 help:
 	@echo "make dev           RabbitMQ + example workers + producers (docker compose, else local)"
 	@echo "make test          install test dependencies, ruff, mypy, the whole pytest suite"
+	@echo "make test BROKER=4.3   the same against RabbitMQ 4.3 (or 4.0; default 3.10)"
+	@echo "make brokers       build the Debian roots of RabbitMQ 4.0 and 4.3 (cached)"
 	@echo "make lint | fmt | typecheck | unit | integration | reliability | bench | settings-table"
 
 dev:
 	scripts/dev.sh
 
+# make test BROKER=4.3 (or 4.0; 3.10, the host's, by default): the suite against that version.
+BROKER ?= $(WORKERKIT_TEST_BROKER)
+
 test:
-	scripts/test.sh
+	WORKERKIT_TEST_BROKER=$(BROKER) scripts/test.sh
+
+brokers:
+	scripts/brokers.sh build 4.0 4.3
 
 lint:
 	$(BIN)/ruff check .
@@ -30,10 +38,10 @@ unit:
 	$(BIN)/python -m pytest tests/unit
 
 integration:
-	$(BIN)/python -m pytest tests/integration
+	WORKERKIT_TEST_BROKER=$(BROKER) $(BIN)/python -m pytest tests/integration
 
 reliability:
-	$(BIN)/python -m pytest tests/reliability
+	WORKERKIT_TEST_BROKER=$(BROKER) $(BIN)/python -m pytest tests/reliability
 
 bench:
 	sh benchmarks/setup.sh

@@ -94,6 +94,7 @@ def declare_worker_queues(workers: list[type]) -> None:
     async def declare() -> None:
         conn = await PikaTransport().connect(settings(), name="bench-declare", on_lost=print)
         try:
+            await topology.adopt_dead_letter_queues(conn, workers)
             channel = await conn.channel()
             if not layout:
                 await topology.declare_exchanges(channel)

@@ -1,20 +1,28 @@
 """Shared fixtures: where the broker is, unique names per test, and a runner in the background.
 
-The broker comes from ``WORKERKIT_TEST_URL``, else a broker listening on localhost:5672, else a
-testcontainers RabbitMQ where Docker exists. In CI (``CI`` set) a missing broker fails the run;
-never a silent skip.
+The broker comes from ``WORKERKIT_TEST_URL``; else, when ``WORKERKIT_TEST_BROKER`` is 4.0 or 4.3,
+a private node of that version for the session (tests/reliability/broker.py, started from a
+Debian root built when missing); else (3.10, the default) a broker listening on localhost:5672,
+else a testcontainers RabbitMQ where Docker exists. In CI (``CI`` set) a missing broker fails
+the run; never a silent skip. The broker under test is named in pytest's header.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from workerkit.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).parent / "reliability"))
+
+from broker import PrivateBroker, describe, set_session_node, version_under_test
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -55,12 +63,36 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "chaos: the seeded chaos soak (timeout: --chaos-seconds)")
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    if os.environ.get("WORKERKIT_TEST_URL"):
+        return f"broker: WORKERKIT_TEST_URL (private nodes: {describe(version_under_test())})"
+    return (
+        f"broker: {describe(version_under_test())} (WORKERKIT_TEST_BROKER={version_under_test()})"
+    )
+
+
+@pytest.fixture(scope="session")
+def broker_version() -> str:
+    """The RabbitMQ version under test ("3.10", "4.0" or "4.3")."""
+    return version_under_test()
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
     url = os.environ.get("WORKERKIT_TEST_URL")
     if url:
         _wait_amqp(url)
         yield url
+        return
+    if version_under_test() != "3.10":
+        node = PrivateBroker()
+        node.start()
+        set_session_node(node)  # rabbitmqctl-based helpers look at this node
+        try:
+            yield node.url
+        finally:
+            set_session_node(None)
+            node.stop()
         return
     if _listening("127.0.0.1", 5672):
         _wait_amqp(LOCAL_URL)

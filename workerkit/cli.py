@@ -356,8 +356,9 @@ async def _declare(
         settings, name="workerkit-topology", on_lost=lambda _exc: None
     )
     try:
-        channel = await connection.channel()
-        await Topology(settings).declare(channel, workers)
+        topology = Topology(settings)
+        await topology.adopt_dead_letter_queues(connection, workers)
+        await topology.declare(await connection.channel(), workers)
     finally:
         await connection.close()
 

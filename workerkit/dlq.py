@@ -81,8 +81,9 @@ STALL_TIMEOUT = 1.0
 # Returns per batch; 32 is the largest that RabbitMQ 3.10 keeps in order (see the docstring).
 RETURN_BATCH = 32
 
-# The quorum DLQ rewrites this on every return, so it must not count towards a message's identity.
-_VOLATILE_HEADERS = frozenset({"x-delivery-count"})
+# The quorum DLQ rewrites these on every return (x-acquired-count from RabbitMQ 4.3), so they
+# must not count towards a message's identity.
+_VOLATILE_HEADERS = frozenset({"x-delivery-count", "x-acquired-count"})
 UNROUTABLE_SUFFIX = ".unroutable"
 
 

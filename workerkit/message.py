@@ -71,6 +71,7 @@ BROKER_DEATH_HEADERS = frozenset(
         "x-last-death-queue",
         "x-last-death-reason",
         "x-delivery-count",
+        "x-acquired-count",  # RabbitMQ 4.3+
     }
 )
 

@@ -211,6 +211,8 @@ class _Core:
             with attempt:
                 channel = await self._channel_before(deadline)
                 if delays and not self._delays_declared:
+                    if self._connection is not None:  # an old .unroutable: keep it as it is
+                        await self._topology.adopt_dead_letter_queues(self._connection)
                     await self._topology.declare_exchanges(channel)
                     self._delays_declared = True
 

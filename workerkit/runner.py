@@ -263,6 +263,10 @@ class Runner:
         self._publish_conn = await self.transport.connect(
             self.settings, name="workerkit-publish", on_lost=on_lost
         )
+        # DLQs made by an older workerkit are kept as they are (see Topology.adopt_...).
+        await self._topology.adopt_dead_letter_queues(
+            self._consume_conn, [rt.cls for rt in self.runtimes]
+        )
         await self._reopen_publish_channel()
         for rt in self.runtimes:
             await rt.attach(self._consume_conn)

@@ -19,20 +19,33 @@ the worker, holds a waiting message, any delay works, and nothing waits behind a
   ``p.<bits>.<routing key>`` (a scheduled publish) to every queue whose bindings match, the same
   as the main exchange would. What matches nothing goes to ``<exchange>.unroutable`` (its
   alternate exchange) instead of vanishing.
+
+Dead letters are never dropped by the broker, on any supported RabbitMQ (3.10 to 4.3): from 4.0
+every quorum queue without an explicit ``x-delivery-limit`` has a limit of 20, and 4.0 to 4.2
+count each ``basic.nack(requeue=True)`` (how ``workerkit dlq list/show`` give messages back)
+toward it, so a DLQ without a dead-letter target of its own would drop its messages after about
+20 listings. Every ``<queue>.dlq`` and ``<exchange>.unroutable`` is therefore declared with
+:data:`DEAD_LETTER_DELIVERY_LIMIT`. Such a queue declared by an older workerkit without that
+argument cannot be re-declared with it (the broker refuses inequivalent arguments):
+:meth:`Topology.adopt_dead_letter_queues` finds such queues, keeps declaring them as they are
+and says so (protect them with a policy, see docs/brokers.md).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from .errors import TopologyError
 from .message import Header
 from .settings import Settings
 from .transport.specs import ExchangeSpec, QueueSpec
 from .worker import Worker
 
 __all__ = [
+    "DEAD_LETTER_DELIVERY_LIMIT",
     "LEVELS",
     "MAX_DELAY",
     "UNIT_MS",
@@ -50,6 +63,13 @@ MAX_DELAY = MAX_UNITS * UNIT_MS / 1000  # seconds: about 310 days
 RETRY = "r"
 SCHEDULED = "p"
 
+# A DLQ's delivery limit: effectively none (a listing a second for 68 years). -1, which means
+# "unlimited" from 4.0 on, is not used: 3.10 accepts it and then drops every returned message.
+DEAD_LETTER_DELIVERY_LIMIT = 2**31 - 1
+_LIMIT_ARG = "x-delivery-limit"
+
+log = logging.getLogger("workerkit.topology")
+
 
 class Declarer(Protocol):
     """What declaring needs from a transport channel."""
@@ -61,6 +81,16 @@ class Declarer(Protocol):
     async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None: ...
 
     async def bind_exchange(self, destination: str, source: str, routing_key: str) -> None: ...
+
+
+class ClosableDeclarer(Declarer, Protocol):
+    async def close(self) -> None: ...
+
+
+class ChannelSource(Protocol):
+    """What adopting DLQs needs from a transport connection: throwaway channels."""
+
+    async def channel(self) -> ClosableDeclarer: ...
 
 
 def delay_units(seconds: float) -> int:
@@ -81,6 +111,9 @@ class Topology:
         self.unroutable = f"{self.exchange}.unroutable"
         self._stars = ".".join(["*"] * LEVELS)
         self._delay_prefix = f"{self.exchange}.delay."
+        # DLQs that exist without a delivery limit (declared by an older workerkit): declared
+        # with their old arguments, see adopt_dead_letter_queues.
+        self.legacy_queues: set[str] = set()
 
     # -- names -------------------------------------------------------------------------------
 
@@ -149,7 +182,11 @@ class Topology:
         ]
 
     def delay_queues(self) -> list[QueueSpec]:
-        queues = [QueueSpec(self.unroutable, {"x-queue-type": "quorum"}, ((self.unroutable, ""),))]
+        queues = [
+            QueueSpec(
+                self.unroutable, self._store_arguments(self.unroutable), ((self.unroutable, ""),)
+            )
+        ]
         for level in range(LEVELS):
             queues.append(
                 QueueSpec(
@@ -179,7 +216,7 @@ class Topology:
                 "x-dead-letter-strategy": "at-least-once",
                 "x-overflow": "reject-publish",
             }
-            dlq_arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+            dlq_arguments = self._store_arguments(dlq)
         else:
             arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq}
             dlq_arguments = {}
@@ -189,6 +226,12 @@ class Topology:
         bindings.append((self.delay_out, f"{RETRY}.{self._stars}.{worker.queue}"))
         bindings.extend((self.delay_out, f"{SCHEDULED}.{self._stars}.{key}") for key in keys)
         return [QueueSpec(dlq, dlq_arguments), QueueSpec(worker.queue, arguments, tuple(bindings))]
+
+    def _store_arguments(self, name: str) -> dict[str, Any]:
+        """A quorum queue that keeps dead or unroutable messages: no delivery limit drops them."""
+        if name in self.legacy_queues:
+            return {"x-queue-type": "quorum"}
+        return {"x-queue-type": "quorum", _LIMIT_ARG: DEAD_LETTER_DELIVERY_LIMIT}
 
     async def declare(self, channel: Declarer, workers: Iterable[type[Worker]] = ()) -> None:
         """Declare the exchange, the delay layout and each worker's queues. Idempotent."""
@@ -200,6 +243,39 @@ class Topology:
         for worker in workers:
             for queue in self.worker_queues(worker):
                 await self._declare_queue(channel, queue)
+
+    async def adopt_dead_letter_queues(
+        self, connection: ChannelSource, workers: Iterable[type[Worker]] = ()
+    ) -> None:
+        """Declare ``<exchange>.unroutable`` and each quorum worker's DLQ on channels of their
+        own, before anything else, so that such a queue left by an older workerkit (no delivery
+        limit: the broker refuses the new argument and closes the channel) is found without
+        breaking the caller's channel. It is then declared with its old arguments from here on,
+        and a warning says how to protect it."""
+        stores = [self.delay_queues()[0]]
+        stores += [self.worker_queues(worker)[0] for worker in workers]
+        for spec in stores:
+            if spec.arguments.get(_LIMIT_ARG) != DEAD_LETTER_DELIVERY_LIMIT:
+                continue  # a classic DLQ, or one already known to be legacy
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(spec)
+            except TopologyError as exc:
+                if f"inequivalent arg '{_LIMIT_ARG}'" not in str(exc):
+                    raise
+                self.legacy_queues.add(spec.name)
+                log.warning(
+                    "%s exists without a delivery limit (declared by an older workerkit): kept"
+                    " as it is. On RabbitMQ 4.0-4.2 every `dlq list`/`dlq show` counts toward"
+                    " the default limit of 20 and would drop its messages: protect it with"
+                    " `rabbitmqctl set_policy --apply-to queues workerkit-dead-letters"
+                    " '\\.(dlq|unroutable)$' '{\"delivery-limit\": %d}'`, or replay it and"
+                    " delete it so that workerkit re-declares it (see docs/brokers.md).",
+                    spec.name,
+                    DEAD_LETTER_DELIVERY_LIMIT,
+                )
+                continue  # the refusal closed that channel
+            await channel.close()
 
     async def declare_exchanges(self, channel: Declarer) -> None:
         """The main exchange and the delay layout (what a publisher needs)."""

@@ -43,6 +43,7 @@ async def test_declaring_twice_is_idempotent_and_keeps_messages(
     topology = Topology(settings)
     conn = await PikaTransport().connect(settings, name="test", on_lost=lambda exc: None)
     try:
+        await topology.adopt_dead_letter_queues(conn, [Twice])  # an older wkt.unroutable
         channel = await conn.channel()
         await topology.declare(channel, [Twice])
         await asyncio.to_thread(publish_raw, url, settings.exchange, q, b'{"n": 1}')

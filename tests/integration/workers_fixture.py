@@ -121,12 +121,10 @@ def consumer_count(url: str, queue: str) -> int:
 
 def queue_stats(queue: str) -> tuple[int, int]:
     """(ready, unacknowledged) as the broker reports them (rabbitmqctl)."""
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
+    from broker import session_ctl  # the broker under test (tests/reliability/broker.py)
+
+    out = session_ctl(
+        "-q", "list_queues", "name", "messages_ready", "messages_unacknowledged"
     ).stdout
     for line in out.splitlines():
         fields = line.split("\t")

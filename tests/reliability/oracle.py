@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+from broker import version_under_test
 
 RESULTS_ENV = "WORKERKIT_TEST_RELIABILITY_RESULTS"
 
@@ -105,6 +106,7 @@ class Oracle:
     def row(self) -> dict[str, Any]:
         return {
             "scenario": self.name,
+            "broker": version_under_test(),
             "attempted": len(self.attempted),
             "confirmed": len(self.confirmed),
             "unknown": len(self.unknown),

@@ -188,8 +188,9 @@ def test_memory_alarm_publishers_time_out_consumers_keep_going(
     queue, url = unique("alarm"), private_broker.url
     worker = workers(queue, url, prefetch=PREFETCH, concurrency=1)
     worker.wait_healthy()
-    # A backlog of about 12 s of work, so that the consumer is still at it under the alarm.
-    backlog = 300
+    # A backlog of about 20 s of work, so that the consumer is still at it under the alarm
+    # (raising it takes two rabbitmqctl runs: over 12 s on a loaded machine, seen with 4.0).
+    backlog = 500
     slow_job = lambda n: {"n": n, "sleep": 0.04}  # noqa: E731
     Load(oracle, url, queue, backlog, rate=5000, body=slow_job).start().join()
     bound = 2.0

@@ -154,8 +154,16 @@ def test_quorum_arguments(topology: Topology) -> None:
     assert queue.arguments["x-dead-letter-exchange"] == ""
     assert queue.arguments["x-dead-letter-routing-key"] == f"{cls.queue}.dlq"
     assert queue.arguments["x-dead-letter-strategy"] == "at-least-once"
-    assert dlq.arguments == {"x-queue-type": "quorum"}
+    # No broker may drop a dead letter: 4.0+ defaults to a limit of 20 deliveries otherwise.
+    assert dlq.arguments == {"x-queue-type": "quorum", "x-delivery-limit": 2**31 - 1}
     assert dlq.bindings == ()  # reached through the default exchange
+
+
+def test_legacy_dlq_keeps_its_arguments(topology: Topology) -> None:
+    cls = worker()
+    topology.legacy_queues.add(f"{cls.queue}.dlq")
+    dlq, _ = topology.worker_queues(cls)
+    assert dlq.arguments == {"x-queue-type": "quorum"}
 
 
 def test_worker_delivery_limit_overrides_settings(topology: Topology) -> None:
