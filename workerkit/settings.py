@@ -12,11 +12,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
 
-__all__ = ["Settings", "load_settings", "redact_url"]
+__all__ = ["Settings", "load_settings", "redact_url", "split_urls"]
+
+
+def split_urls(value: str) -> list[str]:
+    """The broker URLs of a ``WORKERKIT_URL`` value: one URL, or several separated by commas."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and errors)."""
+    """The URL (or comma-separated URLs) with passwords replaced by ``***`` (logs, errors)."""
+    if "," in url:
+        return ",".join(redact_url(one) for one in split_urls(url))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -50,7 +57,8 @@ class Settings(BaseSettings):
 
     url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
-        description="AMQP URL of the broker (amqp:// or amqps://).",
+        description="AMQP URL of the broker (amqp:// or amqps://); several, comma-separated,"
+        " for a cluster (each process tries them in its own shuffled order and fails over).",
     )
     tls_ca_file: str | None = Field(
         default=None, description="CA bundle to verify the broker's certificate (amqps://)."
@@ -63,8 +71,19 @@ class Settings(BaseSettings):
         max_length=200,
         description="Name of the durable topic exchange every queue is bound to.",
     )
-    prefetch: int = Field(default=100, ge=1, le=65535, description="Default broker QoS.")
+    prefetch: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Default broker QoS (unset: 2 x concurrency, fair to competing consumers).",
+    )
     concurrency: int = Field(default=10, ge=1, le=10000, description="Default handlers in flight.")
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Worker processes `workerkit run` starts (above 1: a supervising parent).",
+    )
     heartbeat: int = Field(
         default=10,
         ge=0,
@@ -155,17 +174,21 @@ class Settings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: SecretStr) -> SecretStr:
-        raw = value.get_secret_value()
-        parts = urlsplit(raw)
-        if parts.scheme not in ("amqp", "amqps"):
-            scheme = parts.scheme or "no"
-            raise ValueError(f"must start with amqp:// or amqps://, got {scheme} scheme")
-        if parts.username is not None and parts.password is None:
-            raise ValueError("names a user but no password (amqp://user:password@host/)")
-        try:
-            parts.port  # noqa: B018 - a port that is not a number raises here
-        except ValueError:
-            raise ValueError("has a port that is not a number") from None
+        urls = split_urls(value.get_secret_value())
+        if not urls:
+            raise ValueError("is empty")
+        for index, raw in enumerate(urls):
+            where = f"URL {index + 1} of {len(urls)} " if len(urls) > 1 else ""
+            parts = urlsplit(raw)
+            if parts.scheme not in ("amqp", "amqps"):
+                scheme = parts.scheme or "no"
+                raise ValueError(f"{where}must start with amqp:// or amqps://, got {scheme} scheme")
+            if parts.username is not None and parts.password is None:
+                raise ValueError(f"{where}names a user but no password (amqp://user:password@host/)")
+            try:
+                parts.port  # noqa: B018 - a port that is not a number raises here
+            except ValueError:
+                raise ValueError(f"{where}has a port that is not a number") from None
         return value
 
     def __init__(self, *args: Any, **values: Any) -> None:
@@ -178,6 +201,11 @@ class Settings(BaseSettings):
     @property
     def redacted_url(self) -> str:
         return redact_url(self.url.get_secret_value())
+
+    @property
+    def urls(self) -> list[str]:
+        """The broker URLs, in the order given (secrets included: never log them)."""
+        return split_urls(self.url.get_secret_value())
 
 
 def load_settings(settings: Settings | None = None, url: str | None = None) -> Settings:
