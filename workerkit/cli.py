@@ -231,12 +231,11 @@ def run(
     if (processes or settings.processes) > 1:
         from .supervisor import supervise
 
-        options = {"--concurrency": concurrency, "--prefetch": prefetch, "--burst": burst}
-        options |= {"--log-level": log_level, "--log-format": log_format}
+        options: dict[str, object] = {"--concurrency": concurrency, "--prefetch": prefetch}
+        options |= {"--burst": burst, "--log-level": log_level, "--log-format": log_format}
+        count = processes or settings.processes
         code = run_async(
-            lambda: supervise(
-                targets, options, processes or settings.processes, settings, health_host, health_port
-            )
+            lambda: supervise(targets, options, count, settings, health_host, health_port)
         )
         sys.exit(code)
     run_async(lambda: _run_with_health(runner, health_host, health_port, status_fd))

@@ -81,9 +81,7 @@ class WorkerRuntime:
         self.concurrency = runner.concurrency or cls.concurrency or settings.concurrency
         # Unset: 2 x concurrency, so that competing processes share a queue fairly (see
         # docs/deploy.md) while a finished slot still finds its next message waiting.
-        self.prefetch = (
-            runner.prefetch or cls.prefetch or settings.prefetch or 2 * self.concurrency
-        )
+        self.prefetch = runner.prefetch or cls.prefetch or settings.prefetch or 2 * self.concurrency
         self.timeout = (
             cls.handler_timeout
             or settings.handler_timeout

@@ -184,7 +184,9 @@ class Settings(BaseSettings):
                 scheme = parts.scheme or "no"
                 raise ValueError(f"{where}must start with amqp:// or amqps://, got {scheme} scheme")
             if parts.username is not None and parts.password is None:
-                raise ValueError(f"{where}names a user but no password (amqp://user:password@host/)")
+                raise ValueError(
+                    f"{where}names a user but no password (amqp://user:password@host/)"
+                )
             try:
                 parts.port  # noqa: B018 - a port that is not a number raises here
             except ValueError:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import random
@@ -306,8 +307,8 @@ class Supervisor:
         return code
 
     def _forget_metrics(self, pid: int) -> None:
-        try:
-            from prometheus_client import multiprocess
+        try:  # an optional dependency (the metrics extra); by name, so mypy needs no stubs
+            multiprocess = importlib.import_module("prometheus_client.multiprocess")
         except ImportError:
             return
         with contextlib.suppress(OSError):

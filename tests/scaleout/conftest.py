@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -124,10 +125,8 @@ class Group:
             self.proc.kill()
             self.proc.wait(10)
         for pid in pids:  # orphans of a killed parent drain on their own; do not wait for them
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self._log.close()
 
 
