@@ -70,6 +70,7 @@ class Runner:
         self._consume_conn: Connection | None = None
         self._publish_conn: Connection | None = None
         self._publish_channel: Channel | None = None
+        self._reopening = asyncio.Lock()
         self._stop: asyncio.Event | None = None
         self._lost: asyncio.Event | None = None
         self.ready: asyncio.Event | None = None
@@ -250,6 +251,13 @@ class Runner:
     async def publish(self, message: Outgoing) -> None:
         """Confirmed publish on the runner's publish channel (retry and dead-letter copies)."""
         channel = self._publish_channel
+        conn = self._publish_conn
+        if (channel is None or not channel.is_open) and conn is not None and conn.is_open:
+            # The transport closes a channel the broker nacked on: open a fresh one.
+            async with self._reopening:
+                channel = self._publish_channel
+                if channel is None or not channel.is_open:
+                    channel = self._publish_channel = await conn.channel(confirms=True)
         if channel is None or not channel.is_open:
             raise WorkerkitError("publish channel is not open")
         await channel.publish(message, mandatory=True, timeout=self.settings.publish_timeout)

@@ -720,6 +720,12 @@ class PikaChannel:
         # Everything below the lowest unconfirmed sequence number is settled.
         while self._lowest <= self._seq and self._lowest not in self._unconfirmed:
             self._lowest += 1
+        if nacked and self._raw.is_open:
+            # Not reused: RabbitMQ 3.10 nacks every later publish on a channel whose publish to
+            # a quorum queue found its leader gone, while a new channel works once a leader is
+            # elected. Closing fails what is still unconfirmed here, so callers publish again.
+            log.warning("the broker nacked a publish; opening a new channel for the next ones")
+            self._raw.close()
 
     async def close(self) -> None:
         if self._close_error is not None or not self._raw.is_open:
