@@ -14,14 +14,17 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-from broker import PrivateBroker  # noqa: E402
+from broker import PrivateBroker
+from harness import WorkerProcess, worker_env
 
 CLUSTER_CONF = [
     # The default, stated: a partitioned minority keeps running and its quorum queue members
@@ -169,3 +172,28 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise AssertionError(f"cluster did not heal: {self.running_nodes(first)}")
             time.sleep(0.5)
+
+
+HERE = Path(__file__).resolve().parent
+
+
+class SteeredWorker(WorkerProcess):
+    """A WorkerProcess running cluster_worker.py (retries and rejects steered by the body)."""
+
+    def __init__(self, queue: str, url: str, out_dir: Path, **settings: Any) -> None:
+        self.queue = queue
+        self.out_dir = out_dir
+        self.stats_path = out_dir / f"stats-{queue[-6:]}-{len(list(out_dir.iterdir()))}"
+        env = worker_env(url, **settings)
+        self.log = open(out_dir / f"log-{self.stats_path.name}.txt", "wb")  # noqa: SIM115
+        run_dir = self.stats_path.with_suffix(".d")
+        run_dir.mkdir()
+        (run_dir / "finished").symlink_to(out_dir / "finished")
+        self.run_dir = run_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "cluster_worker.py"), queue, str(run_dir)],
+            env=env,
+            cwd=run_dir,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )

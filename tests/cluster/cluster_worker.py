@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 
-import worker_proc  # noqa: E402
+import worker_proc
 
-from workerkit import Message, Reject, RetryLater, Worker  # noqa: E402
+from workerkit import Message, Reject, RetryLater, Worker
 
 
 class Step(worker_proc.Job):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +19,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "reliability"))
 
-from cluster import Cluster  # noqa: E402
-from harness import WorkerProcess, make_out_dir, worker_env  # noqa: E402
+from cluster import Cluster, SteeredWorker  # noqa: E402
+from harness import make_out_dir  # noqa: E402
 from oracle import Oracle  # noqa: E402
 
 
@@ -54,28 +53,6 @@ def healthy_cluster(cluster: Cluster) -> Iterator[Cluster]:
     cluster.heal()
     yield cluster
     cluster.heal()
-
-
-class SteeredWorker(WorkerProcess):
-    """A WorkerProcess running cluster_worker.py (retries and rejects steered by the body)."""
-
-    def __init__(self, queue: str, url: str, out_dir: Path, **settings: Any) -> None:
-        self.queue = queue
-        self.out_dir = out_dir
-        self.stats_path = out_dir / f"stats-{queue[-6:]}-{len(list(out_dir.iterdir()))}"
-        env = worker_env(url, **settings)
-        self.log = open(out_dir / f"log-{self.stats_path.name}.txt", "wb")  # noqa: SIM115
-        run_dir = self.stats_path.with_suffix(".d")
-        run_dir.mkdir()
-        (run_dir / "finished").symlink_to(out_dir / "finished")
-        self.run_dir = run_dir
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "cluster_worker.py"), queue, str(run_dir)],
-            env=env,
-            cwd=run_dir,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
 
 
 @pytest.fixture

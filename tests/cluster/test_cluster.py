@@ -16,9 +16,7 @@ import time
 import uuid
 from typing import Any
 
-import pytest
-from cluster import Cluster, ClusterNode
-from conftest import SteeredWorker
+from cluster import Cluster, ClusterNode, SteeredWorker
 from harness import Load, collect, settle, wait_until
 from oracle import Oracle
 
@@ -76,8 +74,17 @@ def verdict(
     rejected = {f"m{n}" for n in range(load.count) if steer(n)["reject"]} & oracle.confirmed
     assert rejected and rejected <= oracle.dead, "rejected messages reach the DLQ"
     retried = {f"m{n}" for n in range(load.count) if steer(n)["retry_first"]} & oracle.confirmed
-    assert retried and retried <= set(oracle.finished), "retried messages arrive"
+    missing = sorted(retried - set(oracle.finished), key=lambda m: int(m[1:]))
+    assert retried and not missing, (
+        f"retried messages arrive; missing {missing[:20]}; queues holding messages:"
+        f" {_holding(live)}"
+    )
     oracle.check(max_duplicates=PREFETCH * max(1, oracle.faults) * 2)
+
+
+def _holding(node: ClusterNode) -> list[str]:
+    out = node.ctl("list_queues", "-q", "--no-table-headers", "name", "messages", check=False)
+    return [line for line in out.stdout.splitlines() if line.split()[-1:] != ["0"]]
 
 
 def test_kill9_the_node_the_worker_and_the_publisher_are_connected_to(
