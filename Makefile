@@ -2,12 +2,12 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help dev test lint fmt typecheck unit integration reliability bench settings-table clean
+.PHONY: help dev test lint fmt typecheck unit integration reliability cluster bench settings-table clean
 
 help:
 	@echo "make dev           RabbitMQ + example workers + producers (docker compose, else local)"
 	@echo "make test          install test dependencies, ruff, mypy, the whole pytest suite"
-	@echo "make lint | fmt | typecheck | unit | integration | reliability | bench | settings-table"
+	@echo "make lint | fmt | typecheck | unit | integration | reliability | cluster | bench | settings-table"
 
 dev:
 	scripts/dev.sh
@@ -34,6 +34,9 @@ integration:
 
 reliability:
 	$(BIN)/python -m pytest tests/reliability
+
+cluster:
+	$(BIN)/python -m pytest -m cluster tests/cluster
 
 bench:
 	$(BIN)/python -m benchmarks.run

@@ -64,4 +64,8 @@ status=0
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure, not a pass" >&2
 fi
+if [ "$status" -eq 0 ] && [ "$#" -eq 0 ]; then
+    step "pytest: cluster scenarios (a private 3-node cluster, about 12 minutes)"
+    .venv/bin/python -m pytest -m cluster tests/cluster || status=$?
+fi
 exit "$status"

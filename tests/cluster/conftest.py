@@ -1,7 +1,8 @@
 """Fixtures for the cluster scenarios: one 3-node cluster per module, worker processes, oracles.
 
-Marked ``cluster`` (and ``reliability``): ``pytest -m cluster`` runs them as a separate step;
-the default run skips nothing, they are part of the suite.
+Marked ``cluster``. They take about 12 minutes, so the default run deselects them (``-m "not
+cluster"`` in pyproject's addopts) and ``pytest -m cluster`` runs them as a step of their own
+(scripts/test.sh runs it after the main suite).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.cluster)
-            item.add_marker(pytest.mark.reliability)
             item.add_marker(pytest.mark.timeout(420))
 
 
