@@ -300,8 +300,10 @@ class Supervisor:
             if child.proc is not None:
                 self._forget_metrics(child.proc.pid)
         code = self.exit_code if self.exit_code is not None else 0
-        if code == 0 and any(p.returncode not in (0, None) for p in procs if p is not None):
-            # A child that failed its own drain (not one we killed for a fatal sibling).
+        # A child that failed its own drain is an error; one that SIGTERM ended before it had
+        # installed its handlers (still starting, nothing consumed) is not.
+        clean = (0, None, -signal.SIGTERM)
+        if code == 0 and any(p.returncode not in clean for p in procs if p is not None):
             code = 1
         log.info("all worker processes stopped; exit %d", code)
         return code
