@@ -257,7 +257,8 @@ async def run_workerkit(worker: type, clock: Clock) -> None:
 
     from .common import settings
 
-    runner = Runner([worker], settings=settings(), burst=True)
+    # Prefetch as the raw clients get it (the default is 2 x concurrency = 20 since issue 12).
+    runner = Runner([worker], settings=settings(), burst=True, prefetch=PREFETCH)
     loop = asyncio.get_running_loop()
     clock_acks(clock, lambda: loop.call_soon_threadsafe(runner.stop))
     await runner.run()
