@@ -11,6 +11,7 @@ every node (``x-quorum-initial-group-size`` defaults to the cluster size).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -149,6 +150,20 @@ class Cluster:
             if line.split(None, 1)[0:1] == [queue]:
                 return line.split(None, 1)[1]
         return ""
+
+    def quorum_status(self, queue: str, via: ClusterNode) -> list[dict[str, Any]]:
+        """``rabbitmq-queues quorum_status``: one dict per member (Raft state, commit index...)."""
+        result = subprocess.run(
+            ["rabbitmq-queues", "-n", via.node, "quorum_status", queue, "--formatter", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HOME": "/var/lib/rabbitmq"},
+        )
+        try:
+            return list(json.loads(result.stdout))
+        except ValueError:
+            return []
 
     def node_of(self, connection_name: str, via: ClusterNode) -> ClusterNode | None:
         """The node serving the client connection named ``connection_name`` (by its port)."""

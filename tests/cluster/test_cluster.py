@@ -220,22 +220,12 @@ def wait_members_in_sync(c: Cluster, queue: str, via: ClusterNode) -> float:
     """Wait until every member of the quorum queue has the same commit index; the time then."""
 
     def in_sync() -> bool:
-        result = via.ctl("eval", _COMMIT_INDEXES.replace("QUEUE", queue), check=False)
-        values = result.stdout.strip().strip("[]").split(",")
-        return len(values) == len(c.nodes) and len(set(values)) == 1 and values[0] != ""
+        members = c.quorum_status(queue, via)
+        indexes = {m.get("Commit Index") for m in members}
+        return len(members) == len(c.nodes) and len(indexes) == 1
 
     wait_until(in_sync, 90, "the restarted member to catch up", poll=0.5)
     return time.monotonic()
-
-
-# Every member's commit index, asked of each member's Ra server (same vhost "/").
-_COMMIT_INDEXES = (
-    '{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"QUEUE">>)),'
-    " {Name, _} = amqqueue:get_pid(Q),"
-    " [case catch ra:member_overview({Name, N}) of"
-    " {ok, #{commit_index := C}, _} -> C; _ -> -1 end"
-    " || N <- amqqueue:get_nodes(Q)]."
-)
 
 
 # -- a minority partition ---------------------------------------------------------------------
