@@ -49,6 +49,14 @@ def depth(url: str, queue: str) -> int:
         conn.close()
 
 
+def consumers(url: str, queue: str) -> int:
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.consumer_count)
+    finally:
+        conn.close()
+
+
 def preload(url: str, queue: str, count: int) -> None:
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -79,14 +87,16 @@ def group_env(url: str, queue: str, cpu_ms: float) -> dict[str, str]:
 
 
 def declare(url: str, queue: str, cpu_ms: float) -> None:
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "workerkit", "topology", APP],
         cwd=ROOT,
         env=group_env(url, queue, cpu_ms),
-        check=True,
         capture_output=True,
+        text=True,
         timeout=60,
     )
+    if done.returncode != 0:
+        raise RuntimeError(f"workerkit topology failed: {done.stderr.strip()}")
 
 
 def drain(url: str, queue: str, count: int, processes: int, cpu_ms: float) -> dict[str, Any]:
@@ -149,7 +159,7 @@ def placement(
     """A Publisher through one node while one worker process on another drains the queue."""
     from workerkit import Publisher, Settings
 
-    queue = queue_name(f"placement-{label}")
+    queue = queue_name("placement")
     declare(declare_url, queue, 0.0)
     group = subprocess.Popen(
         [sys.executable, "-m", "workerkit", "run", APP],
@@ -159,6 +169,12 @@ def placement(
         stderr=subprocess.DEVNULL,
     )
     try:
+        # Time the flow, not the worker's start-up: wait until its consumer is on the queue.
+        deadline = time.monotonic() + 60
+        while consumers(declare_url, queue) == 0:
+            if time.monotonic() > deadline or group.poll() is not None:
+                raise RuntimeError("the worker did not start consuming")
+            time.sleep(0.05)
         publisher = Publisher(settings=Settings(url=publish_url, exchange="wkbench"))  # type: ignore[arg-type]
         began = time.monotonic()
         threads = [
