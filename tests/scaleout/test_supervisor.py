@@ -135,3 +135,25 @@ def test_group_health_is_503_while_one_child_is_down(
     finally:
         os.kill(child, signal.SIGCONT)
     g.wait_healthy(15)
+
+
+def test_children_of_a_killed_parent_drain_and_exit_on_their_own(
+    broker_url: str, queue: str, group: Callable[..., Group]
+) -> None:
+    g = group(broker_url, queue, 2)
+    g.wait_healthy()
+    children = g.children()
+    assert len(children) == 2
+    g.proc.kill()  # kill -9 the parent: the status pipes break
+    g.proc.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - a zombie counts as gone
+        return stat.split(") ", 1)[1].startswith("Z")
+
+    wait_until(lambda: all(gone(pid) for pid in children), 20, "the orphans to exit")
+    assert "the supervising process is gone; draining" in g.log()
