@@ -2,14 +2,14 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help dev test brokers lint fmt typecheck unit integration reliability bench settings-table clean
+.PHONY: help dev test brokers lint fmt typecheck unit integration reliability cluster bench settings-table clean
 
 help:
 	@echo "make dev           RabbitMQ + example workers + producers (docker compose, else local)"
 	@echo "make test          install test dependencies, ruff, mypy, the whole pytest suite"
 	@echo "make test BROKER=4.3   the same against RabbitMQ 4.3 (or 4.0; default 3.10)"
 	@echo "make brokers       build the Debian roots of RabbitMQ 4.0 and 4.3 (cached)"
-	@echo "make lint | fmt | typecheck | unit | integration | reliability | bench | settings-table"
+	@echo "make lint | fmt | typecheck | unit | integration | reliability | cluster | bench | settings-table"
 
 dev:
 	scripts/dev.sh
@@ -42,6 +42,9 @@ integration:
 
 reliability:
 	WORKERKIT_TEST_BROKER=$(BROKER) $(BIN)/python -m pytest tests/reliability
+
+cluster:
+	$(BIN)/python -m pytest -m cluster tests/cluster
 
 bench:
 	sh benchmarks/setup.sh

@@ -275,7 +275,12 @@ async def run_workerkit(worker: type, clock: Clock, metrics: bool = False) -> No
         from workerkit.metrics import Metrics
 
         middleware.append(Metrics())
-    runner = Runner([worker], settings=settings(), burst=True, middleware=middleware)
+    # Prefetch as the raw clients get it (the default is 2 x concurrency = 20 since issue 12),
+    # unless the worker sets its own (the high-throughput profile).
+    prefetch = None if getattr(worker, "prefetch", None) else PREFETCH
+    runner = Runner(
+        [worker], settings=settings(), burst=True, prefetch=prefetch, middleware=middleware
+    )
     loop = asyncio.get_running_loop()
     clock_acks(clock, lambda: loop.call_soon_threadsafe(runner.stop))
     await runner.run()

@@ -116,6 +116,14 @@ for entry in $MATRIX; do
     [ "$code" -eq 0 ] || status=$code
     timings+=("RabbitMQ $version (${paths[*]}): $((SECONDS - started)) s, exit $code")
 done
+if [ "$status" -eq 0 ] && [ "$#" -eq 0 ]; then
+    step "pytest: cluster scenarios (a private 3-node cluster of RabbitMQ 3.10, about 12 minutes)"
+    started=$SECONDS
+    code=0
+    .venv/bin/python -m pytest -m cluster tests/cluster || code=$?
+    [ "$code" -eq 0 ] || status=$code
+    timings+=("cluster (tests/cluster): $((SECONDS - started)) s, exit $code")
+fi
 step "summary"
 printf '%s\n' "${timings[@]}"
 exit "$status"

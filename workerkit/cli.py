@@ -19,7 +19,7 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import click
@@ -196,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="Serve /health (liveness), /ready (readiness) and /metrics (Prometheus) on this port.",
 )
 @click.option("--health-host", default="0.0.0.0", show_default=True, help="Health bind address.")
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 256),
+    help="Worker processes under one supervising parent (default: WORKERKIT_PROCESSES, 1).",
+)
+@click.option("--status-fd", type=int, hidden=True, help="Set by the supervisor for its children.")
 def run(
     targets: tuple[str, ...],
     concurrency: int | None,
@@ -206,10 +212,13 @@ def run(
     burst: bool,
     health_port: int | None,
     health_host: str,
+    processes: int | None,
+    status_fd: int | None,
 ) -> None:
     """Run workers until SIGTERM/SIGINT, then drain in-flight handlers and exit 0.
 
-    TARGET is module:Class, or a module to run every Worker defined in it.
+    TARGET is module:Class, or a module to run every Worker defined in it. With --processes N,
+    a supervising parent runs N worker processes and restarts any that crash (docs/deploy.md).
     """
     from .runner import Runner, exit_past_stuck_handlers
 
@@ -230,25 +239,66 @@ def run(
             burst=burst,
             middleware=middleware,
         )
-    run_async(lambda: _run_with_health(runner, health_host, health_port))
+    if (processes or settings.processes) > 1:
+        from .supervisor import supervise
+
+        options: dict[str, object] = {"--concurrency": concurrency, "--prefetch": prefetch}
+        options |= {"--burst": burst, "--log-level": log_level, "--log-format": log_format}
+        count = processes or settings.processes
+        code = run_async(
+            lambda: supervise(targets, options, count, settings, health_host, health_port)
+        )
+        sys.exit(code)
+    run_async(lambda: _run_with_health(runner, health_host, health_port, status_fd))
     exit_past_stuck_handlers()
 
 
-async def _run_with_health(runner: Any, host: str, port: int | None) -> None:
+async def _run_with_health(
+    runner: Any, host: str, port: int | None, status_fd: int | None = None
+) -> None:
+    reporter = None
+    if status_fd is not None:
+        from .supervisor import report_to_supervisor
+
+        reporter = asyncio.ensure_future(
+            report_to_supervisor(status_fd, lambda: bool(runner.healthy), runner.stop)
+        )
+    try:
+        if port is None:
+            await runner.run()
+            return
+        from .metrics import render
+
+        healthy = lambda: bool(runner.healthy)  # noqa: E731
+        async with health_endpoint(healthy, host, port, is_ready=runner.is_ready, metrics=render):
+            await runner.run()
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+
+
+@contextlib.asynccontextmanager
+async def health_endpoint(
+    is_healthy: Callable[[], bool],
+    host: str,
+    port: int | None,
+    *,
+    is_ready: Callable[[], bool] | None = None,
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+) -> AsyncIterator[None]:
+    """Serve /health, /ready and /metrics on host:port for the block (nothing when port is
+    None); /ready follows is_healthy unless is_ready is given."""
     if port is None:
-        await runner.run()
+        yield
         return
     from .health import serve_health
-    from .metrics import render
 
     try:
-        server = await serve_health(
-            lambda: bool(runner.healthy), host, port, is_ready=runner.is_ready, metrics=render
-        )
+        server = await serve_health(is_healthy, host, port, is_ready=is_ready, metrics=metrics)
     except OSError as exc:
         raise ConfigurationError(f"cannot serve health on {host}:{port}: {exc.strerror}") from None
     try:
-        await runner.run()
+        yield
     finally:
         await server.close()
 

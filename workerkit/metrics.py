@@ -195,13 +195,14 @@ def multiprocess_mode() -> bool:
     return values.ValueClass is not values.MutexValue
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text of every metric (all processes' in multiprocess mode), and its
-    content type: what a ``/metrics`` endpoint answers."""
-    if multiprocess_mode():
+def render(multiprocess_dir: str | None = None) -> tuple[bytes, str]:
+    """The exposition text of every metric (all processes' in multiprocess mode, or those of
+    the processes writing to ``multiprocess_dir``: a ``--processes`` supervisor's children), and
+    its content type: what a ``/metrics`` endpoint answers."""
+    if multiprocess_dir or multiprocess_mode():
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -86,6 +86,7 @@ class Runner:
         self._publish_conn: Connection | None = None
         self._publish_channel: Channel | None = None
         self._generation = 0  # connections of an older generation report no losses
+        self._reopening = asyncio.Lock()
         self._stop: asyncio.Event | None = None
         self._lost: asyncio.Event | None = None
         self._repair: asyncio.Event | None = None  # publish channel closed or a slot died
@@ -187,17 +188,24 @@ class Runner:
 
     async def publish_copy(self, copy: Outgoing, timeout: float) -> None:
         """Confirmed publish of a retry, dead-letter or recount copy on the publish channel."""
-        channel = self._publish_channel
-        if channel is None or not channel.is_open:
-            channel = await self._reopen_publish_channel()
+        channel = await self._open_publish_channel()
         await channel.publish(copy, mandatory=True, timeout=timeout)
 
     async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
         """Confirmed publish of a reply on the publish channel (see ``reply.py``)."""
-        channel = self._publish_channel
-        if channel is None or not channel.is_open:
-            channel = await self._reopen_publish_channel()
+        channel = await self._open_publish_channel()
         await channel.publish(reply, mandatory=reply_mandatory(reply.routing_key), timeout=timeout)
+
+    async def _open_publish_channel(self) -> Channel:
+        """The publish channel, reopened if the broker closed it (one reopen for all slots)."""
+        channel = self._publish_channel
+        if channel is not None and channel.is_open:
+            return channel
+        async with self._reopening:
+            channel = self._publish_channel
+            if channel is None or not channel.is_open:
+                channel = await self._reopen_publish_channel()
+            return channel
 
     async def publish(self, message: Outgoing) -> None:
         """Confirmed publish on the runner's publish channel (retry and dead-letter copies)."""
@@ -467,8 +475,8 @@ class Runner:
         with slow handlers, the last of a prefetch window can wait ``waves`` handler times."""
         if timeout is None:
             return  # only the 90% safety net: no claim about how long handlers take
-        prefetch = self.prefetch or cls.prefetch or self.settings.prefetch
         concurrency = self.concurrency or cls.concurrency or self.settings.concurrency
+        prefetch = self.prefetch or cls.prefetch or self.settings.prefetch or 2 * concurrency
         waves = -(-prefetch // concurrency) - 1
         max_wait = max(limit * LEASE - timeout, limit * (1 - LEASE))
         if waves > 0 and waves * timeout > max_wait:

@@ -152,8 +152,10 @@ class WorkerRuntime:
             backoff=settings.retry_backoff,
             max_delay=settings.retry_max_delay,
         )
-        self.prefetch = prefetch or cls.prefetch or settings.prefetch
         self.concurrency = concurrency or cls.concurrency or settings.concurrency
+        # Unset: 2 x concurrency, so that competing processes share a queue fairly (see
+        # docs/deploy.md) while a finished slot still finds its next message waiting.
+        self.prefetch = prefetch or cls.prefetch or settings.prefetch or 2 * self.concurrency
         self.batch_size = cls.batch_size or 0
         self.batch_timeout = cls.batch_timeout
         if self.batch_size:

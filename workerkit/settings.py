@@ -14,15 +14,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
 
-__all__ = ["Settings", "load_settings", "redact_url"]
+__all__ = ["Settings", "load_settings", "redact_url", "split_urls"]
+
+
+def split_urls(value: str) -> list[str]:
+    """The broker URLs of a ``WORKERKIT_URL`` value: one URL, or several separated by commas."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def redact_url(url: str) -> str:
-    """The URL without its user information (``amqp://***@host:5672/vhost``), for logs and errors.
+    """The URL without its user information (``amqp://***@host:5672/vhost``), for logs and
+    errors; a comma-separated list of URLs, each so.
 
     Everything between ``://`` and the last ``@`` goes, whatever characters it holds: a password
     with a raw ``#``, ``?`` or ``/`` must not leak because the URL does not parse as intended.
     """
+    if "," in url:
+        return ",".join(redact_url(one) for one in split_urls(url))
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "***" if "@" in url else url
@@ -130,7 +138,8 @@ class Settings(BaseSettings):
 
     url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
-        description="AMQP URL of the broker (amqp:// or amqps://).",
+        description="AMQP URL of the broker (amqp:// or amqps://); several, comma-separated,"
+        " for a cluster (each process tries them in its own shuffled order and fails over).",
     )
     tls_ca_file: str | None = Field(
         default=None, description="CA bundle to verify the broker's certificate (amqps://)."
@@ -143,8 +152,19 @@ class Settings(BaseSettings):
         max_length=200,
         description="Name of the durable topic exchange every queue is bound to.",
     )
-    prefetch: int = Field(default=100, ge=1, le=65535, description="Default broker QoS.")
+    prefetch: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Default broker QoS (unset: 2 x concurrency, fair to competing consumers).",
+    )
     concurrency: int = Field(default=10, ge=1, le=10000, description="Default handlers in flight.")
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Worker processes `workerkit run` starts (above 1: a supervising parent).",
+    )
     heartbeat: int = Field(
         default=10,
         ge=0,
@@ -240,7 +260,15 @@ class Settings(BaseSettings):
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: SecretStr) -> SecretStr:
-        check_url(value.get_secret_value())
+        urls = split_urls(value.get_secret_value())
+        if not urls:
+            raise ValueError("is empty")
+        for index, raw in enumerate(urls):
+            where = f"URL {index + 1} of {len(urls)} " if len(urls) > 1 else ""
+            try:
+                check_url(raw)
+            except ValueError as exc:
+                raise ValueError(f"{where}{exc}") from None
         return value
 
     @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
@@ -262,6 +290,11 @@ class Settings(BaseSettings):
     @property
     def redacted_url(self) -> str:
         return redact_url(self.url.get_secret_value())
+
+    @property
+    def urls(self) -> list[str]:
+        """The broker URLs, in the order given (secrets included: never log them)."""
+        return split_urls(self.url.get_secret_value())
 
 
 def load_settings(settings: Settings | None = None, url: str | None = None) -> Settings:

@@ -78,7 +78,12 @@ INFRA = {"rabbitmq", "prometheus", "grafana"}
 
 
 def _app_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in compose["services"].items() if name not in INFRA}
+    """The default stack's app services (the `cluster` profile is checked on its own below)."""
+    return {
+        name: s
+        for name, s in compose["services"].items()
+        if name not in INFRA and not s.get("profiles")
+    }
 
 
 def _worker_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -380,3 +385,56 @@ def test_rabbitmq_boots_from_config_with_the_dev_user_and_management() -> None:
         assert used and used <= exported, used - exported
     finally:
         node.stop()
+
+
+# -- the `cluster` profile ---------------------------------------------------------------------
+
+
+def _profile(compose: dict[str, Any], profile: str) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in compose["services"].items() if profile in s.get("profiles", [])}
+
+
+def test_cluster_profile_has_three_nodes_of_one_cluster_with_one_cookie(
+    compose: dict[str, Any],
+) -> None:
+    services = _profile(compose, "cluster")
+    nodes = {n: s for n, s in services.items() if s.get("image", "").startswith("rabbitmq:")}
+    assert sorted(nodes) == ["rabbit1", "rabbit2", "rabbit3"]
+    conf = (ROOT / "config/cluster/rabbitmq.conf").read_text()
+    listed = set(re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+ = (\S+)$", conf, re.M))
+    assert listed == {f"rabbit@{s['hostname']}" for s in nodes.values()}
+    assert len({s["environment"]["RABBITMQ_ERLANG_COOKIE"] for s in nodes.values()}) == 1
+    for name, node in nodes.items():
+        mounts = node["volumes"]
+        assert "./config/cluster/rabbitmq.conf:/etc/rabbitmq/rabbitmq.conf:ro" in mounts, name
+        assert any(m.endswith(":/var/lib/rabbitmq") and m.startswith(name) for m in mounts), name
+        assert node["healthcheck"]["test"][1] == "rabbitmq-diagnostics", name
+    # The cluster config is the dev config plus cluster formation: nothing else drifts.
+    base = (ROOT / "config/rabbitmq.conf").read_text().splitlines()[1:]
+    assert all(line in conf.splitlines() for line in base if line.strip())
+
+
+def test_cluster_workers_get_every_node_and_wait_for_all_of_them(compose: dict[str, Any]) -> None:
+    services = _profile(compose, "cluster")
+    apps = {n: s for n, s in services.items() if not s.get("image", "").startswith("rabbitmq:")}
+    assert {"cluster-receipts", "cluster-producer"} <= set(apps)
+    definitions = json.loads((ROOT / "config/definitions.json").read_text())
+    passwords = {u["name"]: u["password_hash"] for u in definitions["users"]}
+    for name, service in apps.items():
+        assert set(service["depends_on"]) == {"rabbit1", "rabbit2", "rabbit3"}, name
+        assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
+        env = _env_file(ROOT / service["env_file"][0])
+        settings = Settings(**{k.removeprefix("WORKERKIT_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+        hosts = [urlsplit(u) for u in settings.urls]
+        assert sorted(h.hostname or "" for h in hosts) == ["rabbit1", "rabbit2", "rabbit3"]
+        for host in hosts:
+            assert _check_rabbit_sha256(host.password or "", passwords[host.username or ""])
+        for targets in _workerkit_targets(_command(service), "run"):
+            assert load_targets(targets), name
+        assert float(service["stop_grace_period"].removesuffix("s")) > settings.shutdown_grace
+    assert (
+        Settings(
+            **{"processes": _env_file(ROOT / "config/cluster/cluster.env")["WORKERKIT_PROCESSES"]}
+        ).processes
+        > 1
+    )  # type: ignore[arg-type]

@@ -55,5 +55,7 @@ def test_env_example_is_what_the_script_prints() -> None:
 def test_defaults_in_the_table_are_the_real_defaults() -> None:
     defaults = Settings.model_construct()
     table = _readme_table()
-    assert f"| `WORKERKIT_PREFETCH` | int | `{defaults.prefetch}` |" in table
+    assert defaults.prefetch is None  # unset: 2 x concurrency (consumer.py)
+    assert "| `WORKERKIT_PREFETCH` | int \\| None | `none` |" in table
+    assert f"| `WORKERKIT_CONCURRENCY` | int | `{defaults.concurrency}` |" in table
     assert f"| `WORKERKIT_EXCHANGE` | str | `{defaults.exchange}` |" in table

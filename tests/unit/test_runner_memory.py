@@ -630,3 +630,25 @@ async def test_sync_handlers_past_their_timeout_fail_and_unstarted_ones_wait_for
     dead = broker.messages(f"{queue}.dlq")
     assert [d.headers[Header.ERROR_TYPE] for d in dead] == ["workerkit.errors.HandlerTimeout"]
     no_protocol_errors(broker)
+
+
+async def test_a_closed_publish_channel_is_reopened_for_the_next_retry_copy(
+    broker: MemoryBroker, publisher: AsyncPublisher
+) -> None:
+    # The transport closes a channel the broker nacked on (RabbitMQ 3.10 keeps nacking on it
+    # after a quorum leader died); retry copies must still go out, on a fresh channel.
+    queue = qname("reopen")
+
+    async def handle(self: Any, order: Order) -> None:
+        raise RuntimeError("try later")
+
+    policy = RetryPolicy(max_attempts=5, delay=60.0, jitter=0.0)
+    runner, _ = in_memory([worker(queue, handle, retry=policy)], broker=broker, settings=settings())
+    async with running(runner):
+        closed = runner._publish_channel
+        assert closed is not None
+        await closed.close()
+        await publisher.publish(queue, Order(order_id=4, email="a@b"))
+        await wait_for(lambda: broker.messages(f"{EXCHANGE}.delay.09") != [], 5, "the copy")
+        assert runner._publish_channel is not closed
+    no_protocol_errors(broker)

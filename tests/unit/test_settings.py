@@ -28,7 +28,7 @@ def test_defaults() -> None:
     settings = load_settings()
     assert settings.url.get_secret_value() == "amqp://guest:guest@localhost:5672/"
     assert settings.exchange == "workerkit"
-    assert settings.prefetch == 100 and settings.concurrency == 10
+    assert settings.prefetch is None and settings.concurrency == 10  # prefetch: 2 x concurrency
 
 
 def test_environment_with_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

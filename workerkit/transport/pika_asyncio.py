@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import re
 import ssl
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import pika
 import pika.exceptions as px
@@ -32,7 +34,7 @@ from ..errors import (
     WorkerkitError,
 )
 from ..message import Message, Outgoing, Properties
-from ..settings import Settings
+from ..settings import Settings, redact_url
 from ._pika_internals import BatchingConnection, remove_get_empty_callback
 from .base import OnClosed, OnLost, OnMessage, OnPublished
 from .specs import ExchangeSpec, QueueSpec
@@ -106,8 +108,7 @@ def _explain_precondition(text: str) -> str:
     return text
 
 
-def _parameters(settings: Settings, name: str) -> pika.URLParameters:
-    url = settings.url.get_secret_value()
+def _parameters(settings: Settings, url: str, name: str) -> pika.URLParameters:
     params = pika.URLParameters(url)
     params.heartbeat = settings.heartbeat
     params.connection_attempts = 1
@@ -128,6 +129,33 @@ class PikaTransport:
     """Opens :class:`PikaConnection` objects on the running event loop."""
 
     async def connect(self, settings: Settings, *, name: str, on_lost: OnLost) -> PikaConnection:
+        """A connection to the first broker of ``settings.urls`` that answers (see HostOrder).
+
+        Refused credentials or an untrusted certificate are raised at once (a configuration
+        error); any other failure moves on to the next host. The caller's jittered backoff
+        applies between rounds.
+        """
+        order = HostOrder.of(settings.urls)
+        failures: list[str] = []
+        for url in order.candidates():
+            try:
+                conn = await self._connect_one(settings, url, name, order.watch(url, on_lost))
+            except AccessRefused:
+                raise
+            except ConnectionFailed as exc:
+                failures.append(str(exc))
+                continue
+            if order.connected(url) and len(order.urls) > 1:
+                log.info("%s: connected to %s", name, redact_url(url))
+            return conn
+        if len(failures) == 1:
+            raise ConnectionFailed(failures[0])
+        raise ConnectionFailed(f"no broker answered: {'; '.join(failures)}")
+
+    async def _connect_one(
+        self, settings: Settings, url: str, name: str, on_lost: OnLost
+    ) -> PikaConnection:
+        redacted = redact_url(url)
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
         conn = PikaConnection(on_lost)
@@ -138,17 +166,15 @@ class PikaTransport:
 
         def on_open_error(_c: Any, exc: BaseException) -> None:
             if not opened.done():
-                opened.set_exception(translate(exc, what=f"connecting to {settings.redacted_url}"))
+                opened.set_exception(translate(exc, what=f"connecting to {redacted}"))
 
         try:
-            params = _parameters(settings, name)
+            params = _parameters(settings, url, name)
         except (ValueError, TypeError, OSError, ssl.SSLError) as exc:
             # Settings already refused what they can tell (unknown query parameters, missing
             # files); what is left here (a file that is not a certificate) is configuration
             # too: retrying cannot fix it.
-            raise ConfigurationError(
-                f"bad connection settings for {settings.redacted_url}: {exc}"
-            ) from None
+            raise ConfigurationError(f"bad connection settings for {redacted}: {exc}") from None
         raw = BatchingConnection(
             params,
             on_open_callback=on_open,
@@ -165,13 +191,61 @@ class PikaTransport:
             conn._closing = True
             _abort(raw)
             raise ConnectionFailed(
-                f"connecting to {settings.redacted_url}: no answer in {settings.connect_timeout}s"
+                f"connecting to {redacted}: no answer in {settings.connect_timeout}s"
             ) from None
         except asyncio.CancelledError:
             conn._closing = True
             _abort(raw)
             raise
         return conn
+
+
+class HostOrder:
+    """The order in which one process tries a cluster's broker URLs.
+
+    The list is shuffled once per process, so that many clients given the same list spread
+    over the nodes. A connect tries every URL once, starting with the one last connected to;
+    when a connection is lost, the start moves to the next URL, so the reconnect fails over
+    to another node first (a node that died may still accept TCP while it shuts down).
+    """
+
+    _known: ClassVar[dict[tuple[int, tuple[str, ...]], HostOrder]] = {}
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = list(urls)
+        random.shuffle(self.urls)
+        self.start = 0
+
+    @classmethod
+    def of(cls, urls: list[str]) -> HostOrder:
+        # Keyed by pid too: a forked child shuffles again instead of inheriting its parent's order.
+        key = (os.getpid(), tuple(urls))
+        order = cls._known.get(key)
+        if order is None:
+            order = cls._known[key] = cls(urls)
+        return order
+
+    def candidates(self) -> list[str]:
+        return self.urls[self.start :] + self.urls[: self.start]
+
+    def connected(self, url: str) -> bool:
+        """Record a successful connect; True when it moved to another host."""
+        index = self.urls.index(url)
+        moved = index != self.start
+        self.start = index
+        return moved
+
+    def lost(self, url: str) -> None:
+        index = self.urls.index(url)
+        if index == self.start:  # the first of several lost connections to one host moves on
+            self.start = (index + 1) % len(self.urls)
+
+    def watch(self, url: str, on_lost: OnLost) -> OnLost:
+        def lost(error: Exception) -> None:
+            self.lost(url)
+            on_lost(error)
+
+        return lost
 
 
 def _abort(raw: AsyncioConnection) -> None:
@@ -613,6 +687,12 @@ class PikaChannel:
         # Everything below the lowest unconfirmed sequence number is settled.
         while self._lowest <= self._seq and self._lowest not in self._unconfirmed:
             self._lowest += 1
+        if nacked and self._raw.is_open:
+            # Not reused: RabbitMQ 3.10 nacks every later publish on a channel whose publish to
+            # a quorum queue found its leader gone, while a new channel works once a leader is
+            # elected. Closing fails what is still unconfirmed here, so callers publish again.
+            log.warning("the broker nacked a publish; opening a new channel for the next ones")
+            self._raw.close()
 
     async def close(self) -> None:
         if self._close_error is not None or not self._raw.is_open:
