@@ -36,6 +36,7 @@ async def drifted(settings: Settings) -> AsyncIterator[Settings]:
     dlq, work = topo.worker_queues(DriftWorker)
     changed = QueueSpec(work.name, {**work.arguments, "x-delivery-limit": 99}, work.bindings)
     connection = await PikaTransport().connect(settings, name="t", on_lost=lambda _e: None)
+    await topo.adopt_dead_letter_queues(connection, [DriftWorker])  # an older run's queues
     channel = await connection.channel()
     await topo.declare_exchanges(channel)
     for spec in (dlq, changed):
@@ -106,8 +107,10 @@ def test_the_cli_prints_the_diff_and_exits_1(drifted: Settings) -> None:
 
 async def test_no_drift_after_declaring_what_the_code_says(settings: Settings) -> None:
     connection = await PikaTransport().connect(settings, name="t", on_lost=lambda _e: None)
+    topology = Topology(settings)
+    await topology.adopt_dead_letter_queues(connection, [DriftWorker])  # an older run's queues
     channel = await connection.channel()
-    await Topology(settings).declare(channel, [DriftWorker])
+    await topology.declare(channel, [DriftWorker])
     try:
         report, _ = await run_check(settings, [DriftWorker], management="http://127.0.0.1:1")
         assert report.drifts == []
