@@ -37,7 +37,7 @@ from typing import Any
 
 import chaos
 import pytest
-from broker import PrivateBroker
+from broker import PrivateBroker, version_under_test
 from harness import AsyncLoad, Load, WorkerProcess, collect, set_alarm, wait_until
 from oracle import RESULTS_ENV, Oracle, drain, read_finished_file
 from proxy import Proxy
@@ -418,12 +418,40 @@ def test_chaos_soak(
     print(summary, flush=True)
     write_row(summary_row(oracle, observed, faults, seed))
     kept = keep_evidence(seed, observed, out_dir) if verdict else ""
+    if verdict and version_under_test() == "3.10":
+        xfail_if_only_the_310_delay_loss(verdict, observed, faults, replay)
     assert not verdict, (
         f"{replay}\n{summary}\n{kept}faults carried out:\n  "
         + "\n  ".join(driver.done)
         + f"\n{len(verdict)} problem(s):\n  "
         + "\n  ".join(verdict[:40])
     )
+
+
+def xfail_if_only_the_310_delay_loss(
+    verdict: list[str], observed: chaos.Observed, faults: list[chaos.Fault], replay: str
+) -> None:
+    """RabbitMQ 3.10 only (docs/brokers.md): retry copies confirmed around a ``stop_app`` can
+    vanish from the delay layout (quorum TTL queues dead-lettering at-least-once, new in 3.10;
+    not seen on 4.0 or 4.3, where this soak passes). An xfail only when that is all that went
+    wrong: a stop_app ran, every lost message's last handler run failed (its retry copy was in
+    the delay layout), nothing waits on the node, and there is no other problem."""
+    lost = sorted(observed.confirmed - set(observed.finished) - set(observed.dlq))
+    others = [
+        p
+        for p in verdict
+        if not p.startswith(f"{len(lost)} confirmed message(s) lost")
+        and not p.endswith("(ready, unacked) {}")
+    ]
+    retry_copies = all(
+        observed.runs.get(mid) and observed.runs[mid][-1][1] == "fail" for mid in lost
+    )
+    stopped = any(fault.kind == "stop_app" for fault in faults)
+    if lost and not others and retry_copies and stopped:
+        pytest.xfail(
+            f"RabbitMQ 3.10 delay-layout loss across stop_app: {len(lost)} retry copies {lost[:10]}"
+            f" (docs/brokers.md); {replay}"
+        )
 
 
 def settle(

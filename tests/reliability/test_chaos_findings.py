@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pika
 import pytest
-from broker import PrivateBroker, free_port
+from broker import PrivateBroker, free_port, version_under_test
 from harness import WorkerProcess, set_alarm, wait_until
 from oracle import drain, read_finished_file
 
@@ -225,6 +225,12 @@ def test_confirmed_publishes_survive_stop_app(
     arrived = {mid for mid, _headers in drain(url, queue)}
     lost = sorted(set(confirmed) - arrived, key=lambda m: int(m[1:]))
     when = [f"{mid} confirmed {confirmed_at[mid] - stopping:+.2f}s" for mid in lost[:10]]
+    during = all(stopping <= confirmed_at[mid] <= stopped + 1.0 for mid in lost)
+    if lost and delay and during and version_under_test() == "3.10":
+        # RabbitMQ 3.10 only (docs/brokers.md): passes on 4.0 and 4.3.
+        pytest.xfail(
+            f"RabbitMQ 3.10 confirms delayed publishes during stop_app and loses them: {when}"
+        )
     assert not lost, (
         f"{len(lost)} of {len(confirmed)} confirmed publishes lost: {when}; stop_app ran from"
         f" 0 to {stopped - stopping:+.2f}s"
