@@ -200,8 +200,17 @@ class ManagementView:
     method = "management API"
     sees_bindings = True
 
-    def __init__(self, settings: Settings, base_url: str, client: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, base_url: str, client: Any = None, *, derived: bool = False
+    ) -> None:
         import httpx
+
+        # A URL derived from the AMQP one (same host, port 15672) may reach another broker's
+        # API (several nodes on one host): it is trusted only if it lists our AMQP port.
+        amqp = urlsplit(settings.url.get_secret_value())
+        self._amqp_port = (
+            (amqp.port or (5671 if amqp.scheme == "amqps" else 5672)) if derived else None
+        )
 
         parts = urlsplit(base_url)
         auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
@@ -220,6 +229,16 @@ class ManagementView:
             return f"{type(exc).__name__}: {exc}"
         if response.status_code != 200:
             return f"HTTP {response.status_code}"
+        if self._amqp_port is not None:
+            listeners = response.json().get("listeners", [])
+            ports = {
+                entry.get("port") for entry in listeners if "amqp" in entry.get("protocol", "")
+            }
+            if ports and self._amqp_port not in ports:
+                return (
+                    f"it serves another broker (AMQP on {sorted(ports)}, not {self._amqp_port});"
+                    " set WORKERKIT_MANAGEMENT_URL"
+                )
         return None
 
     async def _get(self, path: str) -> Any:
@@ -303,7 +322,9 @@ async def view_for(
         if isinstance(broker, MemoryBroker):
             return MemoryView(broker), None
     try:
-        view = ManagementView(settings, management or management_url(settings))
+        view = ManagementView(
+            settings, management or management_url(settings), derived=management is None
+        )
     except ImportError:
         return AmqpView(settings, transport), "httpx is not installed"
     why = await view.reachable()

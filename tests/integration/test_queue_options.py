@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 import pika
 import pytest
+from broker import session_ctl
 
 from workerkit import Publisher, PublishNacked, Runner, Settings, TopologyError, Worker
 from workerkit.dlq import list_dead
@@ -34,14 +33,15 @@ def _runner(settings: Settings, *workers: type[Worker]) -> Runner:
 
 
 def _queue_arguments(queue: str) -> dict[str, Any]:
-    """The queue's arguments as the broker's management API reports them."""
-    url = f"http://127.0.0.1:15672/api/queues/%2F/{urllib.parse.quote(queue, safe='')}"
-    request = urllib.request.Request(url)
-    password = urllib.request.HTTPPasswordMgrWithDefaultRealm()
-    password.add_password(None, url, "guest", "guest")
-    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(password))
-    with opener.open(request, timeout=10) as response:
-        return dict(orjson.loads(response.read())["arguments"])
+    """The queue's arguments as the broker under test reports them (rabbitmqctl, JSON)."""
+    listing = session_ctl("list_queues", "-q", "--formatter", "json", "name", "arguments")
+    for row in orjson.loads(listing.stdout):
+        if row["name"] == queue:
+            arguments = row["arguments"]
+            if isinstance(arguments, dict):  # 4.x
+                return dict(arguments)
+            return {key: value for key, _type, value in arguments}  # 3.10: [key, type, value]
+    raise AssertionError(f"queue {queue!r} is not on the broker")
 
 
 async def test_expired_messages_go_to_the_dlq_with_reason_expired(

@@ -135,6 +135,30 @@ def session_ctl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def management_serves(amqp_url: str) -> bool:
+    """Whether the management API derived from ``amqp_url`` (same host, port 15672) is the
+    broker under test's own: a private 4.x node runs without the plugin, and 15672 on this
+    machine is then the host node's API, which knows nothing of the private node's queues."""
+    import json
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(amqp_url)
+    request = urllib.request.Request(f"http://{parts.hostname}:15672/api/overview")
+    password = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    password.add_password(
+        None, request.full_url, parts.username or "guest", parts.password or "guest"
+    )
+    opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(password))
+    try:
+        with opener.open(request, timeout=2) as response:
+            listeners = json.loads(response.read()).get("listeners", [])
+    except (OSError, ValueError):
+        return False
+    port = parts.port or 5672
+    return any(entry.get("port") == port for entry in listeners)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now, avoiding RabbitMQ's own port ranges."""
     while True:
