@@ -453,6 +453,9 @@ class _Copies:
         self.confirmed: set[int] = set()  # indexes into sent
         self._flying: dict[int, Message] = {}
         self.failure: tuple[str, BaseException] | None = None  # the first failed, in send order
+        # The broker's refusal of a copy, if any: the transport then closes the channel (see
+        # pika_asyncio), which fails earlier copies still in flight; the refusal is the cause.
+        self.refusal: tuple[str, PublishError] | None = None
         self._failed_at: int | None = None
         self._in_flight = 0
         self._answered = asyncio.Event()
@@ -485,9 +488,12 @@ class _Copies:
             self.confirmed.add(index)
             if self.progress is not None:
                 self.progress(len(self.confirmed))
-        elif self._failed_at is None or index < self._failed_at:
-            self._failed_at = index
-            self.failure = (self.sent[index], error)
+        else:
+            if isinstance(error, PublishError) and self.refusal is None:
+                self.refusal = (self.sent[index], error)
+            if self._failed_at is None or index < self._failed_at:
+                self._failed_at = index
+                self.failure = (self.sent[index], error)
 
     async def drain(self) -> None:
         """Wait for every answer (each publish is answered: a confirm, a timeout or a close)."""
@@ -546,7 +552,7 @@ async def replay(
             await reader.channel.close()
         replayed = copies.replayed()
         if copies.failure is not None:
-            key, exc = copies.failure
+            key, exc = copies.refusal or copies.failure
             if not isinstance(exc, PublishError):
                 raise exc  # a lost connection says so itself (and exits 4, not 1)
             raise PublishError(

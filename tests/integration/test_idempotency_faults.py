@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from pydantic import SecretStr
@@ -139,7 +140,8 @@ async def test_a_cut_connection_after_commit_delivers_a_duplicate_that_does_not_
     q = unique("idemcut")
     cleanup.append(q)
     url = settings.url.get_secret_value()
-    proxy = Proxy("127.0.0.1", 5672).start()
+    target = urlsplit(settings.url.get_secret_value())  # the broker under test
+    proxy = Proxy(target.hostname or "127.0.0.1", target.port or 5672).start()
     cuts: list[str] = []
 
     class CuttingStore(RedisStore):
