@@ -37,10 +37,10 @@ class Steered(Worker):
         worker_proc.record(message)
 
 
-def make_worker(queue: str, mode: str) -> type[Worker]:
-    return type("SteeredQ", (Steered,), {"queue": queue})
+def make_worker(queue: str, mode: str, queue_type: str = "quorum") -> type[Worker]:
+    return type("SteeredQ", (Steered,), {"queue": queue, "queue_type": queue_type})
 
 
 if __name__ == "__main__":
     worker_proc.make_worker = make_worker
-    asyncio.run(worker_proc.main(sys.argv[1], Path(sys.argv[2]), "async"))
+    asyncio.run(worker_proc.main(sys.argv[1], Path(sys.argv[2]), "async", "quorum"))
