@@ -1,0 +1,259 @@
+"""Request/reply, caller side, against the real broker: Publisher.request and
+AsyncPublisher.request over direct reply-to, with the worker side answering."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from workerkit import (
+    AsyncPublisher,
+    ConnectionFailed,
+    Message,
+    Publisher,
+    Reject,
+    RemoteError,
+    RequestTimeout,
+    RetryPolicy,
+    Runner,
+    Settings,
+    Unroutable,
+    Worker,
+)
+from workerkit.errors import DecodeError
+from workerkit.middleware import Middleware
+from workerkit.testing import running, wait_for
+
+from .workers_fixture import delete_queues
+
+pytestmark = pytest.mark.integration
+
+
+class Quote(BaseModel):
+    sku: str
+    price: int
+
+
+@pytest.fixture
+def cleanup(settings: Settings) -> Iterator[list[str]]:
+    queues: list[str] = []
+    yield queues
+    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
+
+
+def _runner(settings: Settings, *workers: type[Worker]) -> Runner:
+    return Runner(list(workers), settings=settings, handle_signals=False)
+
+
+def _pricing(q: str) -> type[Worker]:
+    class Pricing(Worker):
+        queue = q
+        retry = RetryPolicy(max_attempts=2, delay=0.05)
+
+        async def handle(self, body: dict[str, Any]) -> Any:
+            kind = body.get("kind", "quote")
+            if kind == "reject":
+                raise Reject(f"unknown sku {body['sku']}")
+            if kind == "boom":
+                raise RuntimeError("pricing backend down")
+            if kind == "slow":
+                await asyncio.sleep(body["seconds"])
+            if kind == "text":
+                return "plain"
+            return {"sku": body["sku"], "price": len(body["sku"]) * 10}
+
+    return Pricing
+
+
+async def test_async_request_reply_typed_and_untyped(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("quote")
+    cleanup.append(q)
+    async with running(_runner(settings, _pricing(q))), AsyncPublisher(settings=settings) as pub:
+        assert await pub.request(q, {"sku": "A1"}, timeout=5) == {"sku": "A1", "price": 20}
+        quote = await pub.request(q, {"sku": "ABC"}, timeout=5, reply_type=Quote)
+        assert quote == Quote(sku="ABC", price=30)
+        assert await pub.request(q, {"kind": "text", "sku": "x"}, timeout=5) == "plain"
+        with pytest.raises(DecodeError):
+            await pub.request(q, {"kind": "text", "sku": "x"}, timeout=5, reply_type=Quote)
+        # many tasks at once share the one reply consumer, each gets its own answer
+        skus = [f"S{'x' * i}" for i in range(40)]
+        answers = await asyncio.gather(*(pub.request(q, {"sku": s}, timeout=10) for s in skus))
+        assert answers == [{"sku": s, "price": len(s) * 10} for s in skus]
+
+
+async def test_remote_errors_arrive_well_before_the_timeout(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("failing")
+    cleanup.append(q)
+    async with running(_runner(settings, _pricing(q))), AsyncPublisher(settings=settings) as pub:
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as rejected:
+            await pub.request(q, {"kind": "reject", "sku": "Z9"}, timeout=20)
+        assert rejected.value.type == "workerkit.errors.Reject"
+        assert rejected.value.reason == "rejected"
+        assert "Z9" in rejected.value.message
+        assert rejected.value.request_id
+        with pytest.raises(RemoteError) as exhausted:
+            await pub.request(q, {"kind": "boom", "sku": "Z9"}, timeout=20)
+        assert exhausted.value.reason == "exhausted"
+        assert exhausted.value.type == "builtins.RuntimeError"
+        with pytest.raises(RemoteError) as invalid:
+            await pub.request(q, "not json", timeout=20)
+        assert invalid.value.reason == "invalid"
+        assert time.monotonic() - started < 10, "error replies must not wait for the timeout"
+
+
+async def test_sync_requests_from_16_threads_share_one_publisher(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("threads")
+    cleanup.append(q)
+    with Publisher(settings=settings) as pub:
+
+        def ask(i: int) -> list[Any]:
+            return [pub.request(q, {"sku": f"{i}-{n}"}, timeout=15) for n in range(25)]
+
+        def ask_all() -> list[list[Any]]:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                return list(pool.map(ask, range(16)))
+
+        async with running(_runner(settings, _pricing(q))):
+            results = await asyncio.to_thread(ask_all)
+        for i, answers in enumerate(results):
+            expected = [{"sku": f"{i}-{n}", "price": len(f"{i}-{n}") * 10} for n in range(25)]
+            assert answers == expected
+        core = pub._core
+        assert core is not None and not core._requests  # nothing left pending
+        assert pub.replies_dropped == 0
+
+
+def test_unroutable_request_fails_at_once(settings: Settings, unique: Callable[[str], str]) -> None:
+    with Publisher(settings=settings) as pub:
+        started = time.monotonic()
+        with pytest.raises(Unroutable):
+            pub.request(unique("nobody"), {"sku": "A"}, timeout=10)
+        assert time.monotonic() - started < 3
+        assert pub._core is not None and not pub._core._requests
+
+
+async def test_timeout_then_the_late_reply_is_dropped_and_counted(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("late")
+    cleanup.append(q)
+    async with running(_runner(settings, _pricing(q))):
+        with Publisher(settings=settings) as pub:
+            started = time.monotonic()
+            with pytest.raises(RequestTimeout):
+                await asyncio.to_thread(
+                    pub.request, q, {"kind": "slow", "seconds": 1.5, "sku": "L"}, timeout=0.5
+                )
+            assert time.monotonic() - started < 1.4
+            # The next request is answered with its own reply, never the late one.
+            late = await asyncio.to_thread(pub.request, q, {"sku": "NEXT"}, timeout=10)
+            assert late == {"sku": "NEXT", "price": 40}
+            await wait_for(lambda: pub.replies_dropped == 1, 10, "the late reply dropped")
+            assert pub._core is not None and not pub._core._requests
+
+
+def _close_connections(name: str) -> int:
+    """Close, from the broker's side, the connections named ``name`` (this test's own)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    closed = 0
+    for line in out.stdout.splitlines():
+        if f'"{name}"' in line:
+            pid = line.split("\t", 1)[0]
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", pid, "test: caller connection killed"],
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            closed += 1
+    return closed
+
+
+def _can_rabbitmqctl() -> bool:
+    try:
+        done = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid"], capture_output=True)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _can_rabbitmqctl(), reason="needs rabbitmqctl access to the broker")
+async def test_killed_caller_connection_fails_pending_requests_then_new_ones_work(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("killed")
+    cleanup.append(q)
+    name = unique("caller")
+    async with running(_runner(settings, _pricing(q))):
+        with Publisher(settings=settings) as pub:
+            core, _ = pub._ensure()
+            core.connection_name = name  # so that the test closes its own connection only
+            warm = await asyncio.to_thread(pub.request, q, {"sku": "warm"}, timeout=10)
+            assert warm == {"sku": "warm", "price": 40}
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(
+                    pub.request, q, {"kind": "slow", "seconds": 3, "sku": "P"}, timeout=20
+                )
+            )
+            await wait_for(lambda: bool(core._requests), 5, "the request pending")
+            started = time.monotonic()
+            assert await asyncio.to_thread(_close_connections, name) == 1
+            with pytest.raises(ConnectionFailed, match="lost while waiting for the reply"):
+                await pending
+            assert time.monotonic() - started < 10
+            # A new request reconnects and is answered.
+            after = await asyncio.to_thread(pub.request, q, {"sku": "after"}, timeout=15)
+            assert after == {"sku": "after", "price": 50}
+
+
+class Recording(Middleware):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def before_publish(self, outgoing: Any) -> None:
+        outgoing.headers["x-traced"] = "yes"
+        self.seen.append(("before", outgoing.routing_key))
+
+    def after_publish(self, outgoing: Any, outcome: str, duration: float) -> None:
+        self.seen.append((outcome, outgoing.routing_key))
+
+
+async def test_publish_hooks_apply_to_requests(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("hooks")
+    cleanup.append(q)
+    headers: list[Any] = []
+
+    class Echo(Worker):
+        queue = q
+
+        async def handle(self, body: dict[str, Any], message: Message) -> dict[str, Any]:
+            headers.append(message.headers.get("x-traced"))
+            return body
+
+    hooks = Recording()
+    async with running(_runner(settings, Echo)):
+        async with AsyncPublisher(settings=settings, middleware=[hooks]) as pub:
+            assert await pub.request(q, {"a": 1}, timeout=5) == {"a": 1}
+    assert headers == ["yes"]
+    assert hooks.seen[0] == ("before", q) and hooks.seen[1][1] == q and len(hooks.seen) == 2
