@@ -252,8 +252,8 @@ async def test_publish_hooks_apply_to_requests(
             return body
 
     hooks = Recording()
-    async with running(_runner(settings, Echo)):
-        async with AsyncPublisher(settings=settings, middleware=[hooks]) as pub:
-            assert await pub.request(q, {"a": 1}, timeout=5) == {"a": 1}
+    publisher = AsyncPublisher(settings=settings, middleware=[hooks])
+    async with running(_runner(settings, Echo)), publisher as pub:
+        assert await pub.request(q, {"a": 1}, timeout=5) == {"a": 1}
     assert headers == ["yes"]
     assert hooks.seen[0] == ("before", q) and hooks.seen[1][1] == q and len(hooks.seen) == 2
