@@ -257,3 +257,34 @@ async def test_publish_hooks_apply_to_requests(
         assert await pub.request(q, {"a": 1}, timeout=5) == {"a": 1}
     assert headers == ["yes"]
     assert hooks.seen[0] == ("before", q) and hooks.seen[1][1] == q and len(hooks.seen) == 2
+
+
+async def _invoke(settings: Settings, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from workerkit.cli import cli
+
+    env = {"WORKERKIT_URL": settings.url.get_secret_value(), "WORKERKIT_EXCHANGE": "wkt"}
+    return await asyncio.to_thread(CliRunner(env=env).invoke, cli, list(args))
+
+
+async def test_cli_request_prints_the_reply_with_documented_exit_codes(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("clireq")
+    cleanup.append(q)
+    async with running(_runner(settings, _pricing(q))):
+        done = await _invoke(settings, "request", q, '{"sku": "A1"}', "--timeout", "5")
+        assert done.exit_code == 0, done.output
+        assert done.stdout == '{\n  "sku": "A1",\n  "price": 20\n}\n'
+        done = await _invoke(settings, "request", q, '{"sku": "A1"}', "--raw")
+        assert done.exit_code == 0 and done.stdout == '{"sku":"A1","price":20}'
+        done = await _invoke(settings, "request", q, '{"kind": "reject", "sku": "Q"}')
+        assert done.exit_code == 1
+        assert "workerkit: error: the worker gave up on the request" in done.stderr
+        assert "workerkit.errors.Reject" in done.stderr and "rejected" in done.stderr
+        slow = '{"kind": "slow", "seconds": 2, "sku": "S"}'
+        done = await _invoke(settings, "request", q, slow, "--timeout", "0.3")
+        assert done.exit_code == 5 and "no reply within 0.3s" in done.stderr
+    done = await _invoke(settings, "request", unique("nobody"), "{}", "--timeout", "5")
+    assert done.exit_code == 1 and "no queue is bound" in done.stderr
