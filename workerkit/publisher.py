@@ -411,6 +411,8 @@ class _Core:
 
     async def close(self) -> None:
         self._closed = True
+        for request in list(self._requests.values()):
+            request.answer(PublishError("the publisher was closed before the reply came"), None)
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             await connection.close()
@@ -522,6 +524,10 @@ class _Request:
             del self._pending[self.correlation_id]
         if self.timer is not None:
             self.timer.cancel()
+        if error is not None:
+            # Failed before its confirm came (timed out, connection lost): a caller waiting for
+            # the confirm hears it too, and a retry of the publish stops (see _Core._attempt).
+            self.published(error)
         if self._on_answer is not None:
             self._on_answer(error, reply)
 

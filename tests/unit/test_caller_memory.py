@@ -121,3 +121,29 @@ async def test_memory_direct_reply_to_follows_rabbitmq_rules() -> None:
     other = await connection.channel(confirms=True)
     with pytest.raises(Unroutable):
         await other.publish(Outgoing("", address, b"r", Properties()), mandatory=True, timeout=1)
+
+
+async def test_unreachable_broker_and_close_never_leave_a_caller_hanging() -> None:
+    from workerkit import PublishError, PublishTimeout
+
+    broker = MemoryBroker()
+    broker.connect_error = ConnectionFailed("broker down (test)")
+    pub = memory_publisher(broker, SETTINGS)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(PublishTimeout):  # RequestTimeout or the publish's own: both in time
+        await pub.request("pricing.quote", {"sku": "A"}, timeout=0.3)
+    assert loop.time() - started < 2
+    assert not pub._core._requests
+
+    broker.connect_error = None
+    runner, _ = in_memory([Pricing], broker=broker, settings=SETTINGS)
+    async with running(runner):
+        waiting = asyncio.ensure_future(
+            pub.request("pricing.quote", {"sku": "A", "slow": 1}, timeout=10)
+        )
+        requests = pub._core._requests
+        await wait_for(lambda: any(r.generation > 0 for r in requests.values()), 5, "sent")
+        await pub.close()
+        with pytest.raises(PublishError, match="closed before the reply"):
+            await waiting
