@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +33,7 @@ from workerkit.errors import DecodeError
 from workerkit.middleware import Middleware
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues
+from .workers_fixture import STARTED, consumer_count, delete_queues
 
 pytestmark = pytest.mark.integration
 
@@ -288,3 +290,59 @@ async def test_cli_request_prints_the_reply_with_documented_exit_codes(
         assert done.exit_code == 5 and "no reply within 0.3s" in done.stderr
     done = await _invoke(settings, "request", unique("nobody"), "{}", "--timeout", "5")
     assert done.exit_code == 1 and "no queue is bound" in done.stderr
+
+
+def _consumers(url: str, queue: str) -> int:
+    try:
+        return consumer_count(url, queue)
+    except Exception:  # not declared yet
+        return 0
+
+
+def _start_echo(q: str, settings: Settings, sleep: float) -> subprocess.Popen[str]:
+    script = Path(__file__).with_name("caller_worker.py")
+    url = settings.url.get_secret_value()
+    proc = subprocess.Popen(
+        [sys.executable, str(script), q, url, settings.exchange, str(sleep)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    STARTED.append(proc)
+    return proc
+
+
+async def test_worker_killed_mid_request_the_retry_answers_each_caller_its_own(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    q = unique("killmid")
+    cleanup.append(q)
+    url = settings.url.get_secret_value()
+    first = _start_echo(q, settings, sleep=30)  # would answer far too late
+    assert first.stdout is not None
+    second: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(_consumers, url, q) < 1:
+            assert first.poll() is None and time.monotonic() < deadline, "no worker"
+            await asyncio.sleep(0.1)
+        with Publisher(settings=settings) as pub:
+            asks = [
+                asyncio.ensure_future(asyncio.to_thread(pub.request, q, f"r{i}", timeout=40))
+                for i in range(3)
+            ]
+            started: list[str] = []
+            while len(started) < 3:  # every request is inside a handler of the first process
+                line = await asyncio.wait_for(asyncio.to_thread(first.stdout.readline), 20)
+                assert line, "the first worker exited early"
+                started.append(line.split()[1])
+            first.kill()  # kill -9: no ack, no reply; the broker redelivers the requests
+            await asyncio.to_thread(first.wait, 10)
+            second = _start_echo(q, settings, sleep=0)
+            replies = await asyncio.gather(*asks)
+    finally:
+        for proc in (first, second):  # also unblocks a readline still waiting
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert sorted(started) == ["r0", "r1", "r2"]
+    assert [r["echo"] for r in replies] == ["r0", "r1", "r2"]
+    assert second is not None and {r["pid"] for r in replies} == {second.pid}
