@@ -24,6 +24,7 @@ import os
 import random
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
@@ -266,7 +267,7 @@ class _Core:
     def _retrying(self, deadline: float) -> tenacity.AsyncRetrying:
         """Jittered retries of a lost or refused connection until ``deadline``."""
         backoff = tenacity.wait_random_exponential(multiplier=0.1, max=2.0)
-        return tenacity.AsyncRetrying(
+        return _LoopRetrying(
             # Never sleep past the deadline: the caller was promised an answer by then.
             wait=lambda state: min(backoff(state), _left(deadline)),
             stop=lambda _state: time.monotonic() >= deadline,
@@ -466,6 +467,20 @@ class _Core:
         if window.error is not None:
             raise window.error
         return ids
+
+
+class _LoopRetrying(tenacity.AsyncRetrying):
+    """tenacity's AsyncRetrying with its per-run state on the instance, not per thread.
+
+    tenacity keeps a run's statistics in a ``threading.local``; the sync Publisher's loop is
+    driven by whichever calling thread is waiting, so one retry run can continue on another
+    thread, find no statistics there and raise ``KeyError('idle_for')`` instead of retrying.
+    Each run here has its own instance (one coroutine), so per-thread state is not needed.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._local = types.SimpleNamespace()  # type: ignore[assignment]
 
 
 class _Unset:
