@@ -286,9 +286,7 @@ def test_bytes_received_before_the_reader_took_over_are_read_first() -> None:
     assert log == [("pika", frame)]
 
 
-@given(
-    channel=st.integers(1, 65535), tag=st.integers(0, 2**64 - 1), multiple=st.booleans()
-)
+@given(channel=st.integers(1, 65535), tag=st.integers(0, 2**64 - 1), multiple=st.booleans())
 def test_ack_frame_is_pikas_basic_ack(channel: int, tag: int, multiple: bool) -> None:
     expected = pika.frame.Method(channel, spec.Basic.Ack(tag, multiple)).marshal()
     assert ack_frame(channel, tag, multiple) == expected
