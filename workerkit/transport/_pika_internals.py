@@ -72,10 +72,21 @@ def check() -> list[str]:
     return missing
 
 
-@functools.cache
-def _missing() -> tuple[str, ...]:
-    """check(), once per process (it reads pika's source)."""
-    return tuple(check())
+def _missing_on(connection: Any) -> list[str]:
+    """What a live connection lacks of the names the fast path uses (cheap: no source read;
+    ``check()`` is the thorough version the tests run)."""
+    missing = [
+        f"{owner.__name__}.{name}"
+        for owner, names in _PRIVATE.items()
+        for name in names
+        if not hasattr(owner, name)
+    ]
+    missing.extend(
+        f"AsyncioConnection.{name}"
+        for name in _PRIVATE_INSTANCE[AsyncioConnection]
+        if not hasattr(connection, name)
+    )
+    return missing
 
 
 def _source(cls: type) -> str:
@@ -100,12 +111,12 @@ def _warn_slow_path() -> None:
     )
 
 
-def _fast_path_chosen() -> bool:
+def _fast_path_chosen(connection: Any) -> bool:
     """Whether a new connection reads deliveries itself, said once per connection."""
     if not _fastframes.ENABLED:
         log.info("fast consume path off: deliveries go through pika's decoder")
         return False
-    missing = _missing()
+    missing = _missing_on(connection)
     if missing:
         log.warning(
             "pika %s lacks %s: deliveries go through pika's own (slower) decoder;"
@@ -171,7 +182,6 @@ class BatchingConnection(AsyncioConnection):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._wk_reader: _fastframes.FrameReader | None = None
-        self.wk_fast = _fast_path_chosen()
         self._wk_frames: list[bytes] = []
         self._wk_routes: dict[tuple[int, str, str, bool], bytes] = {}
         loop: asyncio.AbstractEventLoop = kwargs["custom_ioloop"]
@@ -180,6 +190,7 @@ class BatchingConnection(AsyncioConnection):  # type: ignore[misc]
         # does): then the frames go out without a turn of their own.
         self._wk_turn_end = turn_end.hook_for(loop)
         super().__init__(*args, **kwargs)
+        self.wk_fast = _fast_path_chosen(self)
 
     # -- the fast consume path ------------------------------------------------------------------
 
