@@ -238,6 +238,22 @@ def test_every_amqp_field_type_in_headers_decodes_like_pika() -> None:
     assert got["D"] == Decimal("123.45") and got["u"] == 60000 and got["s"] == -3
 
 
+def test_continued_property_flags_are_skipped_like_pika() -> None:
+    flags = spec.BasicProperties.FLAG_CONTENT_TYPE | spec.BasicProperties.FLAG_MESSAGE_ID | 1
+    payload = struct.pack(">HHQHHH", 60, 0, 1, flags, 1, 0)  # two continuation words
+    payload += b"\x03a/b" + b"\x02id"
+    header = struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce"
+    frames = [
+        pika.frame.Method(1, spec.Basic.Deliver("ctag1.fast", 3, False, "e", "r")).marshal(),
+        header,
+        pika.frame.Body(1, b"z").marshal(),
+    ]
+    reader, log = reader_with_log()
+    reader.feed(b"".join(frames))
+    assert log == pika_reading([frames])
+    assert log[0][2][SLOTS.index("message_id")] == "id"
+
+
 def test_unregistered_consumers_and_forgotten_channels_go_to_pika() -> None:
     reader, log = reader_with_log()
     deliver = [

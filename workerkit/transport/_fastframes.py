@@ -32,15 +32,15 @@ __all__ = ["ENABLED", "FrameReader", "ack_frame"]
 ENABLED = True
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
-_U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _CONTENT = struct.Struct(">HHQH")  # class, weight, body size, first property-flags word
 _ACK = struct.Struct(">BHIIQBB")
-_DELIVER = (60 << 16) | 60  # Basic.Deliver: class 60, method 60
+_DELIVER_ID = struct.pack(">HH", 60, 60)  # Basic.Deliver: class 60, method 60
 _ACK_ID = (60 << 16) | 80
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME_END = 0xCE
 _MIN_FRAME = 8  # 7-byte frame header and the end octet
+_NAMES = 4096  # decoded exchange, routing key and content type names kept
 
 # Basic property flags, in wire order (AMQP 0-9-1 section 4.2.6.1); Message has the first ten's
 # worth (delivery_mode and priority are single octets skipped on the way to the others).
@@ -64,6 +64,14 @@ ToPika = Callable[[bytes], None]
 def ack_frame(channel_number: int, delivery_tag: int, multiple: bool) -> bytes:
     """The Basic.Ack frame pika's ``basic_ack`` would send, built in one ``pack`` call."""
     return _ACK.pack(_METHOD, channel_number, 13, _ACK_ID, delivery_tag, multiple, _FRAME_END)
+
+
+def _decoded(raw: bytes) -> Any:
+    """Text, or the raw bytes when not UTF-8 (as pika decodes short strings)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 def _short(data: bytes, at: int) -> tuple[str | bytes, int]:
@@ -132,7 +140,11 @@ class FrameReader:
             self.need = _MIN_FRAME
 
     def feed(self, data: bytes) -> int:
-        """Read every complete frame in what has arrived; return the bytes consumed."""
+        """Read every complete frame in what has arrived; return the bytes consumed.
+
+        One function on purpose: this runs three times per delivery, and each Python call
+        saved here is a measurable share of the per-message cost (benchmarks/PROFILE.md).
+        """
         if self.pending:
             self.pending.append(data)
             self.pending_size += len(data)
@@ -144,7 +156,10 @@ class FrameReader:
         pos = 0
         frames = 0
         channels = self.channels
+        names = self._names
         unpack_frame = _FRAME.unpack_from
+        unpack_u64 = _U64.unpack_from
+        unpack_content = _CONTENT.unpack_from
         while size - pos >= _MIN_FRAME:
             kind, number, length = unpack_frame(data, pos)
             start = pos + 7
@@ -157,17 +172,68 @@ class FrameReader:
             channel = channels.get(number)
             if channel is None:
                 self.to_pika(data[pos : end + 1])
-            elif kind == _BODY and channel.message is not None and channel.size >= 0:
-                self._body(channel, data, start, end)
+            elif kind == _BODY and channel.size >= 0:  # a body frame of a delivery of ours
                 frames += 1
+                got = channel.got + length
+                if got != channel.size or channel.parts:
+                    self._body(channel, data, start, end, got)
+                else:  # the whole body in one frame: the common case
+                    message = channel.message
+                    on_message = channel.on_message
+                    channel.message = channel.on_message = None
+                    channel.size = -1
+                    message.body = data[start:end]  # type: ignore[union-attr]
+                    on_message(message)  # type: ignore[arg-type, misc]
             elif kind == _HEADER and channel.message is not None and channel.size < 0:
-                self._header(channel, data, start, end)
                 frames += 1
-            elif kind == _METHOD and self._deliver(channel, data, start):
-                frames += 1
+                _class, _weight, body_size, flags = unpack_content(data, start)
+                message = channel.message
+                # Continued property flags (bit 0; none are defined past the first word).
+                at = _after_flags(data, start + 14) if flags & 1 else start + 14
+                if flags & _MESSAGE_FIELDS:
+                    _properties(message, flags, data, at, names)
+                if body_size:
+                    channel.size = body_size
+                    channel.got = 0
+                else:
+                    on_message = channel.on_message
+                    channel.message = channel.on_message = None
+                    message.body = b""
+                    on_message(message)  # type: ignore[misc]
+            elif kind == _METHOD and data[start : start + 4] == _DELIVER_ID:
+                tag_end = start + 5 + data[start + 4]
+                on_message = channel.consumers.get(data[start + 5 : tag_end])
+                channel.message = None
+                channel.size = -1
+                if on_message is None:  # not one of ours: pika's (it rejects if cancelled)
+                    self.to_pika(data[pos : end + 1])
+                else:
+                    frames += 1
+                    at = tag_end + 9
+                    cut = at + 1 + data[at]
+                    raw = data[at + 1 : cut]
+                    exchange = names.get(raw)
+                    if exchange is None:
+                        exchange = self._name(raw)
+                    at = cut + 1 + data[cut]
+                    raw = data[cut + 1 : at]
+                    routing_key = names.get(raw)
+                    if routing_key is None:
+                        routing_key = self._name(raw)
+                    if channel.parts:
+                        channel.parts = []
+                    channel.on_message = on_message
+                    channel.message = Message(
+                        b"",
+                        unpack_u64(data, tag_end)[0],
+                        routing_key,  # type: ignore[arg-type]
+                        exchange,  # type: ignore[arg-type]
+                        data[tag_end + 8] & 1 == 1,
+                    )
             else:
-                if kind == _METHOD:
-                    channel.message = None  # a content of ours cut short: pika takes over
+                if kind == _METHOD:  # a content of ours cut short: pika takes over
+                    channel.message = None
+                    channel.size = -1
                 self.to_pika(data[pos : end + 1])
             pos = end + 1
         else:
@@ -181,93 +247,57 @@ class FrameReader:
         self.frames += frames
         return pos
 
-    def _deliver(self, channel: _Channel, data: bytes, at: int) -> bool:
-        """Take a Basic.Deliver to a registered consumer; False leaves the frame to pika."""
-        if _U32.unpack_from(data, at)[0] != _DELIVER:
-            return False
-        at += 4
-        tag_end = at + 1 + data[at]
-        on_message = channel.consumers.get(data[at + 1 : tag_end])
-        if on_message is None:
-            channel.message = None
-            return False
-        at = tag_end
-        delivery_tag = _U64.unpack_from(data, at)[0]
-        redelivered = (data[at + 8] & 1) != 0
-        at += 9
-        end = at + 1 + data[at]
-        exchange = self._name(data[at + 1 : end])
-        at = end + 1 + data[end]
-        routing_key = self._name(data[end + 1 : at])
-        channel.on_message = on_message
-        channel.message = Message(b"", delivery_tag, routing_key, exchange, redelivered)
-        channel.size = -1
-        return True
-
     def _name(self, raw: bytes) -> Any:
+        """An exchange or routing key not seen yet, decoded and remembered (bounded)."""
         names = self._names
-        name = names.get(raw)
-        if name is None:
-            if len(names) >= 4096:
-                names.clear()
-            try:
-                name = raw.decode()
-            except UnicodeDecodeError:  # pika keeps such a name as bytes
-                name = raw
-            names[raw] = name
+        if len(names) >= _NAMES:
+            names.clear()
+        name = names[raw] = _decoded(raw)
         return name
 
-    def _header(self, channel: _Channel, data: bytes, start: int, end: int) -> None:
-        _class, _weight, body_size, flags = _CONTENT.unpack_from(data, start)
-        at = start + 14
-        word = flags
-        while word & 1:  # continued property flags (none defined): skip the extra words
-            word = (data[at] << 8) | data[at + 1]
-            at += 2
-        message = channel.message
-        assert message is not None
-        if flags & _MESSAGE_FIELDS:
-            _properties(message, flags, data, at)
-        if body_size == 0:
-            self._deliver_now(channel, message, b"")
-            return
-        channel.size = body_size
-        channel.got = 0
-
-    def _body(self, channel: _Channel, data: bytes, start: int, end: int) -> None:
-        got = channel.got + end - start
-        if got > channel.size:
-            channel.message = None
-            raise BodyTooLongError(got, channel.size)
-        message = channel.message
-        assert message is not None
-        if got == channel.size:
-            parts = channel.parts
-            if parts:
-                parts.append(data[start:end])
-                body = b"".join(parts)
-                channel.parts = []
-            else:
-                body = data[start:end]
-            self._deliver_now(channel, message, body)
-            return
-        channel.got = got
-        channel.parts.append(data[start:end])
-
     @staticmethod
-    def _deliver_now(channel: _Channel, message: Message, body: bytes) -> None:
-        message.body = body
-        on_message = channel.on_message
+    def _body(channel: _Channel, data: bytes, start: int, end: int, got: int) -> None:
+        """A body in several frames: keep the parts until the last one."""
+        if got > channel.size:
+            expected = channel.size
+            channel.message = None
+            channel.size = -1
+            channel.parts = []
+            raise BodyTooLongError(got, expected)
+        channel.parts.append(data[start:end])
+        if got < channel.size:
+            channel.got = got
+            return
+        message, on_message = channel.message, channel.on_message
+        assert message is not None and on_message is not None
+        message.body = b"".join(channel.parts)
+        channel.parts = []
         channel.message = channel.on_message = None
         channel.size = -1
-        assert on_message is not None
         on_message(message)
 
 
-def _properties(message: Message, flags: int, data: bytes, at: int) -> None:
+def _after_flags(data: bytes, at: int) -> int:
+    """The offset after continued property-flag words (bit 0 set: another word follows)."""
+    while (data[at - 1] & 1) == 1:
+        at += 2
+    return at
+
+
+def _properties(
+    message: Message, flags: int, data: bytes, at: int, names: dict[bytes, Any]
+) -> None:
     """Set the properties Message has, in wire order, and stop after the timestamp."""
     if flags & _CONTENT_TYPE:
-        message.content_type, at = _short(data, at)  # type: ignore[assignment]
+        end = at + 1 + data[at]
+        raw = data[at + 1 : end]
+        value = names.get(raw)  # a handful of content types, over and over
+        if value is None:
+            value = _decoded(raw)
+            if len(names) < _NAMES:
+                names[raw] = value
+        message.content_type = value
+        at = end
     if flags & _CONTENT_ENCODING:
         message.content_encoding, at = _short(data, at)  # type: ignore[assignment]
     if flags & _HEADERS:
