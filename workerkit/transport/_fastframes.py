@@ -77,11 +77,7 @@ def _decoded(raw: bytes) -> Any:
 def _short(data: bytes, at: int) -> tuple[str | bytes, int]:
     """An AMQP short string as pika decodes it: text, or the raw bytes when not UTF-8."""
     end = at + 1 + data[at]
-    raw = data[at + 1 : end]
-    try:
-        return raw.decode(), end
-    except UnicodeDecodeError:
-        return raw, end
+    return _decoded(data[at + 1 : end]), end
 
 
 class _Channel:
@@ -112,7 +108,7 @@ class FrameReader:
         self.pending_size = 0
         self.need = _MIN_FRAME  # bytes the pending frame needs before it can be read
         self.frames = 0  # frames taken here (pika counts the ones it decodes)
-        # Exchange and routing key names seen, decoded once (bounded in _name).
+        # Exchange, routing key and content type names seen, decoded once (bounded).
         self._names: dict[bytes, str | bytes] = {}
 
     def register(self, channel_number: int, consumer_tag: str, on_message: OnMessage) -> None:
