@@ -75,7 +75,7 @@ def test_sync_and_cpu_bound_handlers_longer_than_heartbeat(
     unique: Callable[[str], str],
 ) -> None:
     queue, url = unique("longsync"), private_broker.url
-    heartbeat = 2
+    heartbeat = 4  # at 2 s, 4.3 under CI load (2 cores shared with the node) saw a reconnect
     worker = workers(queue, url, mode="sync", concurrency=4, prefetch=4, heartbeat=heartbeat)
     worker.wait_healthy()
     # Four times the heartbeat: blocking sleeps and GIL-holding pure-Python loops.
