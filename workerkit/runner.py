@@ -27,7 +27,7 @@ from .middleware import Middleware, call_hooks, check_middleware
 from .publisher import allow_sync_publishes_on, refuse_sync_publishes_on
 from .reply import reply_mandatory
 from .retry import reconnecting
-from .runtime import LEASE, WorkerRuntime
+from .runtime import LEASE, WorkerRuntime, window
 from .settings import Settings, load_settings
 from .topology import Topology
 from .transport import default_transport
@@ -475,8 +475,7 @@ class Runner:
         with slow handlers, the last of a prefetch window can wait ``waves`` handler times."""
         if timeout is None:
             return  # only the 90% safety net: no claim about how long handlers take
-        concurrency = self.concurrency or cls.concurrency or self.settings.concurrency
-        prefetch = self.prefetch or cls.prefetch or self.settings.prefetch or 2 * concurrency
+        prefetch, concurrency = window(cls, self.settings, self.prefetch, self.concurrency)
         waves = -(-prefetch // concurrency) - 1
         max_wait = max(limit * LEASE - timeout, limit * (1 - LEASE))
         if waves > 0 and waves * timeout > max_wait:

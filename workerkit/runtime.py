@@ -71,7 +71,7 @@ from .topology import Topology
 from .transport.base import Channel, Connection
 from .worker import Worker
 
-__all__ = ["Host", "WorkerRuntime"]
+__all__ = ["Host", "WorkerRuntime", "window"]
 
 log = logging.getLogger("workerkit.runtime")
 
@@ -82,6 +82,22 @@ CLAIM_MARGIN = 5.0
 # Share of the broker's consumer_timeout a delivery may be held (waiting + handler + copy);
 # the rest covers the ack's trip and clock differences.
 LEASE = 0.95
+
+
+def window(
+    cls: type[Worker], settings: Settings, prefetch: int | None, concurrency: int | None
+) -> tuple[int, int]:
+    """A worker's (prefetch, concurrency): the runner's override, the class's, the settings'.
+
+    Prefetch unset is 2 x concurrency, so that competing processes share a queue fairly (see
+    docs/deploy.md) while a finished slot still finds its next message waiting; a batch worker
+    gets enough in flight for every slot to fill a batch.
+    """
+    slots = concurrency or cls.concurrency or settings.concurrency
+    ahead = prefetch or cls.prefetch or settings.prefetch or 2 * slots
+    if cls.batch_size:
+        ahead = max(ahead, cls.batch_size * slots)
+    return ahead, slots
 
 
 class Host(Protocol):
@@ -152,15 +168,9 @@ class WorkerRuntime:
             backoff=settings.retry_backoff,
             max_delay=settings.retry_max_delay,
         )
-        self.concurrency = concurrency or cls.concurrency or settings.concurrency
-        # Unset: 2 x concurrency, so that competing processes share a queue fairly (see
-        # docs/deploy.md) while a finished slot still finds its next message waiting.
-        self.prefetch = prefetch or cls.prefetch or settings.prefetch or 2 * self.concurrency
+        self.prefetch, self.concurrency = window(cls, settings, prefetch, concurrency)
         self.batch_size = cls.batch_size or 0
         self.batch_timeout = cls.batch_timeout
-        if self.batch_size:
-            # Enough in flight for every slot to fill a batch.
-            self.prefetch = max(self.prefetch, self.batch_size * self.concurrency)
         limit = settings.broker_consumer_timeout
         self.timeout = cls.handler_timeout or settings.handler_timeout or limit * 0.9
         # How long a delivery may wait locally for a slot (or a thread) before it is given back
