@@ -86,7 +86,8 @@ def test_sync_and_cpu_bound_handlers_longer_than_heartbeat(
     settle(oracle, url, queue, out_dir)
     # Healthy again once the long handlers are done (the stats are written every 20 ms).
     wait_until(lambda: worker.healthy, 10, "the worker healthy after its long handlers")
-    assert worker.stats()["reconnects"] == 0, "a long handler cost the connection"
+    reconnects = worker.stats()["reconnects"]
+    assert reconnects == 0, f"a long handler cost the connection:\n{worker.output()}"
     oracle.check(max_duplicates=0)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pika.spec import Basic, BasicProperties
 
-from workerkit.errors import Unroutable
+from workerkit.errors import ConnectionFailed, PublishNacked, Unroutable
 from workerkit.message import Outgoing, Properties
 from workerkit.transport.pika_asyncio import PikaChannel, _Pending
 
@@ -68,3 +68,34 @@ def test_a_stale_return_is_never_pinned_on_a_later_publish() -> None:
     )
     channel._on_confirm(ack(2))
     assert outcomes == {2: None}
+
+
+def nack(tag: int) -> Any:
+    return SimpleNamespace(method=Basic.Nack(delivery_tag=tag, multiple=False))
+
+
+class _Raw:
+    is_open = True
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_a_nack_before_earlier_acks_fails_only_the_nacked_publish() -> None:
+    """A classic queue acks a persisted publish after its fsync but nacks a full queue's at
+    once: the nack of 3 overtakes the acks of 1 and 2, which must still count as confirmed."""
+    channel, outcomes = channel_with(out("k", "a"), out("k", "b"), out("k", "c"))
+    raw = channel._raw = _Raw()  # type: ignore[assignment]
+    channel._on_confirm(nack(3))
+    assert isinstance(outcomes[3], PublishNacked)
+    assert 1 not in outcomes and 2 not in outcomes
+    assert not channel.is_open and raw.closed == 0  # retired: no new publish, not yet closed
+    late: list[Any] = []
+    channel.publish_nowait(out("k", "d"), mandatory=True, timeout=1.0, on_done=late.append)
+    assert isinstance(late[0], ConnectionFailed)  # refused locally: callers open a new channel
+    channel._on_confirm(ack(1))
+    assert raw.closed == 0
+    channel._on_confirm(ack(2))
+    assert outcomes[1] is None and outcomes[2] is None
+    assert raw.closed == 1  # closed once everything sent before the nack was answered

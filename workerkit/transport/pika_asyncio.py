@@ -365,6 +365,9 @@ class PikaChannel:
         # Sequence numbers of publishes the broker returned; checked when their confirm arrives.
         self._lowest = 1
         self._returned: set[int] = set()
+        # Set by a nack: the channel takes no more publishes and closes once every earlier
+        # publish is answered (see _on_confirm).
+        self._retired: ConnectionFailed | None = None
 
     def _attach(self, raw: PikaRawChannel) -> None:
         self._raw = raw
@@ -373,7 +376,7 @@ class PikaChannel:
 
     @property
     def is_open(self) -> bool:
-        return self._close_error is None and bool(self._raw.is_open)
+        return self._close_error is None and self._retired is None and bool(self._raw.is_open)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -590,8 +593,9 @@ class PikaChannel:
         The plain callback is what keeps this path free of a future, a task and the extra turn
         of the loop that an asyncio future's callbacks take.
         """
-        if self._close_error is not None:
-            on_done(self._close_error)
+        refused = self._close_error or self._retired
+        if refused is not None:
+            on_done(refused)
             return
         raw = self._raw
         try:
@@ -639,6 +643,7 @@ class PikaChannel:
             entry.on_done(
                 PublishTimeout(f"no confirm from the broker within {entry.timeout}s{blocked}")
             )
+        self._close_if_retired()
         self._sweeping = bool(self._unconfirmed)
         if self._sweeping:
             asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._expire)
@@ -687,11 +692,18 @@ class PikaChannel:
         # Everything below the lowest unconfirmed sequence number is settled.
         while self._lowest <= self._seq and self._lowest not in self._unconfirmed:
             self._lowest += 1
-        if nacked and self._raw.is_open:
+        if nacked and self._retired is None and self._raw.is_open:
             # Not reused: RabbitMQ 3.10 nacks every later publish on a channel whose publish to
             # a quorum queue found its leader gone, while a new channel works once a leader is
-            # elected. Closing fails what is still unconfirmed here, so callers publish again.
+            # elected. Publishes sent before the nack are still answered here: a broker confirms
+            # out of order (a classic queue acks a persisted message after its fsync but nacks a
+            # full queue's at once), and failing them would call confirmed copies lost.
             log.warning("the broker nacked a publish; opening a new channel for the next ones")
+            self._retired = ConnectionFailed("the channel was retired after a nack; publish again")
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        if self._retired is not None and not self._unconfirmed and self._raw.is_open:
             self._raw.close()
 
     async def close(self) -> None:
