@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,7 +15,7 @@ from workerkit import Message, Reject, RetryPolicy, Runner, Settings, Worker
 from workerkit.batch import Failures
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues, get_all, publish_many_raw, ready_count
+from .workers_fixture import get_all, publish_many_raw, ready_count
 
 pytestmark = pytest.mark.integration
 
@@ -23,13 +23,6 @@ pytestmark = pytest.mark.integration
 class Order(BaseModel):
     order_id: int
     flag: str = ""
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _runner(settings: Settings, *workers: type[Worker]) -> Runner:

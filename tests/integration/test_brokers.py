@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -18,7 +18,7 @@ from workerkit import Settings, Worker, dlq
 from workerkit.topology import DEAD_LETTER_DELIVERY_LIMIT, Topology
 from workerkit.transport.pika_asyncio import PikaTransport
 
-from .workers_fixture import declare_raw, delete_queues, publish_many_raw, ready_count
+from .workers_fixture import declare_raw, publish_many_raw, ready_count
 
 pytestmark = pytest.mark.integration
 
@@ -27,13 +27,6 @@ pytestmark = pytest.mark.integration
 NACK_COUNTS = {"3.10": True, "4.0": True, "4.3": False}
 # The limit of a quorum queue declared without x-delivery-limit: none on 3.x, 20 from 4.0.
 DEFAULT_LIMIT = {"3.10": None, "4.0": 20, "4.3": 20}
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def worker_on(name: str, limit: int | None = None) -> type[Worker]:

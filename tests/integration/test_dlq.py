@@ -7,7 +7,7 @@ import os
 import pty
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,7 +23,6 @@ from workerkit.testing import running, wait_for
 
 from .workers_fixture import (
     declare_raw,
-    delete_queues,
     get_all,
     publish_many_raw,
     publish_raw,
@@ -31,13 +30,6 @@ from .workers_fixture import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _env(settings: Settings) -> dict[str, str]:

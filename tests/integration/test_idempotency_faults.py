@@ -19,7 +19,7 @@ from workerkit import Runner, Settings, Worker
 from workerkit.idempotency import Claim, RedisStore
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import STARTED, delete_queues, publish_raw, ready_count
+from .workers_fixture import STARTED, publish_raw, ready_count
 
 redis = pytest.importorskip("redis")
 
@@ -47,13 +47,6 @@ def prefix(r: Any) -> Iterator[str]:
     keys = list(r.scan_iter(match=p + "*"))
     if keys:
         r.delete(*keys)
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _start(mode: str, queue: str, settings: Settings, prefix: str) -> subprocess.Popen[bytes]:

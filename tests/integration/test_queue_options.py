@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -16,16 +16,9 @@ from workerkit import Publisher, PublishNacked, Runner, Settings, TopologyError,
 from workerkit.dlq import list_dead
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues, publish_raw, ready_count
+from .workers_fixture import publish_raw, ready_count
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _runner(settings: Settings, *workers: type[Worker]) -> Runner:

@@ -31,7 +31,7 @@ from workerkit import (
 from workerkit.reply import DIRECT_REPLY_TO, decode_reply
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues, get_all, ready_count
+from .workers_fixture import get_all, ready_count
 
 pytestmark = pytest.mark.integration
 
@@ -107,13 +107,6 @@ def caller(settings: Settings) -> Iterator[DirectCaller]:
     c = DirectCaller(settings.url.get_secret_value(), settings.exchange)
     yield c
     c.close()
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _runner(settings: Settings, *workers: type[Worker]) -> Runner:

@@ -7,7 +7,7 @@ import functools
 import itertools
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from workerkit.testing import running, wait_for
 
 from .workers_fixture import (
     consumer_count,
-    delete_queues,
     get_all,
     log_lines,
     publish_raw,
@@ -33,13 +32,6 @@ pytestmark = pytest.mark.integration
 # A retry may arrive later than its delay by the broker's TTL timer, a few dead-letter hops
 # and a noisy 2-core machine; never sooner.
 LATE = 1.0
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _url(settings: Settings) -> str:

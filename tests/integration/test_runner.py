@@ -7,7 +7,7 @@ import collections
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from workerkit.message import Header
 from workerkit.testing import running, wait_for
 
 from .workers_fixture import (
-    delete_queues,
     get_all,
     publish_many_raw,
     publish_raw,
@@ -34,15 +33,6 @@ pytestmark = pytest.mark.integration
 class OrderPlaced(BaseModel):
     order_id: int
     email: str
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    """Queues to delete after the test (work queues; their DLQs are added automatically)."""
-    queues: list[str] = []
-    yield queues
-    url = settings.url.get_secret_value()
-    delete_queues(url, *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _url(settings: Settings) -> str:

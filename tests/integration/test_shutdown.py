@@ -6,7 +6,7 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +16,6 @@ from workerkit.testing import wait_for
 
 from .workers_fixture import (
     consumer_count,
-    delete_queues,
     get_all,
     log_lines,
     publish_raw,
@@ -25,13 +24,6 @@ from .workers_fixture import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 def _ready(url: str, queue: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,16 +14,9 @@ from workerkit.testing import running, wait_for
 from workerkit.topology import LEVELS, Topology
 from workerkit.transport.pika_asyncio import PikaTransport
 
-from .workers_fixture import declare_raw, delete_queues, publish_raw
+from .workers_fixture import declare_raw, publish_raw
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cleanup(settings: Settings) -> Iterator[list[str]]:
-    queues: list[str] = []
-    yield queues
-    delete_queues(settings.url.get_secret_value(), *queues, *(f"{q}.dlq" for q in queues))
 
 
 async def test_declaring_twice_is_idempotent_and_keeps_messages(
