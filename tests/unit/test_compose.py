@@ -8,17 +8,14 @@ import base64
 import hashlib
 import importlib.util
 import json
-import os
 import re
-import shutil
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pika
 import pytest
 import yaml
+from stack_files import dashboard_exprs, env_file
 
 from workerkit import Worker
 from workerkit.cli import load_targets
@@ -62,16 +59,6 @@ def _workerkit_targets(words: list[str], verb: str) -> list[list[str]]:
                 targets.append(arg)
             found.append(targets)
     return found
-
-
-def _env_file(path: Path) -> dict[str, str]:
-    pairs = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
-            pairs[key.strip()] = value.strip()
-    return pairs
 
 
 INFRA = {"rabbitmq", "prometheus", "grafana"}
@@ -158,17 +145,17 @@ def test_python_modules_run_by_services_exist_and_have_main(compose: dict[str, A
 
 def test_env_files_exist_and_hold_valid_settings(compose: dict[str, Any]) -> None:
     for name, service in _app_services(compose).items():
-        for env_file in service["env_file"]:
-            path = ROOT / env_file
-            assert path.is_file(), f"{name}: {env_file} is missing"
-            pairs = _env_file(path)
+        for listed in service["env_file"]:
+            path = ROOT / listed
+            assert path.is_file(), f"{name}: {listed} is missing"
+            pairs = env_file(path)
             workerkit_keys = {k: v for k, v in pairs.items() if k.startswith("WORKERKIT_")}
             fields = {k.removeprefix("WORKERKIT_").lower(): v for k, v in workerkit_keys.items()}
-            assert set(fields) <= set(Settings.model_fields), env_file
+            assert set(fields) <= set(Settings.model_fields), listed
             if workerkit_keys:
                 # Every value must parse: the same validation the container would run.
                 Settings(**fields)  # type: ignore[arg-type]
-                assert workerkit_keys == pairs, f"{env_file}: keep app settings out of it"
+                assert workerkit_keys == pairs, f"{listed}: keep app settings out of it"
 
 
 def test_mounted_config_files_exist(compose: dict[str, Any]) -> None:
@@ -188,7 +175,7 @@ def _check_rabbit_sha256(password: str, password_hash: str) -> bool:
 def test_broker_user_in_the_url_exists_with_that_password_and_permissions(
     compose: dict[str, Any],
 ) -> None:
-    url = urlsplit(_env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
+    url = urlsplit(env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
     assert url.hostname == "rabbitmq"
     definitions = json.loads((ROOT / "config/definitions.json").read_text())
     (user,) = [u for u in definitions["users"] if u["name"] == url.username]
@@ -215,7 +202,7 @@ def test_rabbitmq_conf_matches_the_mounts_and_the_workers_settings(
     )
     mounts = compose["services"]["rabbitmq"]["volumes"]
     assert f"./config/definitions.json:{conf['load_definitions']}:ro" in mounts
-    env = _env_file(ROOT / "config/compose.env")
+    env = env_file(ROOT / "config/compose.env")
     assert int(conf["consumer_timeout"]) == 1000 * int(env["WORKERKIT_BROKER_CONSUMER_TIMEOUT"])
     plugins = (ROOT / "config/enabled_plugins").read_text()
     assert re.fullmatch(r"\[[a-z_,]+\]\.\n", plugins) and "rabbitmq_management" in plugins
@@ -255,11 +242,6 @@ def test_prometheus_scrapes_every_worker_and_the_broker(compose: dict[str, Any])
     assert "rabbitmq_prometheus" in (ROOT / "config/enabled_plugins").read_text()
 
 
-def _dashboard_exprs() -> list[str]:
-    dashboard = json.loads((ROOT / "config/grafana-dashboard.json").read_text())
-    return [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-
-
 def test_grafana_loads_the_dashboard_from_prometheus(compose: dict[str, Any]) -> None:
     grafana = compose["services"]["grafana"]
     mounts = dict(m.rsplit(":", 1)[0].split(":", 1) for m in grafana["volumes"])
@@ -291,12 +273,12 @@ def test_dashboard_queries_name_metrics_workerkit_exports() -> None:
     metrics.on_reconnected(0.1)
     exposition = generate_latest(REGISTRY).decode()
     exported = set(re.findall(r"^(workerkit_[a-z_]+)", exposition, re.M))
-    used = {name for expr in _dashboard_exprs() for name in re.findall(r"workerkit_[a-z_]+", expr)}
+    used = {name for expr in dashboard_exprs() for name in re.findall(r"workerkit_[a-z_]+", expr)}
     assert used and used <= exported, used - exported
 
 
 def test_workers_get_time_to_drain_before_docker_kills_them(compose: dict[str, Any]) -> None:
-    grace = float(_env_file(ROOT / "config/compose.env")["WORKERKIT_SHUTDOWN_GRACE"])
+    grace = float(env_file(ROOT / "config/compose.env")["WORKERKIT_SHUTDOWN_GRACE"])
     for name, service in _app_services(compose).items():
         assert float(service["stop_grace_period"].removesuffix("s")) > grace, name
 
@@ -305,86 +287,6 @@ def test_image_contains_the_package_and_the_examples() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY workerkit ./workerkit" in dockerfile
     assert "COPY workers ./workers" in dockerfile
-
-
-# -- the broker configuration, booted for real -------------------------------------------------
-
-
-def _config_node() -> Any:
-    """A private node of the version under test booted from config/ (ports moved to free ones,
-    nothing else): tests/reliability/broker.py's PrivateBroker with this repo's files."""
-    from broker import PrivateBroker, free_port  # tests/conftest.py put it on sys.path
-
-    http_port, prometheus_port = free_port(), free_port()
-
-    def config(node: Any) -> list[str]:
-        overrides = {
-            "listeners.tcp.default": f"127.0.0.1:{node.port}",
-            "management.tcp.port": str(http_port),
-            "load_definitions": node.inner(node.base / "definitions.json"),
-        }
-        lines = []
-        for line in (ROOT / "config/rabbitmq.conf").read_text().splitlines():
-            key = line.partition("=")[0].strip()
-            lines.append(f"{key} = {overrides.pop(key)}" if key in overrides else line)
-        assert not overrides, f"config/rabbitmq.conf lacks {sorted(overrides)}"
-        return [*lines, "management.tcp.ip = 127.0.0.1", f"prometheus.tcp.port = {prometheus_port}"]
-
-    node = PrivateBroker(
-        config=config,
-        plugins=(ROOT / "config/enabled_plugins").read_text().strip(),
-        files=[ROOT / "config/definitions.json"],
-    )
-    node.http_port, node.prometheus_port = http_port, prometheus_port
-    # Readiness is checked with the workers' user: definitions.json replaces guest.
-    url = urlsplit(_env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
-    node.url = f"amqp://{url.username}:{url.password}@127.0.0.1:{node.port}/"
-    return node
-
-
-@pytest.mark.integration
-@pytest.mark.skipif(
-    (
-        (os.environ.get("WORKERKIT_TEST_BROKER", "3.10") in ("", "3.10"))
-        and shutil.which("rabbitmq-server") is None
-    )
-    or os.geteuid() != 0,
-    reason="booting a private RabbitMQ node needs rabbitmq-server and root (Docker users: compose)",
-)
-def test_rabbitmq_boots_from_config_with_the_dev_user_and_management() -> None:
-    node = _config_node()
-    try:
-        node.start()
-        url = urlsplit(_env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
-        user, password = url.username or "", url.password or ""
-        # The workers' credentials work: definitions.json was loaded and its hash is right.
-        params = pika.URLParameters(f"amqp://{user}:{password}@127.0.0.1:{node.port}/")
-        pika.BlockingConnection(params).close()
-        # The management UI answers that user: enabled_plugins and the administrator tag work.
-        request = urllib.request.Request(f"http://127.0.0.1:{node.http_port}/api/whoami")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            assert json.loads(reply.read())["name"] == user
-        # rabbitmq.conf took effect, with the consumer_timeout the workers are told about.
-        expected = 1000 * int(
-            _env_file(ROOT / "config/compose.env")["WORKERKIT_BROKER_CONSUMER_TIMEOUT"]
-        )
-        result = node.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
-        assert result.stdout.strip() == f"{{ok,{expected}}}", result.stdout + result.stderr
-        # The broker's per-object Prometheus endpoint has the series the dashboard queries.
-        connection = pika.BlockingConnection(params)
-        connection.channel().queue_declare("dash.dlq", durable=True)
-        connection.close()
-        scrape = f"http://127.0.0.1:{node.prometheus_port}/metrics/per-object"
-        with urllib.request.urlopen(scrape, timeout=10) as reply:
-            exposition = reply.read().decode()
-        assert 'queue="dash.dlq"' in exposition
-        used = {n for e in _dashboard_exprs() for n in re.findall(r"rabbitmq_[a-z_]+", e)}
-        exported = set(re.findall(r"^(rabbitmq_[a-z_]+)", exposition, re.M))
-        assert used and used <= exported, used - exported
-    finally:
-        node.stop()
 
 
 # -- the `cluster` profile ---------------------------------------------------------------------
@@ -423,7 +325,7 @@ def test_cluster_workers_get_every_node_and_wait_for_all_of_them(compose: dict[s
     for name, service in apps.items():
         assert set(service["depends_on"]) == {"rabbit1", "rabbit2", "rabbit3"}, name
         assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
-        env = _env_file(ROOT / service["env_file"][0])
+        env = env_file(ROOT / service["env_file"][0])
         settings = Settings(**{k.removeprefix("WORKERKIT_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
         hosts = [urlsplit(u) for u in settings.urls]
         assert sorted(h.hostname or "" for h in hosts) == ["rabbit1", "rabbit2", "rabbit3"]
@@ -434,7 +336,7 @@ def test_cluster_workers_get_every_node_and_wait_for_all_of_them(compose: dict[s
         assert float(service["stop_grace_period"].removesuffix("s")) > settings.shutdown_grace
     assert (
         Settings(
-            **{"processes": _env_file(ROOT / "config/cluster/cluster.env")["WORKERKIT_PROCESSES"]}
+            **{"processes": env_file(ROOT / "config/cluster/cluster.env")["WORKERKIT_PROCESSES"]}
         ).processes
         > 1
     )  # type: ignore[arg-type]
