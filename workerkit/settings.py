@@ -18,8 +18,17 @@ __all__ = ["Settings", "load_settings", "redact_url", "split_urls"]
 
 
 def split_urls(value: str) -> list[str]:
-    """The broker URLs of a ``WORKERKIT_URL`` value: one URL, or several separated by commas."""
-    return [part.strip() for part in value.split(",") if part.strip()]
+    """The broker URLs of a ``WORKERKIT_URL`` value: one URL, or several separated by commas.
+
+    Only a comma followed by a scheme separates two URLs: a raw comma in a password is part of
+    the password (splitting there would print the first half of it as a "URL" in an error).
+    """
+    parts = (part.strip(", \t\r\n") for part in _URL_SEPARATOR.split(value))
+    return [part for part in parts if part]
+
+
+# One or more commas, then a scheme: the start of the next URL.
+_URL_SEPARATOR = re.compile(r"(?:\s*,)+\s*(?=[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
@@ -29,8 +38,9 @@ def redact_url(url: str) -> str:
     Everything between ``://`` and the last ``@`` goes, whatever characters it holds: a password
     with a raw ``#``, ``?`` or ``/`` must not leak because the URL does not parse as intended.
     """
-    if "," in url:
-        return ",".join(redact_url(one) for one in split_urls(url))
+    urls = split_urls(url) if "," in url else [url]
+    if len(urls) > 1:
+        return ",".join(redact_url(one) for one in urls)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "***" if "@" in url else url
@@ -84,6 +94,10 @@ def check_url(raw: str) -> None:
         raise ValueError("has a port that is not a number") from None
     if not parts.hostname:
         raise ValueError("names no host")
+    if "," in parts.hostname:
+        raise ValueError(
+            "has a ',' in its host: each URL of a list starts with amqp:// or amqps://"
+        )
     _check_query(parts.query)
 
 

@@ -63,3 +63,17 @@ def test_a_lost_connection_moves_the_next_connect_to_the_next_host() -> None:
     assert order.candidates() == [second, third, first]
     assert order.connected(third) is True  # second did not answer
     assert order.candidates() == [third, first, second]
+
+
+def test_a_raw_comma_in_a_password_is_part_of_the_password_not_a_separator() -> None:
+    """Found by the URL property test: splitting at every comma printed half a password."""
+    url = "amqp://alice:s3,cret@node-a/v"
+    settings = Settings(url=f"{url},{B}")  # type: ignore[arg-type]
+    assert settings.urls == [url, B]
+    assert redact_url(url) == "amqp://***@node-a/v"
+    assert "s3" not in settings.redacted_url and "cret" not in settings.redacted_url
+
+
+def test_hosts_listed_without_a_scheme_each_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="each URL of a list starts with amqp://"):
+        Settings(url="amqp://guest:s3cret@node-a,node-b/")  # type: ignore[arg-type]
