@@ -279,7 +279,7 @@ class WorkerRuntime:
         await self.host.topology.declare_queues(channel, [self.cls])
         loop = asyncio.get_running_loop()
         self.channel = channel
-        self.tracker = AckTracker(channel, loop, self.ack_batching)
+        self.tracker = AckTracker(channel, loop, self.ack_batching, hold=self.prefetch // 2)
         tag = await channel.consume(self.queue, self.on_message, self.on_cancelled)
         self.consumer_tag = tag
         await channel.queue_state(self.queue)  # a round trip: the broker has seen the consume

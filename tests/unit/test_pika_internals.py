@@ -82,3 +82,27 @@ def test_the_default_transport_is_chosen_in_one_place() -> None:
         if "PikaTransport" in path.read_text()
     }
     assert naming == {"transport/__init__.py", "transport/pika_asyncio.py"}
+
+
+def test_a_connection_missing_a_name_falls_back_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Renamed:  # a connection of a pika release that renamed its receive buffer
+        bytes_received = frames_received = bytes_sent = frames_sent = 0
+        _body_max_length = 0
+        _transport = None
+
+    with caplog.at_level("WARNING", logger="workerkit.transport"):
+        assert _pika_internals._fast_path_chosen(Renamed()) is False
+    assert "AsyncioConnection._frame_buffer" in caplog.text
+    assert "slower" in caplog.text
+
+
+def test_the_fast_path_names_are_among_those_checked() -> None:
+    from pika.adapters.asyncio_connection import AsyncioConnection
+
+    checked = {
+        *_pika_internals._PRIVATE[AsyncioConnection],
+        *_pika_internals._PRIVATE_INSTANCE[AsyncioConnection],
+    }
+    assert {"_on_data_available", "_process_frame", "_frame_buffer", "bytes_received"} <= checked
