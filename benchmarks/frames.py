@@ -3,10 +3,11 @@
 ``python -m benchmarks.frames [COUNT] [CHUNK]`` opens a real connection and consumes from an
 empty queue (so pika's state is real), then hands the connection COUNT synthetic deliveries
 (Basic.Deliver + content header + ~100 B JSON body, as consume.py's messages look) in CHUNK-byte
-pieces (default 4096, pika's own read size; the fast path reads 65536) straight to
-``_on_data_available``, as the socket would, and reports CPU microseconds per delivery from the
-bytes to the consumer callback holding a Message. It runs with the fast path on and off
-(the fallback is pika's decoder). ``valgrind --tool=callgrind`` on it gives instruction counts.
+pieces (default 4096, pika's own read size; the fast path reads 65536) straight to where pika's
+transport hands received bytes (``_pika_internals.receiver``), as the socket would, and reports
+CPU microseconds per delivery from the bytes to the consumer callback holding a Message. It runs
+with the fast path on and off (the fallback is pika's decoder). ``valgrind --tool=callgrind`` on
+it gives instruction counts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pika.frame
 from pika import spec
 
 from workerkit.message import Message
-from workerkit.transport import _fastframes
+from workerkit.transport import _fastframes, _pika_internals
 from workerkit.transport.pika_asyncio import PikaTransport
 from workerkit.transport.specs import QueueSpec
 
@@ -51,7 +52,7 @@ async def measure(fast: bool, count: int, chunk: int) -> dict[str, Any]:
         tag = await channel.consume(queue, got.append, lambda: None)
         stream = recorded(channel._raw.channel_number, tag, queue, count)
         pieces = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
-        receive = conn._raw._on_data_available
+        receive = _pika_internals.receiver(conn._raw)
         cpu, wall = time.process_time(), time.perf_counter()
         for piece in pieces:
             receive(piece)

@@ -106,3 +106,33 @@ def test_the_fast_path_names_are_among_those_checked() -> None:
         *_pika_internals._PRIVATE_INSTANCE[AsyncioConnection],
     }
     assert {"_on_data_available", "_process_frame", "_frame_buffer", "bytes_received"} <= checked
+
+
+def _pika_private_names() -> set[str]:
+    names = {
+        name
+        for table in (_pika_internals._PRIVATE, _pika_internals._PRIVATE_INSTANCE)
+        for owned in table.values()
+        for name in owned
+    }
+    return {name for name in names if name.startswith("_")}
+
+
+def test_benchmarks_and_tests_reach_pika_privately_only_through_the_one_module() -> None:
+    # Attributes of self are a class's own (the Publisher has its own _transport).
+    private = _pika_private_names()
+    repo = Path(workerkit.__file__).parent.parent
+    found: list[str] = []
+    for folder in ("workerkit", "benchmarks", "tests", "workers", "scripts"):
+        for path in (repo / folder).rglob("*.py"):
+            if path.name in ("_pika_internals.py", Path(__file__).name):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr in private
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                ):
+                    found.append(f"{path.relative_to(repo)}:{node.lineno} .{node.attr}")
+    assert len(private) >= 8  # the table is read, not empty
+    assert found == []

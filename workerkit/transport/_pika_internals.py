@@ -160,6 +160,13 @@ def stop_fast(raw: PikaRawChannel, consumer_tag: str | None = None) -> None:
         reader.unregister(raw.channel_number, consumer_tag)
 
 
+def receiver(connection: AsyncioConnection) -> Callable[[bytes], None]:
+    """Where the connection's transport hands the bytes it received (benchmarks/frames.py feeds
+    recorded frames through it, as the socket would)."""
+    receive: Callable[[bytes], None] = connection._on_data_available
+    return receive
+
+
 def acker(raw: PikaRawChannel) -> Callable[[int, bool], None]:
     """``ack(delivery_tag, multiple)`` for an open channel: one packed frame on the fast path,
     pika's ``basic_ack`` otherwise."""
