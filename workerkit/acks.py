@@ -63,6 +63,12 @@ class AckTracker:
         self.dead = False
 
     @property
+    def held(self) -> int:
+        """Finished deliveries whose ack is not sent yet (waiting for others, at most
+        ``HOLD_SECONDS``)."""
+        return 0 if self.dead else len(self._done)
+
+    @property
     def remembered(self) -> int:
         """Tags held in memory (bounded by the prefetch window)."""
         return len(self._gaps) + len(self._done)
@@ -157,5 +163,7 @@ class AckTracker:
             self._advance()
 
     def close(self) -> None:
+        """Send what is held, then ack nothing more (the channel is closing or gone; on a closed
+        channel the acks are no-ops: the broker has requeued those deliveries)."""
         self.flush()
         self.dead = True

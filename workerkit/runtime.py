@@ -256,6 +256,12 @@ class WorkerRuntime:
         return self.outcomes[Outcome.GIVEN_BACK]
 
     @property
+    def busy(self) -> bool:
+        """A delivery waits for a slot, a handler runs, or a finished one's ack is held."""
+        tracker = self.tracker
+        return bool(self.in_flight or self.deque or (tracker is not None and tracker.held))
+
+    @property
     def healthy(self) -> bool:
         """Consuming with its own consumer, every slot alive, a handler thread free."""
         channel, tag = self.channel, self.consumer_tag
@@ -288,12 +294,17 @@ class WorkerRuntime:
         self.consuming = True
 
     def detach(self) -> None:
-        """The channel is gone: unstarted deliveries belong to the broker again."""
+        """The channel is gone: unstarted deliveries belong to the broker again.
+
+        Held acks are sent first: the consume channel may still be open (the publish connection
+        was lost, or the broker cancelled the consumer), and the reconnect that follows closes
+        it, which would requeue deliveries that were handled.
+        """
         self.consuming = False
         self.deque.clear()
         self.arrivals.clear()
         if self.tracker is not None:
-            self.tracker.dead = True
+            self.tracker.close()
         self.tracker = None
         self.channel = None
         self.consumer_tag = None

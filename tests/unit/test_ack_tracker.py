@@ -206,3 +206,14 @@ async def test_held_acks_never_wait_longer_than_hold_seconds() -> None:
         await asyncio.sleep(0.001)
     assert channel.calls == [("ack", 2, True)]
     assert loop.time() - started >= acks.HOLD_SECONDS * 0.9
+
+
+async def test_held_counts_the_acks_not_sent_yet() -> None:
+    channel = StrictChannel(10)
+    tracker = AckTracker(channel, asyncio.get_running_loop(), True, hold=5)  # type: ignore[arg-type]
+    finish(channel, tracker, 1)
+    finish(channel, tracker, 2)
+    assert tracker.held == 2
+    tracker.close()  # a channel loss or shutdown: what is held goes out first
+    assert channel.calls == [("ack", 2, True)]
+    assert tracker.held == 0
