@@ -8,6 +8,9 @@ from .transport.base import Channel
 
 __all__ = ["AckTracker"]
 
+# Longest a finished delivery's ack waits for others to share its frame (seconds).
+HOLD_SECONDS = 0.005
+
 
 class AckTracker:
     """Acks for one channel. Batches contiguous finished deliveries into one multiple=True ack.
@@ -19,6 +22,11 @@ class AckTracker:
     Above the floor the tracker remembers the *unsettled* tags up to the highest tag settled
     singly (``_gaps``), not the settled ones: unsettled deliveries are at most ``prefetch``, so
     one long handler cannot make it grow without bound.
+
+    ``hold``: finished deliveries wait for this many to be finished (or ``HOLD_SECONDS``) before
+    their ack is sent. 1 sends at the end of the loop's turn. The runtime holds half the
+    prefetch window, as C clients do: the broker still has the other half to send meanwhile,
+    and a write to the socket costs more than a loop turn.
     """
 
     __slots__ = (
@@ -28,21 +36,37 @@ class AckTracker:
         "_floor",
         "_gaps",
         "_high",
+        "_hold",
         "_loop",
         "_scheduled",
+        "_timer",
         "dead",
     )
 
-    def __init__(self, channel: Channel, loop: asyncio.AbstractEventLoop, batching: bool) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        loop: asyncio.AbstractEventLoop,
+        batching: bool,
+        hold: int = 1,
+    ) -> None:
         self._channel = channel
         self._loop = loop
         self._batching = batching
+        self._hold = max(1, hold)
+        self._timer = False
         self._floor = 0  # every tag <= floor is settled
         self._high = 0  # every tag in (floor, high] is settled unless it is in _gaps
         self._gaps: set[int] = set()
         self._done: set[int] = set()
         self._scheduled = False
         self.dead = False
+
+    @property
+    def held(self) -> int:
+        """Finished deliveries whose ack is not sent yet (waiting for others, at most
+        ``HOLD_SECONDS``)."""
+        return 0 if self.dead else len(self._done)
 
     @property
     def remembered(self) -> int:
@@ -55,10 +79,20 @@ class AckTracker:
         if not self._batching:
             self._channel.ack(tag)
             return
-        self._done.add(tag)
-        if not self._scheduled:
+        done = self._done
+        done.add(tag)
+        if self._scheduled:
+            return
+        if len(done) >= self._hold:
             self._scheduled = True
             self._loop.call_soon(self.flush)
+        elif not self._timer:
+            self._timer = True
+            self._loop.call_later(HOLD_SECONDS, self._held_long_enough)
+
+    def _held_long_enough(self) -> None:
+        self._timer = False
+        self.flush()
 
     def requeue(self, tag: int) -> None:
         """Give the message back to the broker (to its queue)."""
@@ -129,5 +163,7 @@ class AckTracker:
             self._advance()
 
     def close(self) -> None:
+        """Send what is held, then ack nothing more (the channel is closing or gone; on a closed
+        channel the acks are no-ops: the broker has requeued those deliveries)."""
         self.flush()
         self.dead = True

@@ -413,7 +413,7 @@ class Runner:
                 return
 
     def _busy(self) -> bool:
-        return any(rt.in_flight or rt.deque for rt in self.runtimes) or not self.healthy
+        return any(rt.busy for rt in self.runtimes) or not self.healthy
 
     async def _queues_empty(self) -> bool:
         """Whether every work queue is empty; False while a channel is down (not known yet)."""

@@ -256,6 +256,12 @@ class WorkerRuntime:
         return self.outcomes[Outcome.GIVEN_BACK]
 
     @property
+    def busy(self) -> bool:
+        """A delivery waits for a slot, a handler runs, or a finished one's ack is held."""
+        tracker = self.tracker
+        return bool(self.in_flight or self.deque or (tracker is not None and tracker.held))
+
+    @property
     def healthy(self) -> bool:
         """Consuming with its own consumer, every slot alive, a handler thread free."""
         channel, tag = self.channel, self.consumer_tag
@@ -279,7 +285,7 @@ class WorkerRuntime:
         await self.host.topology.declare_queues(channel, [self.cls])
         loop = asyncio.get_running_loop()
         self.channel = channel
-        self.tracker = AckTracker(channel, loop, self.ack_batching)
+        self.tracker = AckTracker(channel, loop, self.ack_batching, hold=self.prefetch // 2)
         tag = await channel.consume(self.queue, self.on_message, self.on_cancelled)
         self.consumer_tag = tag
         await channel.queue_state(self.queue)  # a round trip: the broker has seen the consume
@@ -288,12 +294,17 @@ class WorkerRuntime:
         self.consuming = True
 
     def detach(self) -> None:
-        """The channel is gone: unstarted deliveries belong to the broker again."""
+        """The channel is gone: unstarted deliveries belong to the broker again.
+
+        Held acks are sent first: the consume channel may still be open (the publish connection
+        was lost, or the broker cancelled the consumer), and the reconnect that follows closes
+        it, which would requeue deliveries that were handled.
+        """
         self.consuming = False
         self.deque.clear()
         self.arrivals.clear()
         if self.tracker is not None:
-            self.tracker.dead = True
+            self.tracker.close()
         self.tracker = None
         self.channel = None
         self.consumer_tag = None

@@ -290,8 +290,9 @@ class BrokerHarness:
         runs = [run for run in self._runs if run.started]
         for run in runs:
             for rt in run.runner.runtimes:
-                # Prefetched messages wait in the runtime's deque; handled ones count in flight.
-                if rt.in_flight or rt.deque:
+                # Prefetched messages wait in the runtime's deque; handled ones count in flight
+                # until their ack is sent (acks are held a few milliseconds to share a frame).
+                if rt.busy:
                     return f"{rt.queue}: a message is being handled"
         queues = [rt.queue for run in runs for rt in run.runner.runtimes]
         delays = [spec.name for spec in Topology(self.settings).delay_queues()[1:]]

@@ -178,3 +178,42 @@ async def test_memory_stays_bounded_behind_one_long_handler() -> None:
     await settle()
     assert channel.outstanding == set()
     assert channel.calls[-1] == ("ack", 1, True) or channel.calls[-1] == ("ack", 1, False)
+
+
+async def test_held_acks_go_out_once_half_the_window_finished() -> None:
+    channel = StrictChannel(100)
+    tracker = AckTracker(channel, asyncio.get_running_loop(), True, hold=50)  # type: ignore[arg-type]
+    for tag in range(1, 50):
+        finish(channel, tracker, tag)
+    await settle()
+    assert channel.calls == []  # 49 of 50: still held
+    finish(channel, tracker, 50)
+    await settle()
+    assert channel.calls == [("ack", 50, True)]
+
+
+async def test_held_acks_never_wait_longer_than_hold_seconds() -> None:
+    from workerkit import acks
+
+    channel = StrictChannel(100)
+    loop = asyncio.get_running_loop()
+    tracker = AckTracker(channel, loop, True, hold=50)  # type: ignore[arg-type]
+    finish(channel, tracker, 1)
+    finish(channel, tracker, 2)
+    started = loop.time()
+    while not channel.calls:
+        assert loop.time() - started < 1.0, "held acks were never sent"
+        await asyncio.sleep(0.001)
+    assert channel.calls == [("ack", 2, True)]
+    assert loop.time() - started >= acks.HOLD_SECONDS * 0.9
+
+
+async def test_held_counts_the_acks_not_sent_yet() -> None:
+    channel = StrictChannel(10)
+    tracker = AckTracker(channel, asyncio.get_running_loop(), True, hold=5)  # type: ignore[arg-type]
+    finish(channel, tracker, 1)
+    finish(channel, tracker, 2)
+    assert tracker.held == 2
+    tracker.close()  # a channel loss or shutdown: what is held goes out first
+    assert channel.calls == [("ack", 2, True)]
+    assert tracker.held == 0

@@ -82,3 +82,57 @@ def test_the_default_transport_is_chosen_in_one_place() -> None:
         if "PikaTransport" in path.read_text()
     }
     assert naming == {"transport/__init__.py", "transport/pika_asyncio.py"}
+
+
+def test_a_connection_missing_a_name_falls_back_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Renamed:  # a connection of a pika release that renamed its receive buffer
+        bytes_received = frames_received = bytes_sent = frames_sent = 0
+        _body_max_length = 0
+        _transport = None
+
+    with caplog.at_level("WARNING", logger="workerkit.transport"):
+        assert _pika_internals._fast_path_chosen(Renamed()) is False
+    assert "AsyncioConnection._frame_buffer" in caplog.text
+    assert "slower" in caplog.text
+
+
+def test_the_fast_path_names_are_among_those_checked() -> None:
+    from pika.adapters.asyncio_connection import AsyncioConnection
+
+    checked = {
+        *_pika_internals._PRIVATE[AsyncioConnection],
+        *_pika_internals._PRIVATE_INSTANCE[AsyncioConnection],
+    }
+    assert {"_on_data_available", "_process_frame", "_frame_buffer", "bytes_received"} <= checked
+
+
+def _pika_private_names() -> set[str]:
+    names = {
+        name
+        for table in (_pika_internals._PRIVATE, _pika_internals._PRIVATE_INSTANCE)
+        for owned in table.values()
+        for name in owned
+    }
+    return {name for name in names if name.startswith("_")}
+
+
+def test_benchmarks_and_tests_reach_pika_privately_only_through_the_one_module() -> None:
+    # Attributes of self are a class's own (the Publisher has its own _transport).
+    private = _pika_private_names()
+    repo = Path(workerkit.__file__).parent.parent
+    found: list[str] = []
+    for folder in ("workerkit", "benchmarks", "tests", "workers", "scripts"):
+        for path in (repo / folder).rglob("*.py"):
+            if path.name in ("_pika_internals.py", Path(__file__).name):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and node.attr in private
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                ):
+                    found.append(f"{path.relative_to(repo)}:{node.lineno} .{node.attr}")
+    assert len(private) >= 8  # the table is read, not empty
+    assert found == []

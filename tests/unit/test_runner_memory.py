@@ -25,6 +25,7 @@ from workerkit import (
 )
 from workerkit.errors import ConnectionFailed
 from workerkit.message import Header, Outgoing, Properties
+from workerkit.middleware import Middleware
 from workerkit.publisher import AsyncPublisher
 from workerkit.runner import Runner
 from workerkit.testing import in_memory, memory_publisher, running, wait_for
@@ -651,4 +652,66 @@ async def test_a_closed_publish_channel_is_reopened_for_the_next_retry_copy(
         await publisher.publish(queue, Order(order_id=4, email="a@b"))
         await wait_for(lambda: broker.messages(f"{EXCHANGE}.delay.09") != [], 5, "the copy")
         assert runner._publish_channel is not closed
+    no_protocol_errors(broker)
+
+
+async def test_a_held_ack_is_sent_when_the_publish_connection_is_lost(
+    broker: MemoryBroker,
+) -> None:
+    """Acks wait a few milliseconds to share a frame. When the publish connection is lost the
+    runner reconnects both, closing the consume channel: an ack still held then would be lost
+    and the handled message delivered again."""
+    queue = qname("held")
+    seen: list[tuple[bytes, bool]] = []
+
+    async def handle(self: Any, body: bytes, message: Message) -> None:
+        seen.append((body, message.redelivered))
+
+    class LoseThePublishConnection(Middleware):
+        def after_handle(self, message: Message, outcome: str, duration: float) -> None:
+            if message.body != b"once" or message.redelivered:
+                return
+            # The ack is held now (prefetch 20 holds 10); the consume channel is still open.
+            tracker = runner.runtimes[0].tracker
+            assert tracker is not None and tracker.held == 1
+            runner.connection_lost(ConnectionFailed("the publish connection closed"))
+
+    runner, _ = in_memory(
+        [worker(queue, handle)],
+        broker=broker,
+        settings=settings(concurrency=10, prefetch=20),
+        middleware=[LoseThePublishConnection()],
+    )
+    async with running(runner), memory_publisher(broker, settings()) as pub:
+        await pub.publish(queue, b"once")
+        await wait_for(lambda: runner.reconnects == 1 and runner.healthy, 5, "reconnection")
+        await wait_for(lambda: broker.unacked() == 0 and not broker.messages(queue), 5)
+        await pub.publish(queue, b"after")  # the recovered consumer works
+        await wait_for(lambda: (b"after", False) in seen, 5)
+    assert seen == [(b"once", False), (b"after", False)]  # never delivered again
+    no_protocol_errors(broker)
+
+
+async def test_a_runtime_with_a_held_ack_is_busy(broker: MemoryBroker) -> None:
+    """join() and burst mode say drained only once held acks are sent."""
+    queue = qname("busy")
+    busy_after: list[bool] = []
+
+    async def handle(self: Any, body: bytes) -> None:
+        pass
+
+    class Look(Middleware):
+        def after_handle(self, message: Message, outcome: str, duration: float) -> None:
+            busy_after.append(runner.runtimes[0].busy)  # handled, its ack held
+
+    runner, _ = in_memory(
+        [worker(queue, handle)],
+        broker=broker,
+        settings=settings(concurrency=10, prefetch=20),
+        middleware=[Look()],
+    )
+    async with running(runner), memory_publisher(broker, settings()) as pub:
+        await pub.publish(queue, b"x")
+        await wait_for(lambda: broker.unacked() == 0 and busy_after == [True], 5)
+        await wait_for(lambda: not runner.runtimes[0].busy, 1, "the held ack was sent")
     no_protocol_errors(broker)

@@ -35,7 +35,13 @@ from ..errors import (
 )
 from ..message import Message, Outgoing, Properties
 from ..settings import Settings, redact_url
-from ._pika_internals import BatchingConnection, remove_get_empty_callback
+from ._pika_internals import (
+    BatchingConnection,
+    acker,
+    consume_fast,
+    remove_get_empty_callback,
+    stop_fast,
+)
 from .base import OnClosed, OnLost, OnMessage, OnPublished
 from .specs import ExchangeSpec, QueueSpec
 
@@ -353,6 +359,7 @@ class PikaChannel:
     def __init__(self, connection: PikaConnection) -> None:
         self._connection = connection
         self._raw: PikaRawChannel
+        self._ack: Callable[[int, bool], None]
         self._pending: set[asyncio.Future[Any]] = set()
         self._close_error: WorkerkitError | None = None
         self._cancel_callbacks: dict[str, Callable[[], None]] = {}
@@ -371,6 +378,7 @@ class PikaChannel:
 
     def _attach(self, raw: PikaRawChannel) -> None:
         self._raw = raw
+        self._ack = acker(raw)
         raw.add_on_close_callback(self._on_close)
         raw.add_on_cancel_callback(self._on_cancel)
 
@@ -381,6 +389,7 @@ class PikaChannel:
     # -- plumbing ----------------------------------------------------------------------------
 
     def _on_close(self, _raw: Any, exc: BaseException) -> None:
+        stop_fast(self._raw)
         error = translate(exc, what="channel closed")
         self._fail_all(error)
         if isinstance(exc, px.ChannelClosedByClient | px.ConnectionClosedByClient):
@@ -408,6 +417,7 @@ class PikaChannel:
 
     def _on_cancel(self, frame: Any) -> None:
         tag = frame.method.consumer_tag
+        stop_fast(self._raw, tag)
         callback = self._cancel_callbacks.pop(tag, None)
         if callback is not None:
             callback()
@@ -534,16 +544,20 @@ class PikaChannel:
         ) -> None:
             on_message(build(method, props, body))
 
-        frame = await self._call(
-            lambda cb: self._raw.basic_consume(queue, on_delivery, callback=cb),
-            what=f"consuming from {queue!r}",
-        )
+        def start(done: Callable[[Any], None]) -> None:
+            raw = self._raw
+            # pika names the consumer when asked: the fast path knows it before the first
+            # delivery can arrive. pika keeps on_delivery for deliveries it decodes itself.
+            consume_fast(raw, raw.basic_consume(queue, on_delivery, callback=done), on_message)
+
+        frame = await self._call(start, what=f"consuming from {queue!r}")
         tag: str = frame.method.consumer_tag
         self._cancel_callbacks[tag] = on_cancelled
         return tag
 
     async def cancel(self, consumer_tag: str) -> None:
         self._cancel_callbacks.pop(consumer_tag, None)
+        stop_fast(self._raw, consumer_tag)  # pika rejects what still arrives, as before
         if not self.is_open:
             return
         await self._call(
@@ -563,7 +577,7 @@ class PikaChannel:
     def ack(self, delivery_tag: int, multiple: bool = False) -> None:
         # A closed channel means the broker already requeued the message: nothing to ack.
         if self._close_error is None and self._raw.is_open:
-            self._raw.basic_ack(delivery_tag, multiple)
+            self._ack(delivery_tag, multiple)
 
     def nack(self, delivery_tag: int, requeue: bool = True) -> None:
         if self._close_error is None and self._raw.is_open:

@@ -1,0 +1,107 @@
+"""CPU per delivery in workerkit's own per-message path, without a broker.
+
+``python -m benchmarks.runtime_path [CASE] [COUNT]`` (CASE: wk_async, wk_sync, wk_model; default
+all three) builds a :class:`WorkerRuntime` for consume.py's worker, gives it a channel that only
+counts acks, and hands it COUNT ready-made Messages 50 per loop turn (as a read of the socket
+would): slots, decoding, the handler, the decision, the ack tracker and the ack frames' channel
+call, with the transport's receive path left out (``benchmarks.frames`` measures that). Reports
+CPU microseconds per delivery; the ratios between cases are what issue 16's targets compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from workerkit.message import Message
+from workerkit.runtime import WorkerRuntime
+
+from .common import payload, settings
+from .consume import workerkit_worker
+
+PER_TURN = 50
+
+
+class CountingChannel:
+    """Stands in for the consume channel: acks are counted, nothing is sent."""
+
+    def __init__(self) -> None:
+        self.acked = 0
+        self.is_open = True
+
+    def ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acked = delivery_tag if multiple else self.acked + 1
+
+    def nack(self, delivery_tag: int, requeue: bool = True) -> None:
+        raise AssertionError("no message should be given back")
+
+    def has_consumer(self, tag: str) -> bool:
+        return True
+
+
+class NoHost:
+    topology: Any = None
+
+    def consumer_lost(self, error: Exception) -> None:
+        raise AssertionError(error)
+
+    def slot_died(self) -> None:
+        raise AssertionError("a slot died")
+
+
+async def measure(case: str, count: int) -> dict[str, Any]:
+    from workerkit.acks import AckTracker
+
+    worker = workerkit_worker(case, f"bench.runtime.{case}", lambda: None)
+    runtime = WorkerRuntime(worker, NoHost(), settings())  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    channel = CountingChannel()
+    runtime.channel = channel  # type: ignore[assignment]
+    runtime.tracker = AckTracker(channel, loop, True, hold=runtime.prefetch // 2)  # type: ignore[arg-type]
+    runtime.consumer_tag = "bench"
+    runtime.consuming = True
+    props = ("application/json", None)
+    messages = [
+        Message(payload(i), i + 1, runtime.queue, runtime.exchange, False, None, *props)
+        for i in range(count)
+    ]
+    runtime.start_slots()
+    await asyncio.sleep(0)
+    cpu, wall = time.process_time(), time.perf_counter()
+    window = runtime.prefetch
+    sent = 0
+    while channel.acked < count:
+        # Like the broker: never more than the prefetch window unacked.
+        limit = min(count, channel.acked + window, sent + PER_TURN)
+        while sent < limit:
+            runtime.on_message(messages[sent])
+            sent += 1
+        await asyncio.sleep(0)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    runtime.stopping = True
+    for slot in runtime.slots:
+        slot.task.cancel()
+    if runtime.watchdog is not None:
+        runtime.watchdog.cancel()
+    if runtime.pool is not None:
+        runtime.pool.shutdown(wait=True)
+    return {
+        "case": case,
+        "count": count,
+        "cpu_us_per_message": round(cpu / count * 1e6, 3),
+        "wall_us_per_message": round(wall / count * 1e6, 3),
+    }
+
+
+def main() -> None:
+    cases = sys.argv[1].split(",") if len(sys.argv) > 1 else ["wk_async", "wk_sync", "wk_model"]
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else 20000
+    for case in cases:
+        print("RESULT", json.dumps(asyncio.run(measure(case, count))))
+
+
+if __name__ == "__main__":
+    main()
