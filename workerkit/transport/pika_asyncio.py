@@ -525,7 +525,12 @@ class PikaChannel:
     # -- consuming ---------------------------------------------------------------------------
 
     async def consume(
-        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+        self,
+        queue: str,
+        on_message: OnMessage,
+        on_cancelled: Callable[[], None],
+        *,
+        no_ack: bool = False,
     ) -> str:
         build = _message
 
@@ -535,7 +540,7 @@ class PikaChannel:
             on_message(build(method, props, body))
 
         frame = await self._call(
-            lambda cb: self._raw.basic_consume(queue, on_delivery, callback=cb),
+            lambda cb: self._raw.basic_consume(queue, on_delivery, auto_ack=no_ack, callback=cb),
             what=f"consuming from {queue!r}",
         )
         tag: str = frame.method.consumer_tag
@@ -733,6 +738,8 @@ def _basic_properties(props: Properties) -> BasicProperties:
         correlation_id=props.correlation_id,
         timestamp=props.timestamp,
         reply_to=props.reply_to,
+        expiration=props.expiration,
+        priority=props.priority,
     )
 
 
@@ -751,4 +758,6 @@ def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
         props.correlation_id,
         props.timestamp,
         props.reply_to,
+        "",
+        props.priority,
     )
