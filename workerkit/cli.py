@@ -155,7 +155,8 @@ def _is_worker(obj: object) -> bool:
 
 # -- the command group -------------------------------------------------------------------------
 
-url_option = click.option(
+# Typed so that request_cli.py (imported at the bottom, a cycle) sees its type too.
+url_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
     "--url",
     metavar="URL",
     default=None,

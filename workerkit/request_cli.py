@@ -20,6 +20,7 @@ from .cli import (
     parse_headers,
     reported,
     settings_from,
+    url_option,
 )
 from .errors import RemoteError, RequestTimeout
 
@@ -38,12 +39,7 @@ EXIT_NO_REPLY = 5
 )
 @click.option("--raw", is_flag=True, help="Print the reply body as it came (no JSON formatting).")
 @click.option("--header", "-H", "headers", multiple=True, metavar="KEY=VALUE", help="Repeatable.")
-@click.option(
-    "--url",
-    metavar="URL",
-    default=None,
-    help="Broker URL (default: WORKERKIT_URL, then amqp://guest:guest@localhost:5672/).",
-)
+@url_option
 def request_command(
     routing_key: str,
     body: str,
