@@ -400,14 +400,26 @@ class _Core:
 
     def request(self, message: Outgoing, limit: float) -> _Request:
         """Send ``message`` (with ``reply_to`` and ``correlation_id`` set by
-        :meth:`request_message`) and return its :class:`_Request`, on the loop."""
+        :func:`_request_message`) and return its :class:`_Request`, on the loop."""
         loop = asyncio.get_running_loop()
         request = _Request(self._requests, message.properties.correlation_id or "")
         self._requests[request.correlation_id] = request
-        request.timer = loop.call_later(limit, request.expire, limit)
+        request.timer = loop.call_later(limit, self._expire, request, limit)
         deadline = time.monotonic() + limit
         self._attempt(message, deadline, limit, request.published, False, request)
         return request
+
+    def _expire(self, request: _Request, limit: float) -> None:
+        """The request's time is up: a request never confirmed says why it was not sent (an
+        unreachable broker is not a silent worker), a confirmed one that no reply came."""
+        if request.confirmed:
+            request.answer(RequestTimeout(f"no reply within {limit}s"), None)
+            return
+        cause = self._last_error
+        words = f": {cause}" if cause is not None else ": the broker did not confirm it"
+        request.answer(
+            PublishTimeout(f"could not publish the request within {limit}s{words}"), None
+        )
 
     async def connect(self, limit: float) -> None:
         await self._ready(time.monotonic() + limit, limit, "connect", delays=False)
@@ -534,8 +546,9 @@ class _Request:
         if self._on_answer is not None:
             self._on_answer(error, reply)
 
-    def expire(self, limit: float) -> None:
-        self.answer(RequestTimeout(f"no reply within {limit}s"), None)
+    @property
+    def confirmed(self) -> bool:
+        return self.publish_error is None
 
     def when_published(self, callback: OnPublished) -> None:
         if isinstance(self.publish_error, _Unset):
@@ -705,10 +718,12 @@ class AsyncPublisher:
         validated into that type (:class:`DecodeError` if it does not fit).
 
         Raises :class:`RemoteError` when the worker gave up on the request (rejected,
-        exhausted, invalid body), :class:`RequestTimeout` when no reply came within
-        ``timeout`` (default ``Settings.publish_timeout``: connecting and publishing
-        included), :class:`Unroutable` at once when no queue takes the request,
-        :class:`ConnectionFailed` when the connection was lost after the request was sent.
+        exhausted, invalid body), :class:`RequestTimeout` when it was confirmed but no reply
+        came within ``timeout`` (default ``Settings.publish_timeout``: connecting and
+        publishing included), :class:`PublishTimeout` with the cause when it could not even be
+        published and confirmed in that time (an unreachable broker), :class:`Unroutable` at
+        once when no queue takes the request, :class:`ConnectionFailed` when the connection
+        was lost after the request was sent.
         """
         core = self._core
         limit = core.limit(timeout)
@@ -719,16 +734,18 @@ class AsyncPublisher:
         published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         answered: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         request.when_published(_settle_future(published))
-        request.when_answered(lambda error, reply: _settle_future(answered)(error, reply))
-        if self.middleware:
-            with observed_publish(self.middleware, message):
-                await published
-        else:
-            await published
+        request.when_answered(_settle_future(answered))
         try:
+            if self.middleware:
+                with observed_publish(self.middleware, message):
+                    await published
+            else:
+                await published
             reply = await answered
         finally:
             request.answer(PublishError("the request was cancelled"), None)  # if still waiting
+            if answered.done() and not answered.cancelled():
+                answered.exception()  # a publish failure is in both futures: raised once
         return decode_reply(reply, reply_type, self.settings.max_body_size)
 
     @property

@@ -2,8 +2,9 @@
 
 Exit codes (the CLI's, plus one of its own): 0 the reply was printed; 1 the worker gave up on the
 request (RemoteError: rejected, exhausted or invalid; its type, message and reason on stderr) or
-the request could not be published (unroutable, unconfirmed); 2 bad usage or settings; 4 the
-broker is unreachable or the connection was lost while waiting; 5 no reply within ``--timeout``.
+the request could not be published (unroutable, unconfirmed, a broker unreachable for the whole
+``--timeout``); 2 bad usage or settings; 4 credentials refused, or the connection was lost while
+waiting for the reply; 5 the request was confirmed but no reply came within ``--timeout``.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def request_command(
 
     The reply is printed as indented JSON (text as is, binary to stdout unchanged); --raw prints
     the body exactly as the worker sent it. An empty reply prints nothing. Exit codes: 0 replied,
-    1 the worker gave up (RemoteError) or the request was unroutable, 4 connection, 5 no reply
-    in time.
+    1 the worker gave up (RemoteError) or the request was not published (unroutable, broker
+    unreachable), 4 credentials refused or connection lost while waiting, 5 no reply in time.
     """
     from .publisher import Publisher
 

@@ -273,6 +273,12 @@ async def test_cli_request_prints_the_reply_with_documented_exit_codes(
         assert done.exit_code == 5 and "no reply within 0.3s" in done.stderr
     done = await _invoke(settings, "request", unique("nobody"), "{}", "--timeout", "5")
     assert done.exit_code == 1 and "no queue is bound" in done.stderr
+    # Never sent is not "no reply": an unreachable broker fails like `publish` does.
+    down = "amqp://guest:guest@127.0.0.1:1/"
+    done = await _invoke(settings, "request", q, "{}", "--timeout", "1", "--url", down)
+    assert done.exit_code == 1, done.output
+    assert "could not publish the request within 1.0s" in done.stderr
+    assert "connection refused" in done.stderr and "guest" not in done.stderr
 
 
 def _consumers(url: str, queue: str) -> int:
@@ -329,4 +335,3 @@ async def test_worker_killed_mid_request_the_retry_answers_each_caller_its_own(
     assert sorted(started) == ["r0", "r1", "r2"]
     assert [r["echo"] for r in replies] == ["r0", "r1", "r2"]
     assert second is not None and {r["pid"] for r in replies} == {second.pid}
-

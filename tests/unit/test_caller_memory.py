@@ -131,9 +131,12 @@ async def test_unreachable_broker_and_close_never_leave_a_caller_hanging() -> No
     pub = memory_publisher(broker, SETTINGS)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(PublishTimeout):  # RequestTimeout or the publish's own: both in time
+    with pytest.raises(PublishTimeout) as unsent:
         await pub.request("pricing.quote", {"sku": "A"}, timeout=0.3)
     assert loop.time() - started < 2
+    # Never sent: the caller hears why (not "no reply", which would blame a worker).
+    assert not isinstance(unsent.value, RequestTimeout)
+    assert "could not publish" in str(unsent.value) and "broker down (test)" in str(unsent.value)
     assert not pub._core._requests
 
     broker.connect_error = None
