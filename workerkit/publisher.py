@@ -297,6 +297,11 @@ class _Core:
                 return self._channel
             if self._connection is not None:
                 old, self._connection = self._connection, None
+                # Replies to requests sent on the old channel would reach nobody once it is
+                # closed (a channel retired after a nack ends without telling anyone).
+                self._replies_lost(
+                    self._reply_channel, ConnectionFailed("the channel was replaced")
+                )
                 self._close_later(old)
             settings = self.settings
             remaining = _left(deadline)
@@ -359,7 +364,7 @@ class _Core:
             tag = await channel.consume(
                 DIRECT_REPLY_TO,
                 self._on_reply,
-                lambda: self._replies_lost(channel, ConnectionFailed("reply consumer cancelled")),
+                lambda: self._replies_lost(channel, ConnectionFailed("the reply consumer ended")),
                 no_ack=True,
             )
             self._reply_generation += 1
@@ -722,8 +727,9 @@ class AsyncPublisher:
         came within ``timeout`` (default ``Settings.publish_timeout``: connecting and
         publishing included), :class:`PublishTimeout` with the cause when it could not even be
         published and confirmed in that time (an unreachable broker), :class:`Unroutable` at
-        once when no queue takes the request, :class:`ConnectionFailed` when the connection
-        was lost after the request was sent.
+        once when no queue takes the request, :class:`ConnectionFailed` when the channel it
+        was sent on was lost before the reply came (a lost connection, or a channel retired
+        after the broker nacked a publish on it).
         """
         core = self._core
         limit = core.limit(timeout)

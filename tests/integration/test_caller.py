@@ -21,6 +21,7 @@ from workerkit import (
     ConnectionFailed,
     Message,
     Publisher,
+    PublishNacked,
     Reject,
     RemoteError,
     RequestTimeout,
@@ -335,3 +336,49 @@ async def test_worker_killed_mid_request_the_retry_answers_each_caller_its_own(
     assert sorted(started) == ["r0", "r1", "r2"]
     assert [r["echo"] for r in replies] == ["r0", "r1", "r2"]
     assert second is not None and {r["pid"] for r in replies} == {second.pid}
+
+
+async def test_a_nack_on_the_request_channel_fails_waiting_requests_at_once(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    """A nacked publish retires the publisher's channel, and with it the reply consumer its
+    waiting requests were sent through: they fail at once (ConnectionFailed), not at their
+    timeout, and the next request opens a new channel and is answered."""
+    q, full = unique("nackq"), unique("full")
+    cleanup.extend([q, full])
+    release = asyncio.Event()
+
+    class Bounded(Worker):
+        queue = full
+        max_length = 1
+        overflow = "reject-publish"
+        prefetch = 1
+        concurrency = 1
+
+        async def handle(self, body: dict[str, Any]) -> None:
+            await release.wait()
+
+    publisher = AsyncPublisher(settings=settings)
+    async with running(_runner(settings, _pricing(q), Bounded)), publisher as pub:
+        core = pub._core
+        pending = asyncio.ensure_future(
+            pub.request(q, {"kind": "slow", "seconds": 3, "sku": "P"}, timeout=60)
+        )
+        await wait_for(lambda: any(r.confirmed for r in core._requests.values()), 10, "sent")
+        started = time.monotonic()
+        refused: PublishNacked | None = None
+        try:
+            for n in range(10):  # 1 delivered, 1 ready, then the queue is full
+                try:
+                    await pub.publish(full, {"n": n}, timeout=10)
+                except PublishNacked as exc:
+                    refused = exc
+                    break
+            assert refused is not None, "a full queue accepted 10 publishes"
+            with pytest.raises(ConnectionFailed, match="may or may not have been handled"):
+                await pending
+            assert time.monotonic() - started < 2.5  # before the worker would even reply
+            answer = await pub.request(q, {"sku": "after"}, timeout=15)
+            assert answer == {"sku": "after", "price": 50}
+        finally:
+            release.set()

@@ -150,3 +150,24 @@ async def test_unreachable_broker_and_close_never_leave_a_caller_hanging() -> No
         await pub.close()
         with pytest.raises(PublishError, match="closed before the reply"):
             await waiting
+
+
+async def test_replacing_the_connection_fails_the_requests_waiting_on_it() -> None:
+    """The publisher opens a new connection when its channel can no longer publish (a send
+    error, a channel retired after a nack): replies to the old channel's address would reach
+    nobody, so the requests waiting for them fail at once instead of at their timeout."""
+    runner, broker = in_memory([Pricing], settings=SETTINGS)
+    async with running(runner), memory_publisher(broker, SETTINGS) as pub:
+        core = pub._core
+        pending = asyncio.ensure_future(
+            pub.request("pricing.quote", {"sku": "P", "slow": 1.0}, timeout=30)
+        )
+        await wait_for(lambda: any(r.confirmed for r in core._requests.values()), 5, "confirmed")
+        assert core._channel is not None
+        core._forget(core._channel)  # as after a publish failed with ConnectionFailed
+        started = asyncio.get_running_loop().time()
+        after = await pub.request("pricing.quote", {"sku": "N"}, timeout=5)
+        assert after == {"sku": "N", "price": 7}
+        with pytest.raises(ConnectionFailed, match="the channel was replaced"):
+            await pending
+        assert asyncio.get_running_loop().time() - started < 1  # not the 30 s timeout

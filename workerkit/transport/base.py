@@ -56,7 +56,9 @@ class Channel(Protocol):
         *,
         no_ack: bool = False,
     ) -> str:
-        """Start consuming; ``on_cancelled`` runs if the broker cancels the consumer.
+        """Start consuming; ``on_cancelled`` runs if the broker cancels the consumer (on the
+        pika transport also when the channel ends without its owner closing it: closed by the
+        broker, or retired after a nack and closed once its publishes were answered).
 
         ``no_ack``: the broker considers a message handled once sent (nothing to ack, no
         prefetch limit). Direct reply-to needs it: a caller consumes the pseudo-queue

@@ -384,12 +384,19 @@ class PikaChannel:
         error = translate(exc, what="channel closed")
         self._fail_all(error)
         if isinstance(exc, px.ChannelClosedByClient | px.ConnectionClosedByClient):
+            if self._retired is not None:
+                # Closed here after a nack, not by its owner: its consumers (a publisher's reply
+                # consumer) end with it, and their owners must hear it.
+                self._end_consumers()
             return
         on_closed, self._on_closed = self._on_closed, None
         if on_closed is not None:
             on_closed(error)
         # The broker closed a consuming channel (consumer_timeout, a protocol error): its
         # consumers are gone, which the runner must hear about rather than sit idle.
+        self._end_consumers()
+
+    def _end_consumers(self) -> None:
         callbacks, self._cancel_callbacks = self._cancel_callbacks, {}
         for callback in callbacks.values():
             callback()
