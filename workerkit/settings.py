@@ -30,7 +30,11 @@ def redact_url(url: str) -> str:
     with a raw ``#``, ``?`` or ``/`` must not leak because the URL does not parse as intended.
     """
     if "," in url:
-        return ",".join(redact_url(one) for one in split_urls(url))
+        # Split only before a scheme: a raw ',' inside a password (refused when parsed, but it
+        # may still be logged) must not cut the URL in two and leave half the password.
+        parts = [p.strip() for p in re.split(r",(?=\s*amqps?://)", url, flags=re.I)]
+        if len(parts) > 1:
+            return ",".join(redact_url(one) for one in parts if one)
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "***" if "@" in url else url
