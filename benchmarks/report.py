@@ -80,6 +80,9 @@ class Results:
     rss: dict[str, Series] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)  # see run.curves() for the layout
+    # See request_report.py for the layout of these two.
+    request: dict[str, dict[str, Series]] = field(default_factory=dict)
+    compression: dict[str, dict[str, Series]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,7 @@ def broker_version() -> str:
 
 
 def markdown(r: Results, command: str, label: str = "") -> str:
-    from . import curves_report
+    from . import curves_report, request_report
 
     p = r.params
     lines = [
@@ -321,9 +324,22 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "|---|---|---|---|",
         *(t.row() for t in curves_report.targets(r)),
         "",
+        *(
+            [
+                "## Targets (issue 11): request/reply",
+                "",
+                "| target | measured | goal | |",
+                "|---|---|---|---|",
+                *(t.row() for t in request_report.targets(r)),
+                "",
+            ]
+            if r.request
+            else []
+        ),
         "## Results",
         "",
         *tables(r),
+        *(request_report.tables(r) if r.request or r.compression else []),
         "![throughput, latency and footprint chart](performance.png)",
         "",
         *(
@@ -364,6 +380,7 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "  Idle RSS: psutil, 2 s after it started consuming.",
         "",
         *curves_report.notes(),
+        *request_report.notes(),
         *_profile_notes(),
         "## Rerun",
         "",

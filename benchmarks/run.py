@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import consume, limit, publish
+from . import consume, limit, publish, request
 from .curves_report import curves_chart
 from .report import Results, Series, chart, markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("consume", "publish", "latency", "footprint", "curves")
+SECTIONS = ("consume", "publish", "latency", "footprint", "request", "curves")
 MILLION = 1_000_000
 
 
@@ -109,6 +109,43 @@ def latency(rate: float, seconds: float, repeat: int) -> dict[str, dict[str, Ser
                 flush=True,
             )
     return found
+
+
+def requests(
+    args: argparse.Namespace,
+) -> tuple[dict[str, dict[str, Series]], dict[str, dict[str, Series]]]:
+    """Request/reply round trips per kind and caller count, and compression on and off."""
+    trips = {
+        f"{kind}-{callers}": {q: Series() for q in ("rate", "p50", "p99")}
+        for callers in (int(c) for c in args.request_callers.split(","))
+        for kind in request.KINDS
+    }
+    codecs = {
+        c: {q: Series() for q in ("rate", "wire_bytes", "body_bytes")} for c in request.CODECS
+    }
+    for rep in range(args.repeat):
+        print(f"request round {rep + 1}/{args.repeat}", flush=True)
+        for key, series in trips.items():
+            kind, callers = key.rsplit("-", 1)
+            _fill(series, ["benchmarks.request", kind, callers, str(args.request_count)], key)
+        for codec, series in codecs.items():
+            _fill(
+                series, ["benchmarks.request", "compress", codec, str(args.compress_count)], codec
+            )
+    return trips, codecs
+
+
+def _fill(series: dict[str, Series], args: Sequence[str], name: str) -> None:
+    try:
+        result = child(args, 600)
+    except RuntimeError as exc:
+        for s in series.values():
+            s.errors.append(str(exc))
+        print(f"  {name}: FAILED {exc}", flush=True)
+        return
+    for key, s in series.items():
+        s.values.append(float(result[key]))
+    print(f"  {name}: {', '.join(f'{k} {result[k]:,.2f}' for k in series)}", flush=True)
 
 
 def footprint(repeat: int) -> tuple[dict[str, Series], dict[str, Series]]:
@@ -205,6 +242,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(limit.CASES),
         help="C anchors run beside the consume/publish cases ('' for none)",
     )
+    parser.add_argument("--request-count", type=int, help="round trips per request case (3000)")
+    parser.add_argument("--request-callers", default="1,16", help="concurrent callers per case")
+    parser.add_argument("--compress-count", type=int, help="publishes per compression case (3000)")
     parser.add_argument("--curve-count", type=int, help="messages per queues/body point (20000)")
     parser.add_argument("--worker-counts", default="1,10,100", help="queues curve: workers")
     parser.add_argument(
@@ -230,6 +270,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.publish_count = args.publish_count or (600 if quick else 5000)
     args.latency_seconds = args.latency_seconds or (3.0 if quick else 10.0)
     args.repeat = args.repeat or (1 if quick else 3)
+    args.request_count = args.request_count or (400 if quick else 3000)
+    args.compress_count = args.compress_count or (400 if quick else 3000)
     args.curve_count = args.curve_count or (3000 if quick else 20000)
     args.body_budget_mb = args.body_budget_mb or (4.0 if quick else 64.0)
     args.backlog_count = args.backlog_count or (
@@ -259,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> Results:
             "repeat": args.repeat,
             "retry_delay": args.retry_delay,
             "curve_count": args.curve_count,
+            "request_count": args.request_count,
+            "compress_count": args.compress_count,
         }
     )
     anchors = [case for case in args.limit_cases.split(",") if case]
@@ -278,6 +322,8 @@ def main(argv: Sequence[str] | None = None) -> Results:
         results.latency = latency(args.rate, args.latency_seconds, args.repeat)
     if "footprint" in sections:
         results.startup, results.rss = footprint(args.repeat)
+    if "request" in sections:
+        results.request, results.compression = requests(args)
     if "curves" in sections:
         results.curves = curves(args)
     command = "python -m benchmarks.run" + (" --quick" if args.quick else "")

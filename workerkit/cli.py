@@ -1,4 +1,4 @@
-"""The ``workerkit`` command (also ``python -m workerkit``): run, publish, topology, dlq.
+"""The ``workerkit`` command (also ``python -m workerkit``): run, publish, request, topology, dlq.
 
 Errors are one line on stderr, ``workerkit: error: ...``, never a traceback, with an exit code a
 script or an orchestrator can act on:
@@ -9,6 +9,7 @@ script or an orchestrator can act on:
 2     bad usage or configuration (settings, targets that do not import)
 3     topology clash (a queue exists with other arguments, or is missing)
 4     cannot connect, or credentials/permissions refused
+5     ``request``: no reply within the timeout
 ====  ===================================================================
 """
 
@@ -154,7 +155,8 @@ def _is_worker(obj: object) -> bool:
 
 # -- the command group -------------------------------------------------------------------------
 
-url_option = click.option(
+# Typed so that request_cli.py (imported at the bottom, a cycle) sees its type too.
+url_option: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
     "--url",
     metavar="URL",
     default=None,
@@ -625,6 +627,8 @@ def _plain(value: Any) -> Any:
 
 # -- commands defined in their own modules ---------------------------------------------------------
 
+from .request_cli import request_command  # noqa: E402
 from .status import status_command  # noqa: E402  (it uses the helpers above)
 
 cli.add_command(status_command)
+cli.add_command(request_command)

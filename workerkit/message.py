@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from .errors import DecodeError, InvalidMessage, MessageTooLarge
+from .compression import check_codec, compress, decompress
+from .errors import ConfigurationError, DecodeError, InvalidMessage, MessageTooLarge
 
 __all__ = [
     "Decoder",
@@ -88,6 +89,9 @@ class Properties:
     correlation_id: str | None = None
     timestamp: int | None = None
     reply_to: str | None = None
+    # Per-message TTL in milliseconds as AMQP carries it (a decimal string), and priority 0-255.
+    expiration: str | None = None
+    priority: int | None = None
 
 
 class Message:
@@ -108,6 +112,7 @@ class Message:
         "exchange",
         "headers",
         "message_id",
+        "priority",
         "queue",
         "redelivered",
         "reply_to",
@@ -130,6 +135,7 @@ class Message:
         timestamp: int | None = None,
         reply_to: str | None = None,
         queue: str = "",
+        priority: int | None = None,
         *,
         properties: Properties | None = None,
     ) -> None:
@@ -143,6 +149,7 @@ class Message:
             content_type, content_encoding = properties.content_type, properties.content_encoding
             message_id, correlation_id = properties.message_id, properties.correlation_id
             timestamp, reply_to = properties.timestamp, properties.reply_to
+            priority = properties.priority
         self.headers: Mapping[Any, Any] = headers if headers is not None else _NO_HEADERS
         self.content_type = content_type
         self.content_encoding = content_encoding
@@ -151,6 +158,7 @@ class Message:
         self.timestamp = timestamp
         self.reply_to = reply_to
         self.queue = queue  # the queue it was consumed from (set by the runner)
+        self.priority = priority
 
     @property
     def properties(self) -> Properties:
@@ -163,6 +171,7 @@ class Message:
             self.correlation_id,
             self.timestamp,
             self.reply_to,
+            priority=self.priority,
         )
 
     @property
@@ -394,8 +403,16 @@ def build_outgoing(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     max_body_size: int,
+    expiration: float | None = None,
+    priority: int | None = None,
+    compression: str = "none",
+    compress_min_size: int = 0,
 ) -> Outgoing:
-    """The one place where both publishers turn user input into an :class:`Outgoing`."""
+    """The one place where both publishers turn user input into an :class:`Outgoing`.
+
+    ``max_body_size`` applies to the body before compression (what a consumer will decode);
+    a body of at least ``compress_min_size`` bytes is compressed with ``compression``.
+    """
     if not isinstance(routing_key, str) or not routing_key:
         raise InvalidMessage("routing key must be a non-empty str")
     short_string(routing_key, "routing key")
@@ -415,29 +432,76 @@ def build_outgoing(
             short_string(value, what)
     if reply_to is not None:
         short_string(reply_to, "reply_to")
+    ttl = None if expiration is None else expiration_ms(expiration)
+    if priority is not None:
+        check_priority(priority)
+    encoding = None
+    if compression != "none" and len(payload) >= compress_min_size:
+        payload, encoding = compress(payload, compression), compression
     return Outgoing(
         exchange,
         routing_key,
         payload,
         Properties(
             content_type=content_type,
+            content_encoding=encoding,
             headers=user_headers,
             message_id=message_id or new_message_id(),
             correlation_id=correlation_id,
             timestamp=int(time.time()),
             reply_to=reply_to,
+            expiration=ttl,
+            priority=priority,
         ),
     )
+
+
+# RabbitMQ's per-message TTL is an unsigned 32-bit count of milliseconds (about 49.7 days).
+MAX_EXPIRATION_MS = 2**32 - 1
+
+
+def expiration_ms(seconds: float) -> str:
+    """The AMQP ``expiration`` property for a TTL of ``seconds``: whole milliseconds as text.
+
+    InvalidMessage for a negative, non-finite or too large value (RabbitMQ would close the
+    channel for it).
+    """
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise InvalidMessage(f"expiration must be a number of seconds, got {seconds!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidMessage(f"expiration must be a finite number of seconds >= 0, got {seconds!r}")
+    ms = round(seconds * 1000)
+    if ms > MAX_EXPIRATION_MS:
+        raise InvalidMessage(
+            f"expiration {seconds}s is above the broker's limit of {MAX_EXPIRATION_MS} ms"
+        )
+    return str(ms)
+
+
+def check_priority(priority: int) -> None:
+    """InvalidMessage unless ``priority`` is an int 0-255 (the AMQP octet)."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255:
+        raise InvalidMessage(f"priority must be an int from 0 to 255, got {priority!r}")
+
+
+def check_compression(codec: str, min_size: int) -> None:
+    """ConfigurationError unless ``codec`` can compress here and ``min_size`` is >= 0."""
+    check_codec(codec)
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ConfigurationError(f"compress_min_size must be an int >= 0, got {min_size!r}")
 
 
 Decoder = Callable[[Message], Any]
 
 
-def _check_plain(message: Message, max_body_size: int) -> None:
-    if message.content_encoding not in (None, "", "identity", "utf-8"):
-        raise DecodeError(f"unsupported content encoding {message.content_encoding!r}")
-    if len(message.body) > max_body_size:
-        raise DecodeError(f"body is {len(message.body)} bytes, above {max_body_size}")
+def _body(message: Message, max_body_size: int) -> bytes:
+    """The body to decode: as sent, or decompressed (capped at ``max_body_size``) when its
+    ``content-encoding`` says so. One check on the uncompressed path."""
+    encoding = message.content_encoding
+    body = decompress(message.body, encoding, max_body_size) if encoding else message.body
+    if len(body) > max_body_size:
+        raise DecodeError(f"body is {len(body)} bytes, above {max_body_size}")
+    return body
 
 
 def _json_content(message: Message) -> None:
@@ -454,19 +518,18 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
     if annotation is bytes:
 
         def decode_bytes(message: Message) -> bytes:
-            _check_plain(message, max_body_size)
-            return message.body
+            return _body(message, max_body_size)
 
         return decode_bytes
     if annotation is str:
 
         def decode_str(message: Message) -> str:
-            _check_plain(message, max_body_size)
+            body = _body(message, max_body_size)
             ctype = message.content_type
             if ctype is not None and not (ctype.startswith("text/") or ctype.startswith(JSON)):
                 raise DecodeError(f"content type {ctype!r} is not text")
             try:
-                return message.body.decode("utf-8")
+                return body.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DecodeError(f"body is not UTF-8: {exc}") from None
 
@@ -475,10 +538,10 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
         expected: type | None = annotation if annotation in (dict, list) else None
 
         def decode_json(message: Message) -> Any:
-            _check_plain(message, max_body_size)
+            body = _body(message, max_body_size)
             _json_content(message)
             try:
-                value = orjson.loads(message.body)
+                value = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
                 raise DecodeError(f"invalid JSON: {exc}") from None
             if expected is not None and not isinstance(value, expected):
@@ -496,10 +559,10 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
         validate = TypeAdapter(annotation).validate_json
 
     def decode_validated(message: Message) -> Any:
-        _check_plain(message, max_body_size)
+        body = _body(message, max_body_size)
         _json_content(message)
         try:
-            return validate(message.body)
+            return validate(body)
         except ValidationError as exc:
             raise DecodeError(_summarise(exc)) from None
 

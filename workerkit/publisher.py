@@ -25,22 +25,25 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
 import tenacity
 
 from ._shared_loop import Settle, SharedLoop
+from .compression import Compression
 from .errors import (
     AccessRefused,
     ConnectionFailed,
     InvalidMessage,
     PublishError,
     PublishTimeout,
+    RequestTimeout,
     WorkerkitError,
 )
-from .message import Outgoing, build_outgoing
+from .message import Message, Outgoing, build_outgoing, check_compression, new_message_id
 from .middleware import Middleware, check_middleware, observed_publish, publish_started
+from .reply import DIRECT_REPLY_TO, decode_reply
 from .retry import AnyThreadRetrying
 from .settings import Settings, load_settings
 from .topology import MAX_DELAY, Topology
@@ -69,8 +72,11 @@ class _Core:
         settings: Settings,
         transport: Transport | None,
         middleware: tuple[Middleware, ...] = (),
+        compression: str | None = None,
     ) -> None:
         self.settings = settings
+        self.compression = compression if compression is not None else settings.compression
+        check_compression(self.compression, settings.compress_min_size)
         self.middleware = middleware  # publish hooks; empty means one check per publish
         self._transport = transport if transport is not None else default_transport()
         self._topology = Topology(settings)
@@ -81,6 +87,14 @@ class _Core:
         self._closed = False
         self._last_error: ConnectionFailed | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Requests: the reply consumer (direct reply-to) of the current channel, and the
+        # requests waiting for a reply by correlation id.
+        self._reply_channel: Channel | None = None
+        self._reply_tag = ""
+        self._reply_generation = 0
+        self._requests: dict[str, _Request] = {}
+        self.replies_dropped = 0  # late (timed out) or unknown replies
+        self.connection_name = "workerkit-publisher"  # as the broker lists it
 
     # -- pure: safe from any thread ----------------------------------------------------------
 
@@ -101,8 +115,14 @@ class _Core:
         correlation_id: str | None = None,
         reply_to: str | None = None,
         delay: float | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
     ) -> Outgoing:
         """Encode and route a message; InvalidMessage if it cannot be sent as given."""
+        if delay and expiration is not None:
+            # The delay queues would expire it early and route it on at once (the broker drops
+            # the expiration when it dead-letters): never what was asked for.
+            raise InvalidMessage("a message cannot have both a delay and an expiration")
         message = build_outgoing(
             self.settings.exchange,
             routing_key,
@@ -112,6 +132,10 @@ class _Core:
             correlation_id=correlation_id,
             reply_to=reply_to,
             max_body_size=self.settings.max_body_size,
+            expiration=expiration,
+            priority=priority,
+            compression=self.compression,
+            compress_min_size=self.settings.compress_min_size,
         )
         if delay is None:
             return message
@@ -149,8 +173,16 @@ class _Core:
         await fut
 
     def _attempt(
-        self, message: Outgoing, deadline: float, limit: float, on_done: OnPublished, retry: bool
+        self,
+        message: Outgoing,
+        deadline: float,
+        limit: float,
+        on_done: OnPublished,
+        retry: bool,
+        request: _Request | None = None,
     ) -> None:
+        if request is not None and request.answered:
+            return  # failed meanwhile (its connection was lost, its deadline passed)
         channel = self._channel
         delayed = message.exchange != self.settings.exchange
         if (
@@ -158,47 +190,63 @@ class _Core:
             or channel is None
             or not channel.is_open
             or (delayed and not self._delays_declared)
+            or (request is not None and not self._replies_on(channel))
         ):
-            self._keep(self._connect_then(message, deadline, limit, on_done, retry))
+            self._keep(self._connect_then(message, deadline, limit, on_done, retry, request))
             return
 
         def on_confirm(error: BaseException | None) -> None:
             if isinstance(error, ConnectionFailed) and not isinstance(error, AccessRefused):
                 self._forget(channel, error)
                 if time.monotonic() < deadline:
-                    self._attempt(message, deadline, limit, on_done, retry=True)
+                    self._attempt(message, deadline, limit, on_done, True, request)
                     return
                 error = PublishTimeout(f"could not publish within {limit}s: {error}")
             on_done(error)
 
         remaining = max(0.001, deadline - time.monotonic())
+        if request is not None:
+            request.generation = self._reply_generation  # its reply comes to this consumer
         channel.publish_nowait(message, mandatory=True, timeout=remaining, on_done=on_confirm)
 
     async def _connect_then(
-        self, message: Outgoing, deadline: float, limit: float, on_done: OnPublished, retry: bool
+        self,
+        message: Outgoing,
+        deadline: float,
+        limit: float,
+        on_done: OnPublished,
+        retry: bool,
+        request: _Request | None = None,
     ) -> None:
-        """Connect (and declare the delay layout if needed) within the deadline, then publish."""
+        """Connect (and declare the delay layout, start the reply consumer, if needed) within
+        the deadline, then publish."""
         delayed = message.exchange != self.settings.exchange
         try:
             if retry:  # a channel just failed under this publish: do not hammer the broker
                 await asyncio.sleep(min(random.uniform(0.05, 0.2), _left(deadline)))
-            await self._ready(deadline, limit, "publish", delays=delayed)
+            await self._ready(
+                deadline, limit, "publish", delays=delayed, replies=request is not None
+            )
         except Exception as exc:
             on_done(exc)
             return
         except BaseException:
             on_done(PublishError("the publish was cancelled"))
             raise
-        self._attempt(message, deadline, limit, on_done, retry=False)
+        self._attempt(message, deadline, limit, on_done, False, request)
 
-    async def _ready(self, deadline: float, limit: float, what: str, *, delays: bool) -> None:
+    async def _ready(
+        self, deadline: float, limit: float, what: str, *, delays: bool, replies: bool = False
+    ) -> None:
         """An open channel (and the delay layout, if ``delays``) by ``deadline``.
 
         Lost or refused connections are retried; every RPC is inside the deadline, so a publish
         with a 10 s timeout never takes 40 s on a broker that accepts but does not answer.
         """
         try:
-            await asyncio.wait_for(self._connect_retrying(deadline, delays), _left(deadline))
+            await asyncio.wait_for(
+                self._connect_retrying(deadline, delays, replies), _left(deadline)
+            )
         except AccessRefused:
             raise  # credentials or permissions: retrying cannot help, and it is not a timeout
         except (ConnectionFailed, asyncio.TimeoutError) as exc:
@@ -206,7 +254,7 @@ class _Core:
             words = f": {cause}" if str(cause) else ": the broker did not answer"
             raise PublishTimeout(f"could not {what} within {limit}s{words}") from None
 
-    async def _connect_retrying(self, deadline: float, delays: bool) -> None:
+    async def _connect_retrying(self, deadline: float, delays: bool, replies: bool) -> None:
         async for attempt in self._retrying(deadline):
             with attempt:
                 channel = await self._channel_before(deadline)
@@ -215,6 +263,8 @@ class _Core:
                         await self._topology.adopt_dead_letter_queues(self._connection)
                     await self._topology.declare_exchanges(channel)
                     self._delays_declared = True
+                if replies:
+                    await self._start_replies(channel)
 
     def _retrying(self, deadline: float) -> tenacity.AsyncRetrying:
         """Jittered retries of a lost or refused connection until ``deadline``."""
@@ -247,6 +297,11 @@ class _Core:
                 return self._channel
             if self._connection is not None:
                 old, self._connection = self._connection, None
+                # Replies to requests sent on the old channel would reach nobody once it is
+                # closed (a channel retired after a nack ends without telling anyone).
+                self._replies_lost(
+                    self._reply_channel, ConnectionFailed("the channel was replaced")
+                )
                 self._close_later(old)
             settings = self.settings
             remaining = _left(deadline)
@@ -254,14 +309,16 @@ class _Core:
                 settings = settings.model_copy(update={"connect_timeout": max(remaining, 0.001)})
             try:
                 connection = await self._transport.connect(
-                    settings, name="workerkit-publisher", on_lost=self._on_lost
+                    settings, name=self.connection_name, on_lost=self._on_lost
                 )
             except ConnectionFailed as exc:
                 self._last_error = exc
                 raise
             self._last_error = None
             try:
-                channel = await connection.channel(confirms=True)
+                channel = await connection.channel(
+                    confirms=True, on_closed=lambda error: self._channel_closed(channel, error)
+                )
                 await channel.declare_exchange(self._topology.main_exchange())
             except BaseException:
                 self._close_later(connection)  # never wait past the deadline to tidy up
@@ -282,12 +339,100 @@ class _Core:
     def _on_lost(self, error: Exception) -> None:
         log.warning("publisher connection lost: %s", error)
         self._channel = None
+        self._replies_lost(self._reply_channel, error)
+
+    def _channel_closed(self, channel: Channel | None, error: Exception) -> None:
+        """The broker closed ``channel`` (the connection may live on)."""
+        if channel is not None:
+            self._forget(channel, error)
+            self._replies_lost(channel, error)
+
+    # -- requests (direct reply-to) ----------------------------------------------------------
+
+    def _replies_on(self, channel: Channel) -> bool:
+        """Whether ``channel`` has its reply consumer (a local check)."""
+        return self._reply_channel is channel and channel.has_consumer(self._reply_tag)
+
+    async def _start_replies(self, channel: Channel) -> None:
+        """Consume ``amq.rabbitmq.reply-to`` on ``channel`` (once: concurrent callers wait)."""
+        if self._replies_on(channel):
+            return
+        assert self._lock is not None  # made by _channel_before
+        async with self._lock:
+            if self._replies_on(channel):
+                return
+            tag = await channel.consume(
+                DIRECT_REPLY_TO,
+                self._on_reply,
+                lambda: self._replies_lost(channel, ConnectionFailed("the reply consumer ended")),
+                no_ack=True,
+            )
+            self._reply_generation += 1
+            self._reply_channel, self._reply_tag = channel, tag
+
+    def _replies_lost(self, channel: Channel | None, error: Exception) -> None:
+        """The reply consumer on ``channel`` is gone: fail the requests sent through it.
+
+        Their replies would go to an address nobody consumes any more. Requests not sent yet
+        (connecting) go on, through the next channel's consumer.
+        """
+        if channel is None or channel is not self._reply_channel:
+            return
+        self._reply_channel, self._reply_tag = None, ""
+        generation = self._reply_generation
+        lost = [r for r in self._requests.values() if r.generation == generation]
+        for request in lost:
+            request.answer(
+                ConnectionFailed(
+                    f"the connection was lost while waiting for the reply ({error}); the"
+                    " request may or may not have been handled"
+                ),
+                None,
+            )
+
+    def _on_reply(self, reply: Message) -> None:
+        request = self._requests.get(reply.correlation_id or "")
+        if request is None:
+            # A reply after its request timed out (or to an id this publisher never sent):
+            # dropped, never handed to another caller.
+            self.replies_dropped += 1
+            log.info(
+                "dropped a reply nobody waits for (correlation id %r; late after a timeout?)",
+                reply.correlation_id,
+            )
+            return
+        request.answer(None, reply)
+
+    def request(self, message: Outgoing, limit: float) -> _Request:
+        """Send ``message`` (with ``reply_to`` and ``correlation_id`` set by
+        :func:`_request_message`) and return its :class:`_Request`, on the loop."""
+        loop = asyncio.get_running_loop()
+        request = _Request(self._requests, message.properties.correlation_id or "")
+        self._requests[request.correlation_id] = request
+        request.timer = loop.call_later(limit, self._expire, request, limit)
+        deadline = time.monotonic() + limit
+        self._attempt(message, deadline, limit, request.published, False, request)
+        return request
+
+    def _expire(self, request: _Request, limit: float) -> None:
+        """The request's time is up: a request never confirmed says why it was not sent (an
+        unreachable broker is not a silent worker), a confirmed one that no reply came."""
+        if request.confirmed:
+            request.answer(RequestTimeout(f"no reply within {limit}s"), None)
+            return
+        cause = self._last_error
+        words = f": {cause}" if cause is not None else ": the broker did not confirm it"
+        request.answer(
+            PublishTimeout(f"could not publish the request within {limit}s{words}"), None
+        )
 
     async def connect(self, limit: float) -> None:
         await self._ready(time.monotonic() + limit, limit, "connect", delays=False)
 
     async def close(self) -> None:
         self._closed = True
+        for request in list(self._requests.values()):
+            request.answer(PublishError("the publisher was closed before the reply came"), None)
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             await connection.close()
@@ -343,6 +488,86 @@ class _Core:
         return ids
 
 
+class _Unset:
+    """Nothing known yet."""
+
+
+_UNSET = _Unset()
+
+
+class _Request:
+    """One request waiting for its publish confirm and its reply, on the publisher's loop.
+
+    Each outcome is delivered to a callback registered with :meth:`when_published` /
+    :meth:`when_answered`, whichever of the two comes first (a reply may beat its confirm).
+    """
+
+    __slots__ = (
+        "_on_answer",
+        "_on_published",
+        "_pending",
+        "correlation_id",
+        "generation",
+        "outcome",
+        "publish_error",
+        "timer",
+    )
+
+    def __init__(self, pending: dict[str, _Request], correlation_id: str) -> None:
+        self._pending = pending
+        self.correlation_id = correlation_id
+        self.generation = -1  # the reply consumer it was sent through (-1: not sent yet)
+        self.timer: asyncio.TimerHandle | None = None
+        self.publish_error: BaseException | _Unset | None = _UNSET
+        self.outcome: tuple[BaseException | None, Message | None] | _Unset = _UNSET
+        self._on_published: OnPublished | None = None
+        self._on_answer: Settle | None = None
+
+    @property
+    def answered(self) -> bool:
+        return not isinstance(self.outcome, _Unset)
+
+    def published(self, error: BaseException | None) -> None:
+        if not isinstance(self.publish_error, _Unset):
+            return
+        self.publish_error = error
+        if error is not None:
+            self.answer(error, None)  # no reply will come
+        if self._on_published is not None:
+            self._on_published(error)
+
+    def answer(self, error: BaseException | None, reply: Message | None) -> None:
+        if self.answered:
+            return
+        self.outcome = (error, reply)
+        if self._pending.get(self.correlation_id) is self:
+            del self._pending[self.correlation_id]
+        if self.timer is not None:
+            self.timer.cancel()
+        if error is not None:
+            # Failed before its confirm came (timed out, connection lost): a caller waiting for
+            # the confirm hears it too, and a retry of the publish stops (see _Core._attempt).
+            self.published(error)
+        if self._on_answer is not None:
+            self._on_answer(error, reply)
+
+    @property
+    def confirmed(self) -> bool:
+        return self.publish_error is None
+
+    def when_published(self, callback: OnPublished) -> None:
+        if isinstance(self.publish_error, _Unset):
+            self._on_published = callback
+        else:
+            callback(self.publish_error)
+
+    def when_answered(self, callback: Settle) -> None:
+        if isinstance(self.outcome, _Unset):
+            self._on_answer = callback
+        else:
+            callback(*self.outcome)
+
+
 class _Window:
     """Publishes in flight, at most ``size``; remembers the first error."""
 
@@ -395,10 +620,11 @@ class AsyncPublisher:
         settings: Settings | None = None,
         transport: Transport | None = None,
         middleware: Sequence[Middleware] = (),
+        compression: Compression | None = None,
     ) -> None:
         self.settings = load_settings(settings, url)
         self.middleware = check_middleware(middleware, "AsyncPublisher")
-        self._core = _Core(self.settings, transport, self.middleware)
+        self._core = _Core(self.settings, transport, self.middleware, compression)
 
     async def __aenter__(self) -> AsyncPublisher:
         await self.connect()
@@ -426,10 +652,15 @@ class AsyncPublisher:
         reply_to: str | None = None,
         delay: float | None = None,
         timeout: float | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish and wait for the broker's confirm; returns the message id.
 
-        ``delay`` (seconds) holds the message in the broker's delay queues first. Raises
+        ``delay`` (seconds) holds the message in the broker's delay queues first.
+        ``expiration`` (seconds, >= 0) is the message's TTL: not consumed by then, a worker
+        queue dead-letters it (reason ``expired``); it cannot be combined with ``delay``.
+        ``priority`` (0-255) orders it on a queue with ``max_priority``. Raises
         :class:`Unroutable` when no queue is bound, :class:`PublishTimeout` when no confirm came
         within ``timeout`` (default ``Settings.publish_timeout``, retries and connecting
         included), :class:`InvalidMessage` (before anything is sent) for a message that cannot
@@ -445,6 +676,8 @@ class AsyncPublisher:
             correlation_id=correlation_id,
             reply_to=reply_to,
             delay=delay,
+            expiration=expiration,
+            priority=priority,
         )
         if self.middleware:  # the hooks run in the caller's context (a trace from a handler)
             with observed_publish(self.middleware, message):
@@ -468,6 +701,63 @@ class AsyncPublisher:
         safe under at-least-once delivery). ``items`` may be any iterable, read as it goes.
         """
         return await self._core.publish_many(items, delay=delay, limit=self._core.limit(timeout))
+
+    async def request(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        timeout: float | None = None,
+        reply_type: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+    ) -> Any:
+        """Send a request and wait for its reply; returns the reply's value.
+
+        The request is published like :meth:`publish` (confirmed, mandatory) with ``reply_to``
+        RabbitMQ's direct reply-to and a fresh ``correlation_id``; the worker's return value
+        comes back. Without ``reply_type`` the reply is decoded as JSON (Python values), text
+        (``str``) or ``bytes`` by its content type (``None`` for an empty reply); with it, it is
+        validated into that type (:class:`DecodeError` if it does not fit).
+
+        Raises :class:`RemoteError` when the worker gave up on the request (rejected,
+        exhausted, invalid body), :class:`RequestTimeout` when it was confirmed but no reply
+        came within ``timeout`` (default ``Settings.publish_timeout``: connecting and
+        publishing included), :class:`PublishTimeout` with the cause when it could not even be
+        published and confirmed in that time (an unreachable broker), :class:`Unroutable` at
+        once when no queue takes the request, :class:`ConnectionFailed` when the channel it
+        was sent on was lost before the reply came (a lost connection, or a channel retired
+        after the broker nacked a publish on it).
+        """
+        core = self._core
+        limit = core.limit(timeout)
+        message = _request_message(
+            core, routing_key, body, headers, message_id, expiration, priority
+        )
+        request = core.request(message, limit)
+        published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        answered: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        request.when_published(_settle_future(published))
+        request.when_answered(_settle_future(answered))
+        try:
+            if self.middleware:
+                with observed_publish(self.middleware, message):
+                    await published
+            else:
+                await published
+            reply = await answered
+        finally:
+            request.answer(PublishError("the request was cancelled"), None)  # if still waiting
+            if answered.done() and not answered.cancelled():
+                answered.exception()  # a publish failure is in both futures: raised once
+        return decode_reply(reply, reply_type, self.settings.max_body_size)
+
+    @property
+    def replies_dropped(self) -> int:
+        """Replies that came after their request timed out (or to an unknown id): dropped."""
+        return self._core.replies_dropped
 
     async def close(self) -> None:
         await self._core.close()
@@ -521,10 +811,13 @@ class Publisher:
         settings: Settings | None = None,
         transport: Transport | None = None,
         middleware: Sequence[Middleware] = (),
+        compression: Compression | None = None,
     ) -> None:
         self.settings = load_settings(settings, url)
         self._transport = transport  # None: RabbitMQ (pika); a MemoryTransport in tests
         self.middleware = check_middleware(middleware, "Publisher")
+        self.compression = compression if compression is not None else self.settings.compression
+        check_compression(self.compression, self.settings.compress_min_size)
         self._guard = threading.Lock()
         self._reset()
         _live.add(self)
@@ -553,6 +846,8 @@ class Publisher:
         reply_to: str | None = None,
         delay: float | None = None,
         timeout: float | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
     ) -> str:
         """Publish and block until the broker confirmed; see :meth:`AsyncPublisher.publish`."""
         _check_calling_thread()
@@ -566,6 +861,8 @@ class Publisher:
             correlation_id=correlation_id,
             reply_to=reply_to,
             delay=delay,
+            expiration=expiration,
+            priority=priority,
         )
 
         def start(settle: Settle) -> None:
@@ -604,6 +901,48 @@ class Publisher:
         ids: list[str] = shared.call(start, None)
         return ids
 
+    def request(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        timeout: float | None = None,
+        reply_type: Any = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+    ) -> Any:
+        """Send a request and block until its reply; see :meth:`AsyncPublisher.request`.
+
+        Any number of threads may wait on requests at once: they share one reply consumer.
+        """
+        _check_calling_thread()
+        core, shared = self._ensure()
+        limit = core.limit(timeout)
+        message = _request_message(
+            core, routing_key, body, headers, message_id, expiration, priority
+        )
+
+        def send(settle: Settle) -> None:
+            request = core.request(message, limit)
+            request.when_published(lambda error: settle(error, request))
+
+        if self.middleware:
+            with observed_publish(self.middleware, message):
+                request: _Request = shared.call(send, limit + 5)
+        else:
+            request = shared.call(send, limit + 5)
+        # The request carries its own deadline: the extra bounds only a stuck loop.
+        reply: Message = shared.call(request.when_answered, limit + 5)
+        return decode_reply(reply, reply_type, self.settings.max_body_size)
+
+    @property
+    def replies_dropped(self) -> int:
+        """Replies that came after their request timed out (or to an unknown id): dropped."""
+        core = self._core
+        return core.replies_dropped if core is not None else 0
+
     def close(self) -> None:
         """Close the connection and stop the housekeeping thread (idempotent)."""
         with self._guard:
@@ -636,8 +975,46 @@ class Publisher:
                 heartbeat = self.settings.heartbeat or 4
                 interval = min(1.0, max(0.05, heartbeat / 4))
                 self._shared = SharedLoop(interval)
-                self._core = _Core(self.settings, self._transport, self.middleware)
+                self._core = _Core(
+                    self.settings, self._transport, self.middleware, self.compression
+                )
             return self._core, self._shared
+
+
+def _request_message(
+    core: _Core,
+    routing_key: str,
+    body: object,
+    headers: Mapping[str, Any] | None,
+    message_id: str | None,
+    expiration: float | None,
+    priority: int | None,
+) -> Outgoing:
+    """A request: the message with direct reply-to and a fresh correlation id."""
+    return core.message(
+        routing_key,
+        body,
+        headers=headers,
+        message_id=message_id,
+        correlation_id=new_message_id(),
+        reply_to=DIRECT_REPLY_TO,
+        expiration=expiration,
+        priority=priority,
+    )
+
+
+def _settle_future(fut: asyncio.Future[Any]) -> Callable[..., None]:
+    """A callback ``(error, value=None)`` that settles ``fut`` once."""
+
+    def settle(error: BaseException | None, value: Any = None) -> None:
+        if fut.done():
+            return
+        if error is None:
+            fut.set_result(value)
+        else:
+            fut.set_exception(error)
+
+    return settle
 
 
 def _settle_when_done(task: asyncio.Future[Any], settle: Settle) -> None:

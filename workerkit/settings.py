@@ -206,6 +206,14 @@ class Settings(BaseSettings):
     max_body_size: int = Field(
         default=16 * 1024 * 1024, ge=1, description="Largest body published or decoded, in bytes."
     )
+    compression: Literal["none", "gzip", "zstd"] = Field(
+        default="none",
+        description="Publishers compress bodies with `gzip` or `zstd` (extra"
+        " `workerkit[zstd]`); consumers read both whatever this says.",
+    )
+    compress_min_size: int = Field(
+        default=1024, ge=0, description="Bodies smaller than this many bytes are not compressed."
+    )
     retry_max_attempts: int = Field(
         default=5,
         ge=1,

@@ -1,7 +1,9 @@
-"""A WSGI web service that publishes ``orders.placed`` when an order is placed.
+"""A WSGI web service that publishes ``orders.placed`` when an order is placed, and asks the
+pricing worker for quotes (request/reply).
 
     python -m workers.webapp            # serves on WEBAPP_HOST:WEBAPP_PORT (127.0.0.1:8000)
     curl -X POST localhost:8000/orders -d '{"order_id": 7, "email": "a@b.c"}'
+    curl 'localhost:8000/quote?sku=A1&quantity=3'
 
 Standard library ``wsgiref`` only; the same ``app`` runs under gunicorn or uWSGI
 (``gunicorn workers.webapp:app``): the module-level :class:`workerkit.Publisher` is thread-safe and
@@ -19,12 +21,14 @@ import threading
 from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from pydantic import ValidationError
 
-from workerkit import Publisher, PublishError
+from workerkit import ConnectionFailed, Publisher, PublishError, RemoteError
 
+from .pricing import Quote, QuoteRequest
 from .receipts import OrderPlaced
 
 __all__ = ["app", "main", "make_app", "publisher"]
@@ -40,13 +44,24 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 publisher = Publisher()
 
 
-def make_app(publisher: Publisher, routing_key: str = "orders.placed") -> WsgiApp:
-    """The WSGI app publishing placed orders on ``routing_key`` through ``publisher``."""
+# How long a quote may take (the pricing worker's retries included) before the page gives up.
+QUOTE_TIMEOUT = 5.0
+
+
+def make_app(
+    publisher: Publisher,
+    routing_key: str = "orders.placed",
+    quote_key: str = "pricing.quote",
+) -> WsgiApp:
+    """The WSGI app publishing placed orders on ``routing_key`` and asking for quotes on
+    ``quote_key``, through ``publisher``."""
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "/")
         if path == "/health":
             return _reply(start_response, 200, {"status": "ok"})
+        if path == "/quote":
+            return quote(environ, start_response)
         if path != "/orders":
             return _reply(start_response, 404, {"error": "not found"})
         if method != "POST":
@@ -70,6 +85,26 @@ def make_app(publisher: Publisher, routing_key: str = "orders.placed") -> WsgiAp
             log.error("order %s not published: %s", order.order_id, exc)
             return _reply(start_response, 503, {"error": f"{type(exc).__name__}: {exc}"})
         return _reply(start_response, 202, {"order_id": order.order_id, "message_id": message_id})
+
+    def quote(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+        try:
+            request = QuoteRequest.model_validate(query)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_input=False, include_context=False)
+            return _reply(
+                start_response, 422, {"error": "invalid quote request", "details": errors}
+            )
+        try:
+            answer: Quote = publisher.request(
+                quote_key, request, timeout=QUOTE_TIMEOUT, reply_type=Quote
+            )
+        except RemoteError as exc:  # the pricing worker rejected it (unknown sku)
+            return _reply(start_response, 404, {"error": exc.message})
+        except (PublishError, ConnectionFailed) as exc:  # no answer in time, or no worker queue
+            log.error("quote for %s failed: %s", request.sku, exc)
+            return _reply(start_response, 503, {"error": f"{type(exc).__name__}: {exc}"})
+        return _reply(start_response, 200, answer.model_dump())
 
     return app
 
@@ -113,7 +148,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    log.info("serving on http://%s:%d (POST /orders, GET /health)", host, port)
+    log.info("serving on http://%s:%d (POST /orders, GET /quote, GET /health)", host, port)
     try:
         server.serve_forever()
     finally:

@@ -190,3 +190,38 @@ def test_report_shows_failed_and_unavailable_points_without_failing(
         "3.50 s | <= 3 s | MISSED" in rows["retry storm: first failure to all retried, delay 2 s"]
     )
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_request_and_compression_sections_run_end_to_end(
+    broker_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request/reply stack and codec runs with tiny counts; the report has their rows."""
+    _bench(monkeypatch, broker_url)
+    from benchmarks import run
+
+    markdown, png = tmp_path / "performance.md", tmp_path / "performance.png"
+    results = run.main(
+        [
+            "--sections=request",
+            "--request-count=40",
+            "--request-callers=1,4",
+            "--compress-count=20",
+            "--repeat=1",
+            f"--markdown={markdown}",
+            f"--png={png}",
+        ]
+    )
+    text = markdown.read_text()
+    assert "failed:" not in text, [line for line in text.splitlines() if "failed:" in line]
+    assert "request/reply, 1 caller(s): workerkit / raw pika" in text
+    assert "request/reply, 4 caller(s): workerkit / FastStream" in text
+    assert set(results.request) == {
+        f"{k}-{n}" for k in ("wk", "pika", "faststream") for n in (1, 4)
+    }
+    for series in results.request.values():
+        assert series["rate"].values[0] > 0 and series["p99"].values[0] > 0
+    sizes = {codec: s["wire_bytes"].values[0] for codec, s in results.compression.items()}
+    assert sizes["gzip"] < sizes["none"] / 3 and sizes["zstd"] < sizes["none"] / 3
+    assert 18_000 < results.compression["none"]["body_bytes"].values[0] < 24_000

@@ -21,8 +21,10 @@ import pytest
 from workerkit import Publisher, RetryPolicy, Runner, Worker
 from workerkit.dlq import list_dead
 from workerkit.settings import Settings
+from workerkit.testing import running
 from workers import produce, webapp
 from workers.audit import AuditLog
+from workers.pricing import Pricing
 from workers.receipts import SendReceipt
 from workers.thumbnails import MakeThumbnail
 
@@ -69,7 +71,13 @@ class App:
             queue = f"{prefix}.audit"
             bindings = (f"{prefix}.orders.*", f"{prefix}.images.*")
 
-        self.workers: list[type[Worker]] = [Receipts, Thumbnails, Audit]
+        self.quote_key = quote_key = f"{prefix}.pricing.quote"
+
+        class Quotes(Pricing):
+            queue = f"{prefix}.pricing"
+            bindings = (quote_key,)
+
+        self.workers: list[type[Worker]] = [Receipts, Thumbnails, Audit, Quotes]
         self.outbox = tmp / "outbox.jsonl"
         self.audit_log = tmp / "audit.jsonl"
         self.thumbnails = tmp / "thumbnails"
@@ -226,3 +234,39 @@ async def test_webapp_publishes_orders_the_workers_handle(app: App, settings: Se
     await _burst_until(app, lambda: len(_lines(app.outbox)) == 1)
     (receipt,) = _lines(app.outbox)
     assert receipt["order_id"] == 42 and receipt["message_id"] == "order-42"
+
+
+async def test_webapp_asks_the_pricing_worker_for_quotes(app: App, settings: Settings) -> None:
+    runner = Runner(app.workers, settings=settings, handle_signals=False)
+    with Publisher(settings=settings) as publisher:
+        wsgi = webapp.make_app(publisher, routing_key=app.orders_key, quote_key=app.quote_key)
+
+        def get(query: str) -> tuple[str, dict[str, Any]]:
+            statuses: list[str] = []
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/quote", "QUERY_STRING": query}
+            body = b"".join(wsgi(environ, lambda status, _headers: statuses.append(status)))
+            return statuses[0], json.loads(body)
+
+        async with running(runner):
+            status, quote = await asyncio.to_thread(get, "sku=A1&quantity=3")
+            assert status == "200 OK"
+            assert quote == {
+                "sku": "A1",
+                "quantity": 3,
+                "unit_price_cents": 1250,
+                "total_cents": 3750,
+            }
+            status, quote = await asyncio.to_thread(get, "sku=B2&quantity=10")  # bulk: 10% off
+            assert status == "200 OK" and quote["total_cents"] == 3591
+            status, reply = await asyncio.to_thread(get, "sku=ZZ")
+            assert status == "404 Not Found" and reply == {"error": "unknown sku 'ZZ'"}
+            status, reply = await asyncio.to_thread(get, "quantity=2")
+            assert status.startswith("422")
+        # No pricing worker consuming: the request waits in its queue and the page gives up.
+        webapp_timeout = webapp.QUOTE_TIMEOUT
+        webapp.QUOTE_TIMEOUT = 0.5
+        try:
+            status, reply = await asyncio.to_thread(get, "sku=A1")
+        finally:
+            webapp.QUOTE_TIMEOUT = webapp_timeout
+        assert status == "503 Unavailable" and reply["error"].startswith("RequestTimeout")

@@ -113,6 +113,7 @@ def test_each_example_worker_has_its_own_service_with_a_real_worker_class(
             run_targets.extend(targets)
     assert sorted(run_targets) == [
         "workers.audit:AuditLog",
+        "workers.pricing:Pricing",
         "workers.receipts:SendReceipt",
         "workers.thumbnails:MakeThumbnail",
     ]
@@ -218,7 +219,7 @@ def _health_port(service: dict[str, Any]) -> int:
 
 def test_worker_containers_are_healthy_only_when_ready(compose: dict[str, Any]) -> None:
     workers = _worker_services(compose)
-    assert len(workers) == 3
+    assert len(workers) == 4
     for name, service in workers.items():
         test = service["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "-c"], name

@@ -8,6 +8,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pika.exceptions as px
 from pika.spec import Basic, BasicProperties
 
 from workerkit.errors import ConnectionFailed, PublishNacked, Unroutable
@@ -77,6 +78,8 @@ def nack(tag: int) -> Any:
 class _Raw:
     is_open = True
     closed = 0
+    connection = SimpleNamespace()  # no fast-path reader on it
+    channel_number = 1
 
     def close(self) -> None:
         self.closed += 1
@@ -99,3 +102,27 @@ def test_a_nack_before_earlier_acks_fails_only_the_nacked_publish() -> None:
     channel._on_confirm(ack(2))
     assert outcomes[1] is None and outcomes[2] is None
     assert raw.closed == 1  # closed once everything sent before the nack was answered
+
+
+def test_a_retired_channel_closing_ends_its_consumers() -> None:
+    """The transport closes a retired channel itself, so its owner never called close(): a
+    consumer on it (a publisher's direct reply-to consumer) must hear that it ended, or the
+    requests waiting for replies there would wait for their timeout."""
+    channel, outcomes = channel_with(out("k", "a"))
+    raw = channel._raw = _Raw()  # type: ignore[assignment]
+    ended: list[str] = []
+    channel._cancel_callbacks["reply"] = lambda: ended.append("reply")
+    channel._on_confirm(nack(1))
+    assert isinstance(outcomes[1], PublishNacked) and raw.closed == 1
+    assert ended == []  # not before the broker's close-ok
+    channel._on_close(raw, px.ChannelClosedByClient(200, "Normal shutdown"))
+    assert ended == ["reply"]
+
+
+def test_an_owner_closing_its_channel_ends_no_consumer_callbacks() -> None:
+    channel, _outcomes = channel_with()
+    channel._raw = _Raw()  # type: ignore[assignment]
+    ended: list[str] = []
+    channel._cancel_callbacks["c"] = lambda: ended.append("c")
+    channel._on_close(channel._raw, px.ChannelClosedByClient(200, "Normal shutdown"))
+    assert ended == []  # the owner closed it: it knows

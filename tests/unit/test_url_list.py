@@ -29,6 +29,13 @@ def test_every_password_of_a_list_is_redacted() -> None:
     assert redact_url(f"{A},{B}") == "amqp://***@node-a:5672/v,amqps://***@node-b:5671/v"
 
 
+def test_a_raw_comma_in_a_password_never_leaks_half_of_it() -> None:
+    """Found by the URL property test: split at every ',' the list redaction left 'S3CR3T,'."""
+    assert redact_url("amqp://0:S3CR3T,@broker:5672/v") == "amqp://***@broker:5672/v"
+    mixed = f"amqp://u:se,cret@node-x/v, {B}"
+    assert redact_url(mixed) == "amqp://***@node-x/v,amqps://***@node-b:5671/v"
+
+
 @pytest.mark.parametrize(
     ("url", "words"),
     [

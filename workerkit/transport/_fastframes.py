@@ -43,7 +43,7 @@ _MIN_FRAME = 8  # 7-byte frame header and the end octet
 _NAMES = 4096  # decoded exchange, routing key and content type names kept
 
 # Basic property flags, in wire order (AMQP 0-9-1 section 4.2.6.1); Message has the first ten's
-# worth (delivery_mode and priority are single octets skipped on the way to the others).
+# worth (delivery_mode is a single octet skipped on the way to the others).
 _CONTENT_TYPE = 1 << 15
 _CONTENT_ENCODING = 1 << 14
 _HEADERS = 1 << 13
@@ -301,6 +301,7 @@ def _properties(
     if flags & _DELIVERY_MODE:
         at += 1
     if flags & _PRIORITY:
+        message.priority = data[at]
         at += 1
     if flags & _CORRELATION_ID:
         message.correlation_id, at = _short(data, at)  # type: ignore[assignment]

@@ -49,9 +49,22 @@ class Channel(Protocol):
         ...
 
     async def consume(
-        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+        self,
+        queue: str,
+        on_message: OnMessage,
+        on_cancelled: Callable[[], None],
+        *,
+        no_ack: bool = False,
     ) -> str:
-        """Start consuming; ``on_cancelled`` runs if the broker cancels the consumer."""
+        """Start consuming; ``on_cancelled`` runs if the broker cancels the consumer (on the
+        pika transport also when the channel ends without its owner closing it: closed by the
+        broker, or retired after a nack and closed once its publishes were answered).
+
+        ``no_ack``: the broker considers a message handled once sent (nothing to ack, no
+        prefetch limit). Direct reply-to needs it: a caller consumes the pseudo-queue
+        ``amq.rabbitmq.reply-to`` with ``no_ack`` on the channel it then publishes its requests
+        on, and replies to that channel's address arrive there.
+        """
         ...
 
     async def cancel(self, consumer_tag: str) -> None: ...

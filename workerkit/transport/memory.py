@@ -11,7 +11,14 @@ catch is caught here too:
 * an ack of an unknown delivery tag closes the channel (recorded in ``channel_errors``);
 * ``x-message-ttl``, ``x-dead-letter-exchange``, ``x-dead-letter-routing-key`` and
   ``x-delivery-limit`` (timers on the event loop), so workerkit's delay levels really delay;
-* deliveries are scheduled with ``loop.call_soon``, never made inside the publishing call.
+* deliveries are scheduled with ``loop.call_soon``, never made inside the publishing call;
+* ``no_ack`` consumers, and direct reply-to: a channel consuming ``amq.rabbitmq.reply-to`` (no_ack
+  only) gets an address ``amq.rabbitmq.reply-to.<id>``; a publish from it with that ``reply_to``
+  carries the address instead, a publish to ``""`` with the address as routing key reaches the
+  consumer (or is dropped, unreturned, once the channel is gone), and a request published with
+  ``reply_to = amq.rabbitmq.reply-to`` from a channel without that consumer closes the channel.
+
+Per-message ``expiration`` and ``priority`` are carried but not acted on.
 
 A broker lives on one event loop (its *home*, the first loop that connects, or the one given to
 :meth:`MemoryBroker.bind_loop`). A client on another loop or thread (the sync ``Publisher``'s
@@ -42,6 +49,9 @@ from .specs import ExchangeSpec, QueueSpec
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
 
 T = TypeVar("T")
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"  # the same name as workerkit.reply's
+REPLY_ADDRESS_PREFIX = DIRECT_REPLY_TO + "."
 
 EXCHANGE_TYPES = frozenset({"topic", "fanout", "direct"})
 
@@ -94,6 +104,7 @@ class _Consumer:
     on_message: OnMessage
     on_cancelled: Callable[[], None]
     active: bool = True
+    no_ack: bool = False
 
 
 @dataclass(eq=False)
@@ -159,6 +170,8 @@ class MemoryBroker:
         self.connect_error: WorkerkitError | None = None
         self.connects = 0
         self._consumer_tags = itertools.count(1)
+        # Direct reply-to: the address of each channel consuming amq.rabbitmq.reply-to.
+        self.reply_consumers: dict[str, _Consumer] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -329,6 +342,13 @@ class MemoryBroker:
 
     def publish(self, envelope: _Envelope) -> int:
         """Enqueue a copy in every queue the message routes to; the number of queues."""
+        if envelope.exchange == "" and envelope.routing_key.startswith(REPLY_ADDRESS_PREFIX):
+            consumer = self.reply_consumers.get(envelope.routing_key)
+            if consumer is None or not consumer.active:
+                return 0  # the caller is gone: dropped, as RabbitMQ does
+            message = envelope.copy().to_message(0)
+            asyncio.get_running_loop().call_soon(consumer.on_message, message)
+            return 1
         queues = self.route(envelope.exchange, envelope.routing_key)
         for queue in queues:
             self._enqueue(queue, envelope.copy())
@@ -409,6 +429,9 @@ class MemoryBroker:
                 return
             env = queue.ready.popleft()
             _cancel_expiry(env)
+            if consumer.no_ack:  # settled once sent: nothing is tracked
+                loop.call_soon(consumer.on_message, env.to_message(0))
+                continue
             tag = consumer.channel.take(queue, env)
             loop.call_soon(consumer.channel.deliver, consumer, tag)
 
@@ -447,7 +470,7 @@ def _next_with_room(queue: _Queue) -> _Consumer | None:
     for step in range(len(consumers)):
         index = (queue.next_consumer + step) % len(consumers)
         consumer = consumers[index]
-        if consumer.channel.has_room():
+        if consumer.no_ack or consumer.channel.has_room():
             queue.next_consumer = index + 1
             return consumer
     return None
@@ -497,6 +520,7 @@ class MemoryChannel:
         self.published = 0
         self._tags = itertools.count(1)
         self._close_error: WorkerkitError | None = None
+        self.reply_address: str | None = None  # direct reply-to, once consumed
 
     @property
     def is_open(self) -> bool:
@@ -574,20 +598,60 @@ class MemoryChannel:
     # -- consuming ---------------------------------------------------------------------------
 
     async def consume(
-        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+        self,
+        queue: str,
+        on_message: OnMessage,
+        on_cancelled: Callable[[], None],
+        *,
+        no_ack: bool = False,
     ) -> str:
         await self._rpc()
+        if queue == DIRECT_REPLY_TO:
+            return self._consume_replies(on_message, on_cancelled, no_ack)
         source: _Queue = self._broker_call(lambda: self.broker._queue(queue))
-        consumer = _Consumer(self.broker.new_consumer_tag(), source, self, on_message, on_cancelled)
+        consumer = _Consumer(
+            self.broker.new_consumer_tag(), source, self, on_message, on_cancelled, no_ack=no_ack
+        )
         source.consumers.append(consumer)
         self.consumers[consumer.tag] = consumer
         self.broker.schedule_dispatch(source)
         return consumer.tag
 
+    def _consume_replies(
+        self, on_message: OnMessage, on_cancelled: Callable[[], None], no_ack: bool
+    ) -> str:
+        """Direct reply-to: this channel's address, with RabbitMQ's rules."""
+        if not no_ack:
+            self._protocol_error("PRECONDITION_FAILED - reply consumer cannot acknowledge")
+        if self.reply_address is not None:
+            self._protocol_error("PRECONDITION_FAILED - reply consumer already set")
+        address = f"{REPLY_ADDRESS_PREFIX}{next(self.broker._consumer_tags)}"
+        pseudo = _Queue(address, {})
+        consumer = _Consumer(
+            self.broker.new_consumer_tag(), pseudo, self, on_message, on_cancelled, no_ack=True
+        )
+        self.reply_address = address
+        self.broker.reply_consumers[address] = consumer
+        self.consumers[consumer.tag] = consumer
+        return consumer.tag
+
+    def _protocol_error(self, error: str) -> None:
+        self.broker.channel_errors.append(error)
+        failure = TopologyError(error)
+        self._fail(failure)
+        raise failure
+
+    def _drop_reply_address(self) -> None:
+        if self.reply_address is not None:
+            self.broker.reply_consumers.pop(self.reply_address, None)
+            self.reply_address = None
+
     async def cancel(self, consumer_tag: str) -> None:
         if not self.is_open:
             return
         consumer = self.consumers.pop(consumer_tag, None)
+        if consumer is not None and consumer.queue.name == self.reply_address:
+            self._drop_reply_address()
         if consumer is not None:
             consumer.active = False
             if consumer in consumer.queue.consumers:
@@ -664,6 +728,10 @@ class MemoryChannel:
     async def publish(self, message: Outgoing, *, mandatory: bool, timeout: float) -> None:
         await self._rpc()
         envelope = _Envelope.from_outgoing(message)
+        if envelope.properties.reply_to == DIRECT_REPLY_TO:
+            if self.reply_address is None:
+                self._protocol_error("PRECONDITION_FAILED - fast reply consumer does not exist")
+            envelope.properties.reply_to = self.reply_address
         count: int = self._broker_call(lambda: self.broker.publish(envelope))
         self.published += 1
         if mandatory and count == 0:
@@ -689,6 +757,7 @@ class MemoryChannel:
         if self._close_error is not None:
             return
         self._close_error = error
+        self._drop_reply_address()
         for consumer in self.consumers.values():
             consumer.active = False
             if consumer in consumer.queue.consumers:
@@ -885,13 +954,20 @@ class _RemoteChannel:
         return await _on(self._home, self._inner.get(queue))
 
     async def consume(
-        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+        self,
+        queue: str,
+        on_message: OnMessage,
+        on_cancelled: Callable[[], None],
+        *,
+        no_ack: bool = False,
     ) -> str:
         back_message, back_cancelled = (
             _back_on(self._loop, on_message),
             _back_on(self._loop, on_cancelled),
         )
-        return await _on(self._home, self._inner.consume(queue, back_message, back_cancelled))
+        return await _on(
+            self._home, self._inner.consume(queue, back_message, back_cancelled, no_ack=no_ack)
+        )
 
     async def cancel(self, consumer_tag: str) -> None:
         await _on(self._home, self._inner.cancel(consumer_tag))

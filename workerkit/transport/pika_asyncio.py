@@ -393,12 +393,19 @@ class PikaChannel:
         error = translate(exc, what="channel closed")
         self._fail_all(error)
         if isinstance(exc, px.ChannelClosedByClient | px.ConnectionClosedByClient):
+            if self._retired is not None:
+                # Closed here after a nack, not by its owner: its consumers (a publisher's reply
+                # consumer) end with it, and their owners must hear it.
+                self._end_consumers()
             return
         on_closed, self._on_closed = self._on_closed, None
         if on_closed is not None:
             on_closed(error)
         # The broker closed a consuming channel (consumer_timeout, a protocol error): its
         # consumers are gone, which the runner must hear about rather than sit idle.
+        self._end_consumers()
+
+    def _end_consumers(self) -> None:
         callbacks, self._cancel_callbacks = self._cancel_callbacks, {}
         for callback in callbacks.values():
             callback()
@@ -535,7 +542,12 @@ class PikaChannel:
     # -- consuming ---------------------------------------------------------------------------
 
     async def consume(
-        self, queue: str, on_message: OnMessage, on_cancelled: Callable[[], None]
+        self,
+        queue: str,
+        on_message: OnMessage,
+        on_cancelled: Callable[[], None],
+        *,
+        no_ack: bool = False,
     ) -> str:
         build = _message
 
@@ -548,7 +560,8 @@ class PikaChannel:
             raw = self._raw
             # pika names the consumer when asked: the fast path knows it before the first
             # delivery can arrive. pika keeps on_delivery for deliveries it decodes itself.
-            consume_fast(raw, raw.basic_consume(queue, on_delivery, callback=done), on_message)
+            tag = raw.basic_consume(queue, on_delivery, auto_ack=no_ack, callback=done)
+            consume_fast(raw, tag, on_message)
 
         frame = await self._call(start, what=f"consuming from {queue!r}")
         tag: str = frame.method.consumer_tag
@@ -747,6 +760,8 @@ def _basic_properties(props: Properties) -> BasicProperties:
         correlation_id=props.correlation_id,
         timestamp=props.timestamp,
         reply_to=props.reply_to,
+        expiration=props.expiration,
+        priority=props.priority,
     )
 
 
@@ -765,4 +780,6 @@ def _message(method: Any, props: BasicProperties, body: bytes) -> Message:
         props.correlation_id,
         props.timestamp,
         props.reply_to,
+        "",
+        props.priority,
     )
