@@ -321,14 +321,25 @@ def _check_key(key: object, copy: bool) -> None:
 
 
 def _check_value(value: object, what: str, copy: bool) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _check_value(item, what, copy)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_key(key, copy)
+            _check_value(item, f"{what}[{key!r}]", copy)
+    else:
+        _check_scalar(value, what)
+
+
+def _check_scalar(value: object, what: str) -> None:
     if value is None or isinstance(value, bytes | bool):
         return
     if isinstance(value, datetime):
         # Sent as unsigned seconds since the epoch, UTC (naive means UTC).
         if calendar.timegm(value.utctimetuple()) < 0:
             raise InvalidMessage(f"{what}: AMQP timestamps cannot be before 1970")
-        return
-    if isinstance(value, str):
+    elif isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -338,13 +349,6 @@ def _check_value(value: object, what: str, copy: bool) -> None:
             raise InvalidMessage(f"{what}: {value} is outside the signed 64-bit range")
     elif isinstance(value, Decimal):
         _check_decimal(value, what)
-    elif isinstance(value, list):
-        for item in value:
-            _check_value(item, what, copy)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_key(key, copy)
-            _check_value(item, f"{what}[{key!r}]", copy)
     elif isinstance(value, float):
         raise InvalidMessage(
             f"{what}: AMQP floats cannot be sent by the client; send str(value) or a Decimal"
@@ -516,41 +520,44 @@ def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
     if annotation is Message:
         return lambda message: message
     if annotation is bytes:
-
-        def decode_bytes(message: Message) -> bytes:
-            return _body(message, max_body_size)
-
-        return decode_bytes
+        return lambda message: _body(message, max_body_size)
     if annotation is str:
-
-        def decode_str(message: Message) -> str:
-            body = _body(message, max_body_size)
-            ctype = message.content_type
-            if ctype is not None and not (ctype.startswith("text/") or ctype.startswith(JSON)):
-                raise DecodeError(f"content type {ctype!r} is not text")
-            try:
-                return body.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DecodeError(f"body is not UTF-8: {exc}") from None
-
-        return decode_str
+        return _text_decoder(max_body_size)
     if annotation in (dict, list, Any, object):
-        expected: type | None = annotation if annotation in (dict, list) else None
+        return _json_decoder(annotation if annotation in (dict, list) else None, max_body_size)
+    return _validating_decoder(annotation, max_body_size)
 
-        def decode_json(message: Message) -> Any:
-            body = _body(message, max_body_size)
-            _json_content(message)
-            try:
-                value = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise DecodeError(f"invalid JSON: {exc}") from None
-            if expected is not None and not isinstance(value, expected):
-                raise DecodeError(
-                    f"expected a JSON {expected.__name__}, got {type(value).__name__}"
-                )
-            return value
 
-        return decode_json
+def _text_decoder(max_body_size: int) -> Decoder:
+    def decode_str(message: Message) -> str:
+        body = _body(message, max_body_size)
+        ctype = message.content_type
+        if ctype is not None and not (ctype.startswith("text/") or ctype.startswith(JSON)):
+            raise DecodeError(f"content type {ctype!r} is not text")
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(f"body is not UTF-8: {exc}") from None
+
+    return decode_str
+
+
+def _json_decoder(expected: type | None, max_body_size: int) -> Decoder:
+    def decode_json(message: Message) -> Any:
+        body = _body(message, max_body_size)
+        _json_content(message)
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"invalid JSON: {exc}") from None
+        if expected is not None and not isinstance(value, expected):
+            raise DecodeError(f"expected a JSON {expected.__name__}, got {type(value).__name__}")
+        return value
+
+    return decode_json
+
+
+def _validating_decoder(annotation: Any, max_body_size: int) -> Decoder:
     # A model, or any other annotation (list[int], a TypedDict, a dataclass...): pydantic
     # validates straight from the JSON bytes, with its validator built once, here.
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):

@@ -61,52 +61,59 @@ def make_app(
         if path == "/health":
             return _reply(start_response, 200, {"status": "ok"})
         if path == "/quote":
-            return quote(environ, start_response)
+            return _quote(publisher, quote_key, environ, start_response)
         if path != "/orders":
             return _reply(start_response, 404, {"error": "not found"})
         if method != "POST":
             return _reply(start_response, 405, {"error": "POST an order as JSON"})
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = -1
-        if not 0 < length <= MAX_BODY:
-            return _reply(start_response, 400, {"error": f"body must be 1 to {MAX_BODY} bytes"})
-        try:
-            order = OrderPlaced.model_validate_json(environ["wsgi.input"].read(length))
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False, include_context=False)
-            return _reply(start_response, 422, {"error": "invalid order", "details": errors})
-        try:
-            # The message id names the order, so consumers can spot a duplicate publish.
-            message_id = publisher.publish(routing_key, order, message_id=f"order-{order.order_id}")
-        except PublishError as exc:
-            # Not confirmed by the broker: tell the client to try again, never pretend success.
-            log.error("order %s not published: %s", order.order_id, exc)
-            return _reply(start_response, 503, {"error": f"{type(exc).__name__}: {exc}"})
-        return _reply(start_response, 202, {"order_id": order.order_id, "message_id": message_id})
-
-    def quote(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
-        try:
-            request = QuoteRequest.model_validate(query)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_input=False, include_context=False)
-            return _reply(
-                start_response, 422, {"error": "invalid quote request", "details": errors}
-            )
-        try:
-            answer: Quote = publisher.request(
-                quote_key, request, timeout=QUOTE_TIMEOUT, reply_type=Quote
-            )
-        except RemoteError as exc:  # the pricing worker rejected it (unknown sku)
-            return _reply(start_response, 404, {"error": exc.message})
-        except (PublishError, ConnectionFailed) as exc:  # no answer in time, or no worker queue
-            log.error("quote for %s failed: %s", request.sku, exc)
-            return _reply(start_response, 503, {"error": f"{type(exc).__name__}: {exc}"})
-        return _reply(start_response, 200, answer.model_dump())
+        return _place(publisher, routing_key, environ, start_response)
 
     return app
+
+
+def _place(
+    publisher: Publisher, routing_key: str, environ: dict[str, Any], start_response: StartResponse
+) -> list[bytes]:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = -1
+    if not 0 < length <= MAX_BODY:
+        return _reply(start_response, 400, {"error": f"body must be 1 to {MAX_BODY} bytes"})
+    try:
+        order = OrderPlaced.model_validate_json(environ["wsgi.input"].read(length))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        return _reply(start_response, 422, {"error": "invalid order", "details": errors})
+    try:
+        # The message id names the order, so consumers can spot a duplicate publish.
+        message_id = publisher.publish(routing_key, order, message_id=f"order-{order.order_id}")
+    except PublishError as exc:
+        # Not confirmed by the broker: tell the client to try again, never pretend success.
+        log.error("order %s not published: %s", order.order_id, exc)
+        return _reply(start_response, 503, {"error": f"{type(exc).__name__}: {exc}"})
+    return _reply(start_response, 202, {"order_id": order.order_id, "message_id": message_id})
+
+
+def _quote(
+    publisher: Publisher, quote_key: str, environ: dict[str, Any], start_response: StartResponse
+) -> list[bytes]:
+    query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+    try:
+        request = QuoteRequest.model_validate(query)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        return _reply(start_response, 422, {"error": "invalid quote request", "details": errors})
+    try:
+        answer: Quote = publisher.request(
+            quote_key, request, timeout=QUOTE_TIMEOUT, reply_type=Quote
+        )
+    except RemoteError as exc:  # the pricing worker rejected it (unknown sku)
+        return _reply(start_response, 404, {"error": exc.message})
+    except (PublishError, ConnectionFailed) as exc:  # no answer in time, or no worker queue
+        log.error("quote for %s failed: %s", request.sku, exc)
+        return _reply(start_response, 503, {"error": f"{type(exc).__name__}: {exc}"})
+    return _reply(start_response, 200, answer.model_dump())
 
 
 def _reply(start_response: StartResponse, status: int, payload: object) -> list[bytes]:

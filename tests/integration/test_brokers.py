@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,13 +52,32 @@ async def declare(settings: Settings, *workers: type[Worker]) -> Topology:
     return topology
 
 
+GONE_AFTER = 3.0
+
+
+async def settled(read: Callable[[], Any], expected: Any, within: float = 10.0) -> Any:
+    """``read()`` once it returns ``expected``, or its last value after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    value = await asyncio.to_thread(read)
+    while value != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        value = await asyncio.to_thread(read)
+    return value
+
+
 def give_back(url: str, queue: str, how: str) -> bool:
     """Take the head of ``queue`` and give it back by ``how``: "nack" (requeue), "reject"
     (requeue) or "crash" (the connection closes with it unacked). False if the queue is empty."""
     conn = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = conn.channel()
+        # A quorum queue applies the previous give-back through its log: the message may take a
+        # moment to be ready again. Empty for GONE_AFTER seconds means it is gone.
+        deadline = time.monotonic() + GONE_AFTER
         method, _props, _body = channel.basic_get(queue, auto_ack=False)
+        while method is None and time.monotonic() < deadline:
+            conn.sleep(0.05)
+            method, _props, _body = channel.basic_get(queue, auto_ack=False)
         if method is None:
             return False
         if how == "nack":
@@ -120,9 +140,12 @@ async def test_nack_requeue_counts_only_before_4_3(
     for _ in range(6):
         if not await asyncio.to_thread(give_back, url, name, "nack"):
             break
-    in_dlq = await asyncio.to_thread(ready_count, url, f"{name}.dlq")
-    in_queue = await asyncio.to_thread(ready_count, url, name)
-    assert (in_dlq, in_queue) == ((1, 0) if NACK_COUNTS[broker_version] else (0, 1))
+    expected = (1, 0) if NACK_COUNTS[broker_version] else (0, 1)
+    # Dead-lettering is asynchronous too: wait (with a deadline) for the counts to settle.
+    counts = await settled(
+        lambda: (ready_count(url, f"{name}.dlq"), ready_count(url, name)), expected
+    )
+    assert counts == expected
 
 
 async def test_a_quorum_queue_without_a_limit_drops_after_the_default(
@@ -138,8 +161,8 @@ async def test_a_quorum_queue_without_a_limit_drops_after_the_default(
     for _ in range(25):
         if not await asyncio.to_thread(give_back, url, name, "nack"):
             break
-    kept = await asyncio.to_thread(ready_count, url, name)
     dropped = DEFAULT_LIMIT[broker_version] is not None and NACK_COUNTS[broker_version]
+    kept = await settled(lambda: ready_count(url, name), 0 if dropped else 1)
     assert kept == (0 if dropped else 1)
 
 

@@ -57,17 +57,34 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
     """The workerkit error for a pika (or socket) exception. The one translation seam."""
     if isinstance(exc, WorkerkitError):
         return exc
+    inner = _wrapped(exc)
+    if inner is not None:
+        return translate(inner, what=what)
+    prefix = f"{what}: " if what else ""
+    return (
+        _broker_refusal(exc, prefix)
+        or _network_failure(exc, prefix)
+        or ConnectionFailed(f"{prefix}{type(exc).__name__}: {exc}".rstrip(": "))
+    )
+
+
+def _wrapped(exc: BaseException) -> BaseException | None:
+    """The real failure inside one of pika's wrappers, if ``exc`` is one."""
     if isinstance(exc, px.AMQPConnectionError) and exc.args:
         first = exc.args[0]
         if isinstance(first, BaseException):  # pika wraps the workflow failure in args
-            return translate(first, what=what)
+            return first
     causes = getattr(exc, "exceptions", None)
     if causes:  # pika's AMQPConnectionWorkflowFailed wraps the real failure
-        return translate(causes[-1], what=what)
+        return causes[-1]  # type: ignore[no-any-return]
     inner = getattr(exc, "exception", None)
     if isinstance(inner, BaseException):  # AMQPConnectorSocketConnectError and friends
-        return translate(inner, what=what)
-    prefix = f"{what}: " if what else ""
+        return inner
+    return None
+
+
+def _broker_refusal(exc: BaseException, prefix: str) -> WorkerkitError | None:
+    """What the broker said no to: credentials, permissions, topology, a channel close."""
     if isinstance(exc, px.ProbableAuthenticationError | px.AuthenticationError):
         return AccessRefused(f"{prefix}the broker refused the credentials{_broker_words(exc)}")
     if isinstance(exc, px.ProbableAccessDeniedError):
@@ -80,6 +97,11 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
         if exc.reply_code in (404, 405, 406):
             return TopologyError(f"{prefix}{_explain_precondition(exc.reply_text)}")
         return ConnectionFailed(f"{prefix}channel closed by the broker: {exc.reply_text}")
+    return None
+
+
+def _network_failure(exc: BaseException, prefix: str) -> WorkerkitError | None:
+    """Timeouts, TLS and socket errors."""
     if isinstance(exc, asyncio.TimeoutError):
         return ConnectionFailed(f"{prefix}timed out")
     if isinstance(exc, ssl.SSLCertVerificationError | ssl.CertificateError):
@@ -92,7 +114,7 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
         return ConnectionFailed(f"{prefix}connection refused (is the broker running?)")
     if isinstance(exc, OSError):
         return ConnectionFailed(f"{prefix}{exc.strerror or exc}")
-    return ConnectionFailed(f"{prefix}{type(exc).__name__}: {exc}".rstrip(": "))
+    return None
 
 
 def _broker_words(exc: BaseException) -> str:
