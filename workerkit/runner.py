@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .copies import Copies
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
 from .middleware import Middleware, call_hooks, check_middleware
@@ -85,6 +86,9 @@ class Runner:
         self._consume_conn: Connection | None = None
         self._publish_conn: Connection | None = None
         self._publish_channel: Channel | None = None
+        # Copies whose confirm is awaited: never sent while the broker blocks publishing, never
+        # sent twice (see copies.py).
+        self._copies = Copies()
         self._generation = 0  # connections of an older generation report no losses
         self._reopening = asyncio.Lock()
         self._stop: asyncio.Event | None = None
@@ -187,9 +191,13 @@ class Runner:
     # -- what the runtimes need (runtime.Host) -------------------------------------------------
 
     async def publish_copy(self, copy: Outgoing, timeout: float) -> None:
-        """Confirmed publish of a retry, dead-letter or recount copy on the publish channel."""
+        """Confirmed publish of a retry, dead-letter or recount copy on the publish channel:
+        not sent while the broker blocks the connection, not sent twice (see copies.py)."""
         channel = await self._open_publish_channel()
-        await channel.publish(copy, mandatory=True, timeout=timeout)
+        conn = self._publish_conn
+        if conn is None:
+            raise WorkerkitError("the publish connection is not open")
+        await self._copies.publish(conn, channel, copy, timeout)
 
     async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
         """Confirmed publish of a reply on the publish channel (see ``reply.py``)."""
