@@ -192,6 +192,12 @@ class Settings(BaseSettings):
     max_body_size: int = Field(
         default=16 * 1024 * 1024, ge=1, description="Largest body published or decoded, in bytes."
     )
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="Memory budget of a worker's deliveries, in bytes: its prefetch is capped at"
+        " max_in_flight_bytes // max_body_size (at least 1); 0: no cap.",
+    )
     retry_max_attempts: int = Field(
         default=5,
         ge=1,
