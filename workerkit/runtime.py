@@ -503,6 +503,7 @@ class WorkerRuntime:
             what, error = Happened.FAILED, exc
         slot.deadline = 0.0
         slot.timed_out = False
+        slot.call = None  # a def handler's finished future (and its error) is not kept
         if what is Happened.HANDLED:
             if message.reply_to and result is not _NO_REPLY:  # a request: answer, then ack
                 await self._answer(message, result)
@@ -763,6 +764,7 @@ class WorkerRuntime:
             what, error = Happened.FAILED, exc
         slot.deadline = 0.0
         slot.timed_out = False
+        slot.call = None  # a def handler's finished future (and its error) is not kept
         try:
             for i, (message, when) in enumerate(ok):
                 item_error = failures.get(i, error)
@@ -898,21 +900,25 @@ class WorkerRuntime:
         slot.started = False
         slot.call = fut
         slot.deadline = loop.time() + self.max_wait
+        job = [fut, args, slot, loop]  # emptied by the thread (see _call_handler)
         if self.middleware:  # hooks may set context (a trace span) the handler must see
             run = contextvars.copy_context().run
-            self.pool.submit(run, self._call_handler, fut, args, slot, loop)
+            self.pool.submit(run, self._call_handler, job)
         else:
-            self.pool.submit(self._call_handler, fut, args, slot, loop)
+            self.pool.submit(self._call_handler, job)
         return fut
 
-    def _call_handler(
-        self,
-        fut: asyncio.Future[Any],
-        args: tuple[Any, ...],
-        slot: Slot,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        """In a pool thread."""
+    def _call_handler(self, job: list[Any]) -> None:
+        """In a pool thread. A handler's error keeps its traceback's frames, and they link back
+        to the pool's work item (which holds ``job``) and to this frame: holding neither the
+        future nor the error, they cannot keep the failure, and with it the delivery's body,
+        alive in a cycle that only the garbage collector frees."""
+        fut: asyncio.Future[Any]
+        args: tuple[Any, ...]
+        slot: Slot
+        loop: asyncio.AbstractEventLoop
+        fut, args, slot, loop = job
+        job.clear()
         if fut.cancelled():
             return  # timed out or shut down before it started: never run it late
         slot.deadline = loop.time() + self.timeout  # a float store: safe from this thread
@@ -926,7 +932,7 @@ class WorkerRuntime:
         with self._finished_lock:
             self._finished_calls.append((fut, result, error))
             first = len(self._finished_calls) == 1
-        error = None  # not kept by its own traceback's frame (see _process)
+        del fut, error, args, slot  # see above
         if first:
             loop.call_soon_threadsafe(self._settle_finished)
 
