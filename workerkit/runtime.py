@@ -691,6 +691,7 @@ class WorkerRuntime:
                         self._carry_out(message, tracker, GiveBack(), None, 0.0)
             finally:
                 self.in_flight -= len(batch)
+            del batch, message  # an idle slot must not keep its last bodies alive
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Message], list[float]]:
         """Up to ``batch_size`` deliveries, waiting at most ``batch_timeout`` for more."""
