@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 from typing import Any
 
-from .errors import PublishTimeout
+from .errors import ConnectionFailed, PublishTimeout
 from .message import Header, Outgoing
 from .transport.base import Channel, Connection
 
@@ -94,11 +94,6 @@ class Copies:
         self.keep = keep
         self._pending: dict[Key, _Pending] = {}
 
-    @property
-    def pending(self) -> int:
-        """Copies sent whose confirm is still awaited or kept (for tests and metrics)."""
-        return len(self._pending)
-
     async def publish(
         self, connection: Connection, channel: Channel, copy: Outgoing, timeout: float
     ) -> None:
@@ -116,14 +111,17 @@ class Copies:
                     " the copy was not sent"
                 )
             entry = self._send(channel, copy, key, max(timeout, self.horizon))
+        error = await _answer(entry, max(0.0, deadline - loop.time()), timeout)
+        # A refusal raised from here holds this frame in its traceback, and the entry's future
+        # holds the refusal: without the entry no cycle keeps the error, the caller's delivery
+        # and its body alive until the garbage collector runs (asyncio.wait_for made one too).
+        del entry
+        if error is None:
+            return
         try:
-            await asyncio.wait_for(asyncio.shield(entry.done), max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            entry.waited_in_vain = True
-            raise PublishTimeout(
-                f"no confirm from the broker within {timeout:.1f}s; the copy stays pending and"
-                " is not sent again while it may still arrive"
-            ) from None
+            raise error
+        finally:
+            error = None
 
     def _send(self, channel: Channel, copy: Outgoing, key: Key | None, limit: float) -> _Pending:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -159,6 +157,37 @@ class Copies:
     def _forget(self, key: Key, entry: _Pending) -> None:
         if self._pending.get(key) is entry:
             del self._pending[key]
+
+
+async def _answer(entry: _Pending, timeout: float, asked: float) -> BaseException | None:
+    """The broker's answer to a pending copy within ``timeout``: None (confirmed) or the error;
+    PublishTimeout when it did not come (the copy stays pending). ``asked``: the caller's whole
+    time, for the message."""
+    done = entry.done
+    if not done.done():
+        loop = asyncio.get_running_loop()
+        woken: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: object = None) -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        done.add_done_callback(wake)
+        timer = loop.call_later(timeout, wake)
+        try:
+            await woken
+        finally:
+            timer.cancel()
+            done.remove_done_callback(wake)
+    if not done.done():
+        entry.waited_in_vain = True
+        raise PublishTimeout(
+            f"no confirm from the broker within {asked:.1f}s; the copy stays pending and is"
+            " not sent again while it may still arrive"
+        )
+    if done.cancelled():
+        return ConnectionFailed("the copy's publish was cancelled")
+    return done.exception()
 
 
 def _retrieve(done: asyncio.Future[Any]) -> None:

@@ -5,6 +5,7 @@ original, given back at the end of its lease, fails again."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from workerkit import RetryPolicy, Settings, Worker
 from workerkit.copies import Copies, identity
-from workerkit.errors import PublishTimeout
+from workerkit.errors import PublishTimeout, Unroutable
 from workerkit.message import Header, Message, Outgoing, Properties
 from workerkit.testing import in_memory, memory_publisher, running, wait_for
 from workerkit.transport.memory import MemoryBroker, MemoryTransport
@@ -119,3 +120,33 @@ def test_identity_ignores_the_jittered_delay_of_a_retry() -> None:
 
 def _copy(message_id: str, body: bytes) -> Outgoing:
     return Outgoing("", "q1", body, Properties(message_id=message_id, headers={Header.ATTEMPT: 1}))
+
+
+async def test_a_refused_copy_does_not_keep_its_body_alive() -> None:
+    """The refusal is raised through the wait: its traceback must not hold the pending entry
+    (whose future holds the refusal), or the copy's body lives until the GC runs."""
+    broker = MemoryBroker()
+    conn = await MemoryTransport(broker).connect(settings(), name="p", on_lost=lambda _e: None)
+    copies = Copies()
+    gc.collect()
+    gc.disable()
+    try:
+        channel = await conn.channel(confirms=True)
+        for n in range(3):
+            refused = Outgoing(
+                "",
+                "no-such-queue",
+                b"refused-body",
+                Properties(message_id=f"r{n}", headers={Header.ATTEMPT: 1}),
+            )
+            with pytest.raises(Unroutable):
+                await copies.publish(conn, channel, refused, 1.0)
+            del refused
+        await asyncio.sleep(0)
+        alive = [
+            o for o in gc.get_objects() if isinstance(o, Outgoing) and o.body == b"refused-body"
+        ]
+        assert alive == [], f"{len(alive)} refused copies still alive"
+    finally:
+        gc.enable()
+    await conn.close()
