@@ -52,7 +52,10 @@ def payload(i: int, sent_at: float | None = None, size: int = PAYLOAD_SIZE) -> b
 def settings() -> Any:
     from workerkit.settings import Settings
 
-    return Settings(url=URL, exchange=EXCHANGE)  # type: ignore[arg-type]
+    # The prefetch each benchmark asks for, uncapped by the memory budget (which would lower a
+    # prefetch of 100 to 16 with the default 16 MiB max_body_size): the budget is measured in
+    # tests/reliability/test_memory_budget.py.
+    return Settings(url=URL, exchange=EXCHANGE, max_in_flight_bytes=0)  # type: ignore[arg-type]
 
 
 def blocking_channel() -> tuple[pika.BlockingConnection, Any]:

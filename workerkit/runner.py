@@ -21,13 +21,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .copies import Copies
 from .errors import AccessRefused, ConfigurationError, TopologyError, WorkerkitError
 from .message import Outgoing
 from .middleware import Middleware, call_hooks, check_middleware
 from .publisher import allow_sync_publishes_on, refuse_sync_publishes_on
 from .reply import reply_mandatory
 from .retry import reconnecting
-from .runtime import LEASE, WorkerRuntime, window
+from .runtime import LEASE, WorkerRuntime, byte_cap, window
 from .settings import Settings, load_settings
 from .topology import Topology
 from .transport import default_transport
@@ -85,6 +86,9 @@ class Runner:
         self._consume_conn: Connection | None = None
         self._publish_conn: Connection | None = None
         self._publish_channel: Channel | None = None
+        # Copies whose confirm is awaited: never sent while the broker blocks publishing, never
+        # sent twice (see copies.py).
+        self._copies = Copies()
         self._generation = 0  # connections of an older generation report no losses
         self._reopening = asyncio.Lock()
         self._stop: asyncio.Event | None = None
@@ -149,6 +153,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         refuse_sync_publishes_on(loop)  # a blocking publish here would stall every consumer
         self._warn_about_timeouts()
+        self._say_memory_caps()
         installed = self._install_signals(loop) if self.handle_signals else []
         try:
             self.runtimes = [
@@ -187,9 +192,13 @@ class Runner:
     # -- what the runtimes need (runtime.Host) -------------------------------------------------
 
     async def publish_copy(self, copy: Outgoing, timeout: float) -> None:
-        """Confirmed publish of a retry, dead-letter or recount copy on the publish channel."""
+        """Confirmed publish of a retry, dead-letter or recount copy on the publish channel:
+        not sent while the broker blocks the connection, not sent twice (see copies.py)."""
         channel = await self._open_publish_channel()
-        await channel.publish(copy, mandatory=True, timeout=timeout)
+        conn = self._publish_conn
+        if conn is None:
+            raise WorkerkitError("the publish connection is not open")
+        await self._copies.publish(conn, channel, copy, timeout)
 
     async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
         """Confirmed publish of a reply on the publish channel (see ``reply.py``)."""
@@ -469,6 +478,32 @@ class Runner:
                     limit,
                 )
             self._warn_about_waiting(cls, timeout, limit)
+
+    def _say_memory_caps(self) -> None:
+        """Say when the memory budget lowers a worker's prefetch: a warning when the prefetch
+        was asked for, a note when it was the default."""
+        cap = byte_cap(self.settings)
+        if not cap:
+            return
+        unbounded = self.settings.model_copy(update={"max_in_flight_bytes": 0})
+        for cls in self.worker_classes:
+            prefetch, _ = window(cls, self.settings, self.prefetch, self.concurrency)
+            wanted, _ = window(cls, unbounded, self.prefetch, self.concurrency)
+            if wanted <= prefetch:
+                continue
+            asked = self.prefetch or cls.prefetch or self.settings.prefetch or cls.batch_size
+            log.log(
+                logging.WARNING if asked else logging.INFO,
+                "%s: prefetch %d instead of %d: max_in_flight_bytes %d allows %d deliveries of"
+                " up to max_body_size %d bytes; lower max_body_size to what the messages need"
+                " to prefetch more",
+                cls.describe(),
+                prefetch,
+                wanted,
+                self.settings.max_in_flight_bytes,
+                cap,
+                self.settings.max_body_size,
+            )
 
     def _warn_about_waiting(self, cls: type[Worker], timeout: float | None, limit: float) -> None:
         """Prefetched deliveries wait for a slot, and the broker's clock runs from delivery:

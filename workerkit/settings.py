@@ -214,6 +214,12 @@ class Settings(BaseSettings):
     compress_min_size: int = Field(
         default=1024, ge=0, description="Bodies smaller than this many bytes are not compressed."
     )
+    max_in_flight_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        description="Memory budget of a worker's deliveries, in bytes: its prefetch is capped at"
+        " max_in_flight_bytes // max_body_size (at least 1); 0: no cap.",
+    )
     retry_max_attempts: int = Field(
         default=5,
         ge=1,

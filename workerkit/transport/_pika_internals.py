@@ -11,6 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -278,10 +279,15 @@ class BatchingConnection(AsyncioConnection):  # type: ignore[misc]
             if len(self._wk_routes) >= 1024:
                 self._wk_routes.clear()
             self._wk_routes[key] = method
-        frames = [method, pika.frame.Header(channel_number, len(body), props).marshal()]
+        frames: list[bytes] = [
+            method,
+            pika.frame.Header(channel_number, len(body), props).marshal(),
+        ]
         step = self._body_max_length
-        for start in range(0, len(body), step):
-            frames.append(pika.frame.Body(channel_number, body[start : start + step]).marshal())
+        if len(body) > step:
+            frames.append(_body_frames(channel_number, body, step))
+        elif body:
+            frames.append(pika.frame.Body(channel_number, body).marshal())
         return frames
 
     def send_frames(self, frames: list[bytes]) -> None:
@@ -294,7 +300,10 @@ class BatchingConnection(AsyncioConnection):  # type: ignore[misc]
         transport = self._transport
         if not frames or transport is None:
             return
-        data = b"".join(frames)
+        for data in writes(frames):
+            self._wk_send(transport, data)
+
+    def _wk_send(self, transport: Any, data: bytes | memoryview) -> None:
         sock = getattr(transport, "_sock", None)
         plain = type(transport) is _AsyncPlaintextTransport
         if plain and not _warned and not hasattr(transport, "_sock"):
@@ -313,5 +322,47 @@ class BatchingConnection(AsyncioConnection):  # type: ignore[misc]
                 sent = 0
             if sent == len(data):
                 return
-            data = data[sent:]
+            # What is left, as a view: pika's partial sends slice it again (a copy each time
+            # of bytes, none of a view).
+            data = memoryview(data)[sent:]
         self._adapter_emit_data(data)
+
+
+# A frame at least this large (the body frames of a large message, built as one) is written
+# without being joined to its neighbours.
+BIG_FRAMES = 256 * 1024
+_FRAME_HEAD = struct.Struct(">BHI")
+_END = bytes((pika.spec.FRAME_END,))
+
+
+def writes(frames: list[bytes]) -> list[bytes]:
+    """The writes that send ``frames`` in order: small frames joined, a large body's frames as
+    they are (joining them would copy the body)."""
+    if len(frames) == 1:
+        return frames
+    if all(len(frame) < BIG_FRAMES for frame in frames):
+        return [b"".join(frames)]
+    out: list[bytes] = []
+    small: list[bytes] = []
+    for frame in frames:
+        if len(frame) < BIG_FRAMES:
+            small.append(frame)
+            continue
+        if small:
+            out.append(b"".join(small))
+            small = []
+        out.append(frame)
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
+def _body_frames(channel_number: int, body: bytes, step: int) -> bytes:
+    """The body frames of a message as one ``bytes``: one copy of the body (joined from views),
+    where pika's ``Body(...).marshal()`` makes two per frame (a slice, then the frame)."""
+    view = memoryview(body)
+    pieces: list[bytes | memoryview] = []
+    for start in range(0, len(body), step):
+        chunk = view[start : start + step]
+        pieces += (_FRAME_HEAD.pack(pika.spec.FRAME_BODY, channel_number, len(chunk)), chunk, _END)
+    return b"".join(pieces)

@@ -103,6 +103,18 @@ class Connection(Protocol):
     @property
     def is_open(self) -> bool: ...
 
+    @property
+    def blocked(self) -> bool:
+        """The broker has blocked this connection's publishes (a memory or disk alarm): what it
+        sends now is neither confirmed nor refused until the alarm clears. RabbitMQ says so
+        after the connection's first publish under the alarm."""
+        ...
+
+    async def wait_unblocked(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the broker to unblock this connection (at once
+        when it is not blocked, or once it closes); False when it is still blocked."""
+        ...
+
     async def channel(
         self,
         *,

@@ -26,7 +26,8 @@ private loop, a runner in a background thread) gets a connection whose every cal
 home loop and whose callbacks come back on the client's loop, as with a broker across a socket.
 
 :meth:`MemoryBroker.drop_connections` simulates a lost connection; ``connect_error`` makes
-connecting fail. Nothing is persisted and ``durable`` is ignored.
+connecting fail; :meth:`MemoryBroker.set_alarm` a memory alarm (publishes held, connections
+blocked). Nothing is persisted and ``durable`` is ignored.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from ..errors import ConnectionFailed, TopologyError, Unroutable, WorkerkitError
+from ..errors import ConnectionFailed, PublishTimeout, TopologyError, Unroutable, WorkerkitError
 from ..message import _NO_HEADERS, Message, Outgoing, Properties
 from ..settings import Settings
 from .base import Channel, Connection, OnClosed, OnLost, OnMessage, OnPublished
@@ -173,6 +174,9 @@ class MemoryBroker:
         # Direct reply-to: the address of each channel consuming amq.rabbitmq.reply-to.
         self.reply_consumers: dict[str, _Consumer] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        # A memory alarm (set_alarm) and the publishes it holds, in the order they were made.
+        self.alarm = False
+        self._held: list[tuple[MemoryChannel, _Envelope, asyncio.Future[int | WorkerkitError]]] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Make ``loop`` this broker's home (before anything connected)."""
@@ -226,6 +230,34 @@ class MemoryBroker:
         for conn in dropped:
             conn._lose(ConnectionFailed("connection reset (MemoryBroker.drop_connections)"))
         return len(dropped)
+
+    def set_alarm(self, raised: bool) -> None:
+        """Raise or clear a memory alarm, as RabbitMQ has them: while raised, a connection that
+        publishes is blocked and what it publishes is neither routed nor confirmed, however long
+        its publisher waits; once cleared, the held publishes are routed in order and confirmed
+        and the connections unblocked. A connection lost meanwhile loses what it had sent."""
+        self.on_home(lambda: self._set_alarm(raised))
+
+    def _set_alarm(self, raised: bool) -> None:
+        self.alarm = raised
+        if raised:
+            return
+        held, self._held = self._held, []
+        for channel, envelope, outcome in held:
+            try:
+                outcome.set_result(self.publish(envelope))
+            except TopologyError as exc:
+                channel._fail(exc)
+                outcome.set_result(exc)
+        for conn in self.connections:
+            conn._unblocked.set()
+
+    def _drop_held(self, channel: MemoryChannel, error: WorkerkitError) -> None:
+        """A closed channel's held publishes never reach a queue."""
+        for held in [h for h in self._held if h[0] is channel]:
+            self._held.remove(held)
+            if not held[2].done():
+                held[2].set_result(error)
 
     # -- topology ----------------------------------------------------------------------------
 
@@ -732,10 +764,30 @@ class MemoryChannel:
             if self.reply_address is None:
                 self._protocol_error("PRECONDITION_FAILED - fast reply consumer does not exist")
             envelope.properties.reply_to = self.reply_address
-        count: int = self._broker_call(lambda: self.broker.publish(envelope))
+        if self.broker.alarm:
+            count = await self._held_by_alarm(envelope, timeout)
+        else:
+            count = self._broker_call(lambda: self.broker.publish(envelope))
         self.published += 1
         if mandatory and count == 0:
             raise Unroutable(message.exchange, message.routing_key)
+
+    async def _held_by_alarm(self, envelope: _Envelope, timeout: float) -> int:
+        """Under an alarm: block the connection, hold the publish until the alarm clears. A
+        publisher that stops waiting does not take it back (it is routed all the same)."""
+        outcome: asyncio.Future[int | WorkerkitError] = asyncio.get_running_loop().create_future()
+        self.broker._held.append((self, envelope, outcome))
+        self.connection._unblocked.clear()
+        try:
+            result = await asyncio.wait_for(asyncio.shield(outcome), timeout)
+        except asyncio.TimeoutError:
+            raise PublishTimeout(
+                f"no confirm from the broker within {timeout}s (the broker has blocked this"
+                " connection: alarm)"
+            ) from None
+        if isinstance(result, WorkerkitError):
+            raise result
+        return result
 
     def publish_nowait(
         self, message: Outgoing, *, mandatory: bool, timeout: float, on_done: OnPublished
@@ -758,6 +810,7 @@ class MemoryChannel:
             return
         self._close_error = error
         self._drop_reply_address()
+        self.broker._drop_held(self, error)
         for consumer in self.consumers.values():
             consumer.active = False
             if consumer in consumer.queue.consumers:
@@ -788,10 +841,25 @@ class MemoryConnection:
         self.channels: list[MemoryChannel] = []
         self._on_lost = on_lost
         self._open = True
+        self._unblocked = asyncio.Event()  # cleared by a publish under an alarm (set_alarm)
+        self._unblocked.set()
 
     @property
     def is_open(self) -> bool:
         return self._open
+
+    @property
+    def blocked(self) -> bool:
+        return not self._unblocked.is_set()
+
+    async def wait_unblocked(self, timeout: float) -> bool:
+        if self._unblocked.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._unblocked.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def channel(
         self,
@@ -809,6 +877,7 @@ class MemoryConnection:
 
     def _shut(self, error: WorkerkitError) -> None:
         self._open = False
+        self._unblocked.set()
         for channel in list(self.channels):
             channel._fail(error)
         if self in self.broker.connections:
@@ -891,6 +960,13 @@ class _RemoteConnection:
     @property
     def is_open(self) -> bool:
         return self._inner.is_open
+
+    @property
+    def blocked(self) -> bool:
+        return self._inner.blocked
+
+    async def wait_unblocked(self, timeout: float) -> bool:
+        return await _on(self._home, self._inner.wait_unblocked(timeout))
 
     async def channel(
         self,

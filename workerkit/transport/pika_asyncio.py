@@ -290,22 +290,37 @@ class PikaConnection:
         self._on_lost = on_lost
         self._closing = False
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.blocked = False
+        self._unblocked = asyncio.Event()  # set while the broker reads this connection's publishes
+        self._unblocked.set()
         self._channels: list[PikaChannel] = []
 
     @property
     def is_open(self) -> bool:
         return bool(self._raw.is_open) and not self._closing
 
+    @property
+    def blocked(self) -> bool:
+        return not self._unblocked.is_set()
+
+    async def wait_unblocked(self, timeout: float) -> bool:
+        if self._unblocked.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._unblocked.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     def _on_blocked(self, _c: Any, frame: Any) -> None:
-        self.blocked = True
+        self._unblocked.clear()
         log.warning("the broker blocked this connection: %s", frame.method.reason)
 
     def _on_unblocked(self, _c: Any, _frame: Any) -> None:
-        self.blocked = False
+        self._unblocked.set()
         log.info("the broker unblocked this connection")
 
     def _on_closed(self, _c: Any, exc: BaseException) -> None:
+        self._unblocked.set()  # nobody waits on a closed connection: its publishes fail now
         error = translate(exc)
         for channel in self._channels:
             channel._fail_all(error)
