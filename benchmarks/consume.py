@@ -278,9 +278,10 @@ async def run_workerkit(worker: type, clock: Clock, metrics: bool = False) -> No
     # Prefetch as the raw clients get it (the default is 2 x concurrency = 20 since issue 12),
     # unless the worker sets its own (the high-throughput profile).
     prefetch = None if getattr(worker, "prefetch", None) else PREFETCH
-    runner = Runner(
-        [worker], settings=settings(), burst=True, prefetch=prefetch, middleware=middleware
-    )
+    # The wide profile's 1000 deliveries fit the default memory budget with bodies up to 256 KiB.
+    wide = getattr(worker, "prefetch", None) == 1000
+    config = settings(max_body_size=256 * 1024) if wide else settings()
+    runner = Runner([worker], settings=config, burst=True, prefetch=prefetch, middleware=middleware)
     loop = asyncio.get_running_loop()
     clock_acks(clock, lambda: loop.call_soon_threadsafe(runner.stop))
     await runner.run()
