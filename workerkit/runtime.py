@@ -63,7 +63,7 @@ from .message import (
     decoder_for,
     new_message_id,
 )
-from .middleware import Middleware, call_hooks, call_hooks_reversed
+from .middleware import Middleware, bound_hooks, call_hooks, run_hooks
 from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
@@ -202,6 +202,9 @@ class WorkerRuntime:
         self.log_extra = {"worker": self.name, "queue": self.queue}
         # The runner's hooks, then the worker's; empty means no per-message cost but a check.
         self.middleware = (*middleware, *cls.middleware)
+        # The per-message hooks, looked up once (after_handle innermost first, like a stack).
+        self._before_hooks = bound_hooks(self.middleware, "before_handle")
+        self._after_hooks = bound_hooks(reversed(self.middleware), "after_handle")
         self._began: dict[int, float] = {}  # id(message) -> perf_counter, with middleware only
         # Unstarted deliveries and, in step, the loop time each arrived (a coarse clock
         # advanced by the watchdog, so that on_message allocates nothing).
@@ -433,7 +436,7 @@ class WorkerRuntime:
             self.in_flight += 1
             if self.middleware:
                 self._began[id(message)] = time.perf_counter()
-                call_hooks(self.middleware, "before_handle", message)
+                run_hooks(self._before_hooks, "before_handle", message)
             try:
                 await self._process(message, tracker, slot, arrived, loop)
             except BaseException:
@@ -571,7 +574,7 @@ class WorkerRuntime:
         began = self._began.pop(id(message), None)
         if began is not None:
             duration = time.perf_counter() - began
-            call_hooks_reversed(self.middleware, "after_handle", message, outcome.value, duration)
+            run_hooks(self._after_hooks, "after_handle", message, outcome.value, duration)
 
     async def _give_back_later(
         self, message: Message, tracker: AckTracker, decision: GiveBack
@@ -658,7 +661,7 @@ class WorkerRuntime:
                 message.queue = self.queue
                 if self.middleware:
                     self._began[id(message)] = time.perf_counter()
-                    call_hooks(self.middleware, "before_handle", message)
+                    run_hooks(self._before_hooks, "before_handle", message)
             try:
                 await self._process_batch(batch, arrived, tracker, slot, loop, settled)
             except BaseException:
