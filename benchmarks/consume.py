@@ -198,7 +198,7 @@ def workerkit_worker(kind: str, queue: str, on_body: Callable[[], None]) -> type
     from workerkit import Worker
 
     qname = queue
-    if kind in ("wk_async", "wk_async_metrics"):
+    if kind in ("wk_async", *METRICS_PAIRS):
 
         class AsyncNoop(Worker):
             queue = qname
@@ -296,11 +296,15 @@ RAW: dict[str, Callable[[str, Clock], Any]] = {
     "pika_asyncio_batched": pika_asyncio_batched,
     "faststream": faststream,
 }
-# wk_async_metrics is wk_async with the Prometheus middleware on: the metrics overhead, side
-# by side with wk_async.
+# The metrics overhead, side by side: wk_async_metrics is wk_async with the Prometheus
+# middleware on. The *_stamped pair consumes messages that carry the publish-time header a
+# publisher with metrics adds, so the delivery-lag histogram is filled too (and both sides
+# decode the header).
+METRICS_PAIRS = ("wk_async_metrics", "wk_async_stamped", "wk_async_metrics_stamped")
+WITH_METRICS = ("wk_async_metrics", "wk_async_metrics_stamped")
 WORKERKIT = (
     "wk_async",
-    "wk_async_metrics",
+    *METRICS_PAIRS,
     "wk_async_bytes",
     "wk_sync",
     "wk_model",
@@ -317,8 +321,13 @@ def prepare(case: str, count: int, clock: Clock) -> tuple[str, list[str], Callab
 
         worker = workerkit_worker(case, queue, clock.delivered)
         declare_worker_queue(worker)
-        preload(queue, count, exchange=EXCHANGE)
-        metrics = case == "wk_async_metrics"
+        headers = None
+        if case.endswith("_stamped"):
+            from workerkit.metrics import PUBLISHED_AT_HEADER
+
+            headers = {PUBLISHED_AT_HEADER: int(time.time() * 1000)}
+        preload(queue, count, exchange=EXCHANGE, headers=headers)
+        metrics = case in WITH_METRICS
         return queue, [queue, f"{queue}.dlq"], lambda: run_workerkit(worker, clock, metrics)
     declare_raw_queue(queue)
     preload(queue, count)

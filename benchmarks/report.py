@@ -25,6 +25,9 @@ CONSUME_LABELS = {
     "faststream": "FastStream (faststream.rabbit), no-op async handler",
     "wk_async": "workerkit Runner, no-op async handler (body: dict)",
     "wk_async_metrics": "workerkit Runner, no-op async handler (body: dict), Prometheus metrics on",
+    "wk_async_stamped": "workerkit Runner, no-op async handler, publish-time header, metrics off",
+    "wk_async_metrics_stamped": "workerkit Runner, no-op async handler, publish-time header,"
+    " metrics on (delivery lag observed)",
     "wk_async_bytes": "workerkit Runner, no-op async handler (body: bytes)",
     "wk_sync": "workerkit Runner, no-op sync handler (body: dict, thread pool)",
     "wk_model": "workerkit Runner, pydantic-model handler",
@@ -183,6 +186,36 @@ def targets(r: Results) -> list[Target]:
     ]
 
 
+# The metrics overhead (issue 10): each pair consumes the same messages, metrics off and on.
+METRICS_PAIRS = (
+    ("consume no-op async, metrics on / metrics off", "wk_async_metrics", "wk_async"),
+    (
+        "the same with the publish-time header (delivery lag observed)",
+        "wk_async_metrics_stamped",
+        "wk_async_stamped",
+    ),
+)
+
+
+def metrics_overhead(r: Results) -> list[str]:
+    """The metrics targets (on / off >= 0.95x, ratio of the medians) and, steadier on a shared
+    machine, the ratio of each round's pair (the cases of a round run back to back)."""
+    lines = ["| target | measured | goal | |", "|---|---|---|---|"]
+    notes = []
+    for what, on, off in METRICS_PAIRS:
+        if on not in r.consume and off not in r.consume:
+            continue
+        lines.append(Target(what, _m(r.consume, on), _m(r.consume, off), 0.95).row())
+        ons, offs = r.consume.get(on, Series()).values, r.consume.get(off, Series()).values
+        if len(ons) == len(offs) and ons:
+            rounds = [a / b for a, b in zip(ons, offs, strict=True)]
+            notes.append(
+                f"- {on} / {off} per round: {', '.join(f'{x:.2f}' for x in rounds)}"
+                f" (median {statistics.median(rounds):.2f})"
+            )
+    return [*lines, "", *notes, *([""] if notes else [])]
+
+
 def _table(title: str, header: str, rows: Sequence[str]) -> list[str]:
     return [f"### {title}", "", header, "|" + "---|" * header.count(" | ") + "---|", *rows, ""]
 
@@ -321,6 +354,9 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "|---|---|---|---|",
         *(t.row() for t in curves_report.targets(r)),
         "",
+        "## Targets (issue 10): metrics overhead",
+        "",
+        *metrics_overhead(r),
         "## Results",
         "",
         *tables(r),
