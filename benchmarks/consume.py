@@ -36,21 +36,27 @@ class Order(BaseModel):
 
 
 class Clock:
-    """First delivery and last ack, in perf_counter seconds."""
+    """First delivery and last ack, in perf_counter seconds, and the process's CPU seconds
+    (every thread) at both: CPU per message varies far less than msg/s when other jobs share
+    the machine."""
 
     def __init__(self, count: int) -> None:
         self.count = count
         self.seen = 0
         self.first = 0.0
         self.last = 0.0
+        self.cpu_first = 0.0
+        self.cpu_last = 0.0
 
     def delivered(self) -> None:
         if not self.seen:
             self.first = time.perf_counter()
+            self.cpu_first = time.process_time()
         self.seen += 1
 
     def finished(self) -> None:
         self.last = time.perf_counter()
+        self.cpu_last = time.process_time()
 
 
 # -- raw aio-pika ------------------------------------------------------------------------------
@@ -347,7 +353,14 @@ def measure(case: str, count: int) -> dict[str, Any]:
     if clock.seen < count or not clock.last:
         raise RuntimeError(f"{case}: consumed {clock.seen} of {count}")
     seconds = clock.last - clock.first
-    return {"case": case, "count": count, "seconds": seconds, "rate": count / seconds}
+    cpu_us = (clock.cpu_last - clock.cpu_first) / count * 1e6
+    return {
+        "case": case,
+        "count": count,
+        "seconds": seconds,
+        "rate": count / seconds,
+        "cpu_us": cpu_us,
+    }
 
 
 def main() -> None:
