@@ -166,12 +166,18 @@ def bound_hooks(hooks: Iterable[Middleware], name: str) -> tuple[Callable[..., N
 
 def run_hooks(methods: Sequence[Callable[..., None]], name: str, *args: Any) -> None:
     """:func:`call_hooks` for the ``name`` methods from :func:`bound_hooks`: a raising hook is
-    logged and skipped."""
+    logged and skipped (the runtime's per-message path inlines this loop)."""
     for method in methods:
         try:
             method(*args)
         except Exception:
-            _report.failed(getattr(method, "__self__", method), name)
+            hook_failed(method, name)
+
+
+def hook_failed(method: Callable[..., None], name: str) -> None:
+    """Report that hook ``name`` (a method from :func:`bound_hooks`) raised; call it from the
+    ``except`` block."""
+    _report.failed(getattr(method, "__self__", method), name)
 
 
 def publish_outcome(error: BaseException | None) -> str:

@@ -63,7 +63,7 @@ from .message import (
     decoder_for,
     new_message_id,
 )
-from .middleware import Middleware, bound_hooks, call_hooks, run_hooks
+from .middleware import Middleware, bound_hooks, call_hooks, hook_failed, run_hooks
 from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
@@ -436,7 +436,11 @@ class WorkerRuntime:
             self.in_flight += 1
             if self.middleware:
                 self._began[id(message)] = time.perf_counter()
-                run_hooks(self._before_hooks, "before_handle", message)
+                for hook in self._before_hooks:  # inline: the per-message path (run_hooks)
+                    try:
+                        hook(message)
+                    except Exception:
+                        hook_failed(hook, "before_handle")
             try:
                 await self._process(message, tracker, slot, arrived, loop)
             except BaseException:
@@ -574,7 +578,12 @@ class WorkerRuntime:
         began = self._began.pop(id(message), None)
         if began is not None:
             duration = time.perf_counter() - began
-            run_hooks(self._after_hooks, "after_handle", message, outcome.value, duration)
+            value = outcome._value_  # .value is a Python-level property: 3x slower
+            for hook in self._after_hooks:  # inline: the per-message path (run_hooks)
+                try:
+                    hook(message, value, duration)
+                except Exception:
+                    hook_failed(hook, "after_handle")
 
     async def _give_back_later(
         self, message: Message, tracker: AckTracker, decision: GiveBack
