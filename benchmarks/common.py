@@ -122,19 +122,30 @@ def exchanges_exist(*names: str) -> bool:
             conn.close()
 
 
-def preload(queue: str, count: int, exchange: str = "", size: int = PAYLOAD_SIZE) -> None:
+def preload(
+    queue: str,
+    count: int,
+    exchange: str = "",
+    size: int = PAYLOAD_SIZE,
+    headers: dict[str, Any] | None = None,
+) -> None:
     """Put ``count`` persistent JSON messages in ``queue`` and wait until the broker holds them.
 
     Publishes without confirms for speed, then polls the queue depth, so a lost message shows up
-    as a timeout rather than as a shorter run.
+    as a timeout rather than as a shorter run. ``headers``: the same on every message.
     """
-    preload_many({queue: count}, exchange, size)
+    preload_many({queue: count}, exchange, size, headers)
 
 
-def preload_many(counts: dict[str, int], exchange: str = "", size: int = PAYLOAD_SIZE) -> None:
+def preload_many(
+    counts: dict[str, int],
+    exchange: str = "",
+    size: int = PAYLOAD_SIZE,
+    headers: dict[str, Any] | None = None,
+) -> None:
     """:func:`preload` for several queues over one connection (routing key = queue name)."""
     conn, ch = blocking_channel()
-    props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/json", headers=headers)
     try:
         for queue, count in counts.items():
             for i in range(count):

@@ -36,21 +36,27 @@ class Order(BaseModel):
 
 
 class Clock:
-    """First delivery and last ack, in perf_counter seconds."""
+    """First delivery and last ack, in perf_counter seconds, and the process's CPU seconds
+    (every thread) at both: CPU per message varies far less than msg/s when other jobs share
+    the machine."""
 
     def __init__(self, count: int) -> None:
         self.count = count
         self.seen = 0
         self.first = 0.0
         self.last = 0.0
+        self.cpu_first = 0.0
+        self.cpu_last = 0.0
 
     def delivered(self) -> None:
         if not self.seen:
             self.first = time.perf_counter()
+            self.cpu_first = time.process_time()
         self.seen += 1
 
     def finished(self) -> None:
         self.last = time.perf_counter()
+        self.cpu_last = time.process_time()
 
 
 # -- raw aio-pika ------------------------------------------------------------------------------
@@ -198,7 +204,7 @@ def workerkit_worker(kind: str, queue: str, on_body: Callable[[], None]) -> type
     from workerkit import Worker
 
     qname = queue
-    if kind in ("wk_async", "wk_async_metrics"):
+    if kind in ("wk_async", *METRICS_PAIRS):
 
         class AsyncNoop(Worker):
             queue = qname
@@ -297,11 +303,15 @@ RAW: dict[str, Callable[[str, Clock], Any]] = {
     "pika_asyncio_batched": pika_asyncio_batched,
     "faststream": faststream,
 }
-# wk_async_metrics is wk_async with the Prometheus middleware on: the metrics overhead, side
-# by side with wk_async.
+# The metrics overhead, side by side: wk_async_metrics is wk_async with the Prometheus
+# middleware on. The *_stamped pair consumes messages that carry the publish-time header a
+# publisher with metrics adds, so the delivery-lag histogram is filled too (and both sides
+# decode the header).
+METRICS_PAIRS = ("wk_async_metrics", "wk_async_stamped", "wk_async_metrics_stamped")
+WITH_METRICS = ("wk_async_metrics", "wk_async_metrics_stamped")
 WORKERKIT = (
     "wk_async",
-    "wk_async_metrics",
+    *METRICS_PAIRS,
     "wk_async_bytes",
     "wk_sync",
     "wk_model",
@@ -318,8 +328,13 @@ def prepare(case: str, count: int, clock: Clock) -> tuple[str, list[str], Callab
 
         worker = workerkit_worker(case, queue, clock.delivered)
         declare_worker_queue(worker)
-        preload(queue, count, exchange=EXCHANGE)
-        metrics = case == "wk_async_metrics"
+        headers = None
+        if case.endswith("_stamped"):
+            from workerkit.metrics import PUBLISHED_AT_HEADER
+
+            headers = {PUBLISHED_AT_HEADER: int(time.time() * 1000)}
+        preload(queue, count, exchange=EXCHANGE, headers=headers)
+        metrics = case in WITH_METRICS
         return queue, [queue, f"{queue}.dlq"], lambda: run_workerkit(worker, clock, metrics)
     declare_raw_queue(queue)
     preload(queue, count)
@@ -339,7 +354,14 @@ def measure(case: str, count: int) -> dict[str, Any]:
     if clock.seen < count or not clock.last:
         raise RuntimeError(f"{case}: consumed {clock.seen} of {count}")
     seconds = clock.last - clock.first
-    return {"case": case, "count": count, "seconds": seconds, "rate": count / seconds}
+    cpu_us = (clock.cpu_last - clock.cpu_first) / count * 1e6
+    return {
+        "case": case,
+        "count": count,
+        "seconds": seconds,
+        "rate": count / seconds,
+        "cpu_us": cpu_us,
+    }
 
 
 def main() -> None:

@@ -25,6 +25,9 @@ CONSUME_LABELS = {
     "faststream": "FastStream (faststream.rabbit), no-op async handler",
     "wk_async": "workerkit Runner, no-op async handler (body: dict)",
     "wk_async_metrics": "workerkit Runner, no-op async handler (body: dict), Prometheus metrics on",
+    "wk_async_stamped": "workerkit Runner, no-op async handler, publish-time header, metrics off",
+    "wk_async_metrics_stamped": "workerkit Runner, no-op async handler, publish-time header,"
+    " metrics on (delivery lag observed)",
     "wk_async_bytes": "workerkit Runner, no-op async handler (body: bytes)",
     "wk_sync": "workerkit Runner, no-op sync handler (body: dict, thread pool)",
     "wk_model": "workerkit Runner, pydantic-model handler",
@@ -74,6 +77,7 @@ class Series:
 @dataclass
 class Results:
     consume: dict[str, Series] = field(default_factory=dict)
+    consume_cpu: dict[str, Series] = field(default_factory=dict)  # CPU us per message
     publish: dict[str, Series] = field(default_factory=dict)
     latency: dict[str, dict[str, Series]] = field(default_factory=dict)
     startup: dict[str, Series] = field(default_factory=dict)
@@ -184,6 +188,48 @@ def targets(r: Results) -> list[Target]:
             unit=" s",
         ),
     ]
+
+
+# The metrics overhead (issue 10): each pair consumes the same messages, metrics off and on.
+METRICS_PAIRS = (
+    ("consume no-op async, metrics on / metrics off", "wk_async_metrics", "wk_async"),
+    (
+        "the same with the publish-time header (delivery lag observed)",
+        "wk_async_metrics_stamped",
+        "wk_async_stamped",
+    ),
+)
+
+
+def metrics_overhead(r: Results) -> list[str]:
+    """The metrics targets: on / off >= 0.95x in msg/s (ratio of the medians) and in CPU per
+    message (off / on), which varies far less on a shared machine; then each round's pair (the
+    cases of a round run back to back), and the CPU figures themselves."""
+    lines = ["| target | measured | goal | |", "|---|---|---|---|"]
+    notes = []
+    for what, on, off in METRICS_PAIRS:
+        if on not in r.consume and off not in r.consume:
+            continue
+        lines.append(Target(f"{what}, msg/s", _m(r.consume, on), _m(r.consume, off), 0.95).row())
+        cpu_on, cpu_off = _m(r.consume_cpu, on), _m(r.consume_cpu, off)
+        lines.append(Target(f"{what}, CPU per message (off / on)", cpu_off, cpu_on, 0.95).row())
+        notes += _per_round(f"{on} / {off}, msg/s", r.consume, on, off)
+        notes += _per_round(f"{off} / {on}, CPU per message", r.consume_cpu, off, on)
+        if cpu_on and cpu_off:
+            notes.append(
+                f"- CPU per message (median, every thread of the consuming process): {off}"
+                f" {cpu_off:.2f} us, {on} {cpu_on:.2f} us"
+            )
+    return [*lines, "", *notes, *([""] if notes else [])]
+
+
+def _per_round(what: str, series: dict[str, Series], top: str, bottom: str) -> list[str]:
+    tops, bottoms = series.get(top, Series()).values, series.get(bottom, Series()).values
+    if not tops or len(tops) != len(bottoms):
+        return []  # a failed run shifts the rounds: no pairs
+    rounds = [a / b for a, b in zip(tops, bottoms, strict=True)]
+    shown = ", ".join(f"{x:.2f}" for x in rounds)
+    return [f"- {what} per round: {shown} (median {statistics.median(rounds):.2f})"]
 
 
 def _table(title: str, header: str, rows: Sequence[str]) -> list[str]:
@@ -336,6 +382,9 @@ def markdown(r: Results, command: str, label: str = "") -> str:
             if r.request
             else []
         ),
+        "## Targets (issue 10): metrics overhead",
+        "",
+        *metrics_overhead(r),
         "## Results",
         "",
         *tables(r),

@@ -64,28 +64,32 @@ def record(series: Series, run: Callable[[], float], name: str) -> None:
     print(f"  {name}: {value:,.2f}", flush=True)
 
 
-def rate(module: str, case: str, count: int) -> float:
-    result = child([f"benchmarks.{module}", case, str(count)], 300)
-    if "unavailable" in result:
-        raise Unavailable(result["unavailable"])
-    return float(result["rate"])
-
-
 def throughput(
     module: str,
     cases: Sequence[str],
     count: int,
     repeat: int,
     modules: dict[str, str] | None = None,
+    cpu: dict[str, Series] | None = None,
 ) -> dict[str, Series]:
-    """Each case ``repeat`` times, interleaved; ``modules`` names another module for a case."""
+    """Each case ``repeat`` times, interleaved; ``modules`` names another module for a case.
+    ``cpu`` collects the CPU microseconds per message of the cases that report them."""
     found = {case: Series() for case in cases}
     where = modules or {}
+
+    def measured(case: str, mod: str) -> float:
+        result = child([f"benchmarks.{mod}", case, str(count)], 300)
+        if "unavailable" in result:
+            raise Unavailable(result["unavailable"])
+        if cpu is not None and "cpu_us" in result:
+            cpu.setdefault(case, Series()).values.append(float(result["cpu_us"]))
+        return float(result["rate"])
+
     for rep in range(repeat):
         print(f"{module} round {rep + 1}/{repeat}", flush=True)
         for case in cases:
             mod = where.get(case, module)
-            record(found[case], lambda case=case, mod=mod: rate(mod, case, count), case)
+            record(found[case], lambda case=case, mod=mod: measured(case, mod), case)
     return found
 
 
@@ -311,7 +315,12 @@ def main(argv: Sequence[str] | None = None) -> Results:
     if "consume" in sections:
         cases = [*(c for c in args.consume_cases.split(",") if c), *c_consume]
         results.consume = throughput(
-            "consume", cases, args.consume_count, args.repeat, dict.fromkeys(c_consume, "limit")
+            "consume",
+            cases,
+            args.consume_count,
+            args.repeat,
+            dict.fromkeys(c_consume, "limit"),
+            cpu=results.consume_cpu,
         )
     if "publish" in sections:
         cases = [*(c for c in args.publish_cases.split(",") if c), *c_publish]

@@ -22,7 +22,13 @@ from workerkit.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent / "reliability"))
 
-from broker import PrivateBroker, describe, set_session_node, version_under_test
+from broker import (
+    PrivateBroker,
+    describe,
+    session_management_url,
+    set_session_node,
+    version_under_test,
+)
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -85,7 +91,9 @@ def broker_url() -> Iterator[str]:
         yield url
         return
     if version_under_test() != "3.10":
-        node = PrivateBroker()
+        # With the management plugin on a port of its own (+0-1.5 s of boot), so that the
+        # management-API paths (workerkit status, topology --check) run on 4.x too.
+        node = PrivateBroker(management=True)
         node.start()
         set_session_node(node)  # rabbitmqctl-based helpers look at this node
         try:
@@ -124,9 +132,13 @@ def broker_url() -> Iterator[str]:
 @pytest.fixture
 def settings(broker_url: str) -> Settings:
     """Settings for tests. Tests share one exchange (and so one delay layout); each test keeps
-    to itself by using ``unique`` queue names and routing keys."""
+    to itself by using ``unique`` queue names and routing keys. ``management_url`` is the
+    session node's API on 4.x runs; on 3.10 it stays unset: the API derived from the URL (the
+    host node's port 15672) is the broker's own."""
+    management = session_management_url()
     return Settings(
         url=broker_url,  # type: ignore[arg-type]
+        **({"management_url": management} if management else {}),
         exchange="wkt",
         shutdown_grace=5.0,
         publish_timeout=5.0,

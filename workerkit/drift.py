@@ -7,8 +7,9 @@ messages still arrive through it. ``--prune`` removes stale bindings.
 
 How the broker is read:
 
-* the management API (HTTP, ``--management-url``, default port 15672 on the AMQP host with the
-  same credentials) sees arguments and bindings exactly;
+* the management API (HTTP: ``--management-url``, else ``WORKERKIT_MANAGEMENT_URL``, else port
+  15672 on the AMQP host with the same credentials, trusted only if it serves this broker: see
+  :mod:`workerkit.management`) sees arguments and bindings exactly;
 * without it, AMQP alone can only tell whether a queue exists and whether its arguments are
   equivalent to the code's (a re-declaration the broker refuses, naming the first argument that
   differs). AMQP has no way to list bindings: stale and missing bindings are *not checked*, and
@@ -21,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
+from . import management
 from .errors import TopologyError
 from .settings import Settings
 from .topology import QueueSpec, Topology
@@ -30,7 +32,7 @@ from .transport.base import Transport
 from .transport.memory import MemoryBroker
 from .worker import Worker
 
-__all__ = ["Drift", "Report", "check", "management_url", "prune"]
+__all__ = ["Drift", "Report", "check", "prune"]
 
 Binding = tuple[str, str]  # (exchange, routing key)
 
@@ -181,68 +183,22 @@ async def _connect(settings: Settings, transport: Transport | None) -> Any:
 # -- ways of reading the broker ---------------------------------------------------------------
 
 
-def management_url(settings: Settings) -> str:
-    """http://user:password@host:15672 for the AMQP URL of ``settings``."""
-    parts = urlsplit(settings.url.get_secret_value())
-    user = quote(unquote(parts.username or "guest"), safe="")
-    password = quote(unquote(parts.password or "guest"), safe="")
-    return f"http://{user}:{password}@{parts.hostname or 'localhost'}:15672"
-
-
-def _vhost(settings: Settings) -> str:
-    path = urlsplit(settings.url.get_secret_value()).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
 class ManagementView:
     """Reads queues and bindings from RabbitMQ's management API (exact)."""
 
     method = "management API"
     sees_bindings = True
 
-    def __init__(
-        self, settings: Settings, base_url: str, client: Any = None, *, derived: bool = False
-    ) -> None:
-        import httpx
-
-        # A URL derived from the AMQP one (same host, port 15672) may reach another broker's
-        # API (several nodes on one host): it is trusted only if it lists our AMQP port.
-        amqp = urlsplit(settings.url.get_secret_value())
-        self._amqp_port = (
-            (amqp.port or (5671 if amqp.scheme == "amqps" else 5672)) if derived else None
-        )
-
-        parts = urlsplit(base_url)
-        auth = (unquote(parts.username or "guest"), unquote(parts.password or "guest"))
-        netloc = parts.hostname or "localhost"
-        if parts.port:
-            netloc = f"{netloc}:{parts.port}"
-        self._base = f"{parts.scheme or 'http'}://{netloc}{parts.path.rstrip('/')}/api"
-        self._vhost = quote(_vhost(settings), safe="")
-        self._client = client or httpx.AsyncClient(auth=auth, timeout=10.0)
+    def __init__(self, where: management.Endpoint, client: Any = None) -> None:
+        self._where = where
+        self._client = client or management.client(where)
 
     async def reachable(self) -> str | None:
-        """None when the API answers, else why not."""
-        try:
-            response = await self._client.get(f"{self._base}/overview")
-        except Exception as exc:  # connection refused, DNS, TLS: all mean "not reachable"
-            return f"{type(exc).__name__}: {exc}"
-        if response.status_code != 200:
-            return f"HTTP {response.status_code}"
-        if self._amqp_port is not None:
-            listeners = response.json().get("listeners", [])
-            ports = {
-                entry.get("port") for entry in listeners if "amqp" in entry.get("protocol", "")
-            }
-            if ports and self._amqp_port not in ports:
-                return (
-                    f"it serves another broker (AMQP on {sorted(ports)}, not {self._amqp_port});"
-                    " set WORKERKIT_MANAGEMENT_URL"
-                )
-        return None
+        """None when the API answers and is this broker's own, else why not."""
+        return await management.unusable(self._client, self._where)
 
     async def _get(self, path: str) -> Any:
-        response = await self._client.get(f"{self._base}{path}")
+        response = await self._client.get(self._where.api(path))
         if response.status_code == 404:
             return None
         if response.status_code != 200:
@@ -250,11 +206,12 @@ class ManagementView:
         return response.json()
 
     async def arguments(self, spec: QueueSpec) -> dict[str, Any] | str | None:
-        found = await self._get(f"/queues/{self._vhost}/{quote(spec.name, safe='')}")
+        found = await self._get(f"/queues/{self._where.vhost_path}/{quote(spec.name, safe='')}")
         return None if found is None else dict(found.get("arguments") or {})
 
     async def bindings(self, queue: str) -> set[Binding]:
-        found = await self._get(f"/queues/{self._vhost}/{quote(queue, safe='')}/bindings") or []
+        path = f"/queues/{self._where.vhost_path}/{quote(queue, safe='')}/bindings"
+        found = await self._get(path) or []
         return {(b["source"], b["routing_key"]) for b in found if b.get("source")}
 
     async def close(self) -> None:
@@ -314,17 +271,16 @@ class MemoryView:
 
 
 async def view_for(
-    settings: Settings, management: str | None, transport: Transport | None
+    settings: Settings, given: str | None, transport: Transport | None
 ) -> tuple[BrokerView, str | None]:
-    """The best view available, and why the management API was not used (None if it was)."""
+    """The best view available, and why the management API was not used (None if it was).
+    ``given`` is the --management-url option (:func:`workerkit.management.endpoint`)."""
     if transport is not None:
         broker = getattr(transport, "broker", None)
         if isinstance(broker, MemoryBroker):
             return MemoryView(broker), None
     try:
-        view = ManagementView(
-            settings, management or management_url(settings), derived=management is None
-        )
+        view = ManagementView(management.endpoint(settings, given))
     except ImportError:
         return AmqpView(settings, transport), "httpx is not installed"
     why = await view.reachable()
@@ -338,10 +294,10 @@ async def run_check(
     settings: Settings,
     workers: Sequence[type[Worker]],
     *,
-    management: str | None = None,
+    management_url: str | None = None,
     transport: Transport | None = None,
 ) -> tuple[Report, str | None]:
-    view, why = await view_for(settings, management, transport)
+    view, why = await view_for(settings, management_url, transport)
     try:
         return await check(settings, workers, view), why
     finally:
@@ -354,7 +310,7 @@ def check_command(
     workers: Sequence[type[Worker]],
     prune_stale: bool,
     yes: bool,
-    management: str | None,
+    management_url: str | None,
 ) -> int:
     """``workerkit topology --check [--prune]``: print the report; the exit code."""
     import asyncio
@@ -364,7 +320,7 @@ def check_command(
     from .cli import reported
 
     with reported():
-        report, why = asyncio.run(run_check(settings, workers, management=management))
+        report, why = asyncio.run(run_check(settings, workers, management_url=management_url))
     if why is not None:
         click.echo(f"management API not used ({why}); falling back to AMQP", err=True)
     for line in report.lines():

@@ -115,7 +115,7 @@ class _Reporter:
         self._last: dict[tuple[int, str], float] = {}
         self._missed: dict[tuple[int, str], int] = {}
 
-    def failed(self, hook: Middleware, name: str) -> None:
+    def failed(self, hook: object, name: str) -> None:
         key = (id(hook), name)
         now = time.monotonic()
         with self._lock:
@@ -149,6 +149,35 @@ def call_hooks(hooks: Sequence[Middleware], name: str, *args: Any) -> None:
 def call_hooks_reversed(hooks: Sequence[Middleware], name: str, *args: Any) -> None:
     """Like :func:`call_hooks`, innermost first (``after_*`` hooks unwind like a stack)."""
     call_hooks(tuple(reversed(hooks)), name, *args)
+
+
+def bound_hooks(hooks: Iterable[Middleware], name: str) -> tuple[Callable[..., None], ...]:
+    """The ``name`` hooks of ``hooks`` that do something, as bound methods, for
+    :func:`run_hooks` on a per-message path: a middleware that keeps the base class's no-op
+    costs nothing there, and the method is looked up once instead of per message."""
+    base = getattr(Middleware, name)
+    found = []
+    for hook in hooks:
+        method = getattr(hook, name)
+        if getattr(method, "__func__", None) is not base:
+            found.append(method)
+    return tuple(found)
+
+
+def run_hooks(methods: Sequence[Callable[..., None]], name: str, *args: Any) -> None:
+    """:func:`call_hooks` for the ``name`` methods from :func:`bound_hooks`: a raising hook is
+    logged and skipped (the runtime's per-message path inlines this loop)."""
+    for method in methods:
+        try:
+            method(*args)
+        except Exception:
+            hook_failed(method, name)
+
+
+def hook_failed(method: Callable[..., None], name: str) -> None:
+    """Report that hook ``name`` (a method from :func:`bound_hooks`) raised; call it from the
+    ``except`` block."""
+    _report.failed(getattr(method, "__self__", method), name)
 
 
 def publish_outcome(error: BaseException | None) -> str:

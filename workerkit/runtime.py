@@ -63,7 +63,7 @@ from .message import (
     decoder_for,
     new_message_id,
 )
-from .middleware import Middleware, call_hooks, call_hooks_reversed
+from .middleware import Middleware, bound_hooks, call_hooks, hook_failed, run_hooks
 from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
@@ -212,6 +212,9 @@ class WorkerRuntime:
         self.log_extra = {"worker": self.name, "queue": self.queue}
         # The runner's hooks, then the worker's; empty means no per-message cost but a check.
         self.middleware = (*middleware, *cls.middleware)
+        # The per-message hooks, looked up once (after_handle innermost first, like a stack).
+        self._before_hooks = bound_hooks(self.middleware, "before_handle")
+        self._after_hooks = bound_hooks(reversed(self.middleware), "after_handle")
         self._began: dict[int, float] = {}  # id(message) -> perf_counter, with middleware only
         # Unstarted deliveries and, in step, the loop time each arrived (a coarse clock
         # advanced by the watchdog, so that on_message allocates nothing).
@@ -454,7 +457,11 @@ class WorkerRuntime:
             self.in_flight += 1
             if self.middleware:
                 self._began[id(message)] = time.perf_counter()
-                call_hooks(self.middleware, "before_handle", message)
+                for hook in self._before_hooks:  # inline: the per-message path (run_hooks)
+                    try:
+                        hook(message)
+                    except Exception:
+                        hook_failed(hook, "before_handle")
             try:
                 await self._process(message, tracker, slot, arrived, loop)
             except BaseException:
@@ -600,7 +607,12 @@ class WorkerRuntime:
         began = self._began.pop(id(message), None)
         if began is not None:
             duration = time.perf_counter() - began
-            call_hooks_reversed(self.middleware, "after_handle", message, outcome.value, duration)
+            value = outcome._value_  # .value is a Python-level property: 3x slower
+            for hook in self._after_hooks:  # inline: the per-message path (run_hooks)
+                try:
+                    hook(message, value, duration)
+                except Exception:
+                    hook_failed(hook, "after_handle")
 
     async def _give_back_later(
         self, message: Message, tracker: AckTracker, decision: GiveBack
@@ -687,7 +699,7 @@ class WorkerRuntime:
                 message.queue = self.queue
                 if self.middleware:
                     self._began[id(message)] = time.perf_counter()
-                    call_hooks(self.middleware, "before_handle", message)
+                    run_hooks(self._before_hooks, "before_handle", message)
             try:
                 await self._process_batch(batch, arrived, tracker, slot, loop, settled)
             except BaseException:

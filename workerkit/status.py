@@ -4,7 +4,8 @@ Two sources, best first:
 
 * RabbitMQ's management HTTP API (``WORKERKIT_MANAGEMENT_URL``, default ``http://<broker
   host>:15672/`` with the broker URL's credentials), through httpx: every queue of the vhost,
-  with unacked counts and publish/deliver rates.
+  with unacked counts and publish/deliver rates. A default (derived) address is used only if
+  it serves this broker (:mod:`workerkit.management`), as ``workerkit topology --check`` does.
 * Else passive queue declares over AMQP: ready depth and consumers of the queues of the given
   modules (AMQP cannot list queues), no unacked counts, no rates; :attr:`Status.source` says
   ``amqp`` and :attr:`Status.management_error` why the API was not used.
@@ -22,28 +23,29 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
+from . import management
 from .errors import ConfigurationError, WorkerkitError
 from .settings import Settings
 from .topology import LEVELS, Topology
 from .transport.base import Channel, Connection
 from .worker import Worker
 
+if TYPE_CHECKING:
+    import httpx
+
 __all__ = [
     "QueueStatus",
     "Status",
     "collect",
     "format_status",
-    "management_endpoint",
     "status_command",
 ]
 
-HTTP_TIMEOUT = 5.0
 # Version of the --json document; raised only when a field changes meaning or goes away.
 JSON_VERSION = 1
 
@@ -88,41 +90,27 @@ class Status:
         }
 
 
-def management_endpoint(settings: Settings) -> tuple[str, tuple[str, str], str]:
-    """(base URL without credentials, (user, password), vhost) of the management API."""
-    amqp = urlsplit(settings.url.get_secret_value())
-    vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
-    auth = (unquote(amqp.username or "guest"), unquote(amqp.password or "guest"))
-    if settings.management_url is not None:
-        given = urlsplit(settings.management_url.get_secret_value())
-        if given.username is not None:
-            auth = (unquote(given.username), unquote(given.password or ""))
-        host = given.hostname or ""
-        netloc = f"{host}:{given.port}" if given.port else host
-        base = urlunsplit((given.scheme, netloc, given.path.rstrip("/"), "", ""))
-        return base, auth, vhost
-    scheme, port = ("https", 15671) if amqp.scheme == "amqps" else ("http", 15672)
-    return f"{scheme}://{amqp.hostname or 'localhost'}:{port}", auth, vhost
-
-
 async def collect(settings: Settings, workers: Sequence[type[Worker]] = ()) -> Status:
     """The status of the workers' queues (every workerkit queue when ``workers`` is empty)."""
     import httpx  # here, not at import: `workerkit run` never needs it
 
-    base, auth, vhost = management_endpoint(settings)
-    try:
-        listed = await _from_management(base, auth, vhost)
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
-        error = _describe(exc)
-    else:
-        return _management_status(settings, listed, workers, base)
+    where = management.endpoint(settings)
+    async with management.client(where) as http:
+        error = await management.unusable(http, where)
+        if error is None:
+            try:
+                listed = await _from_management(http, where)
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                error = management.describe(exc)
+            else:
+                return _management_status(settings, listed, workers, where.base)
     if not workers:
         raise ConfigurationError(
-            f"the management API at {base} is not usable ({error}); without it workerkit cannot"
-            " list queues: name the worker modules (workerkit status MODULE...), or set"
+            f"the management API at {where.base} is not usable ({error}); without it workerkit"
+            " cannot list queues: name the worker modules (workerkit status MODULE...), or set"
             " WORKERKIT_MANAGEMENT_URL"
         )
-    return await _from_amqp(settings, workers, base, error)
+    return await _from_amqp(settings, workers, where.base, error)
 
 
 # -- management API ----------------------------------------------------------------------------
@@ -140,15 +128,12 @@ _COLUMNS = ",".join(
 
 
 async def _from_management(
-    base: str, auth: tuple[str, str], vhost: str
+    http: httpx.AsyncClient, where: management.Endpoint
 ) -> dict[str, dict[str, Any]]:
-    import httpx
-
-    url = f"{base}/api/queues/{quote(vhost, safe='')}"
-    async with httpx.AsyncClient(auth=auth, timeout=HTTP_TIMEOUT) as client:
-        reply = await client.get(url, params={"columns": _COLUMNS})
-        reply.raise_for_status()
-        rows = reply.json()
+    url = where.api(f"/queues/{where.vhost_path}")
+    reply = await http.get(url, params={"columns": _COLUMNS})
+    reply.raise_for_status()
+    rows = reply.json()
     if not isinstance(rows, list):
         raise ValueError(f"unexpected answer from {url}")
     return {row["name"]: row for row in rows}
@@ -261,21 +246,6 @@ class _Probe:
             if not self._connection.is_open or self._channel.is_open:
                 raise  # not a missing queue (that closes the channel, not the connection)
             return None
-
-
-def _describe(exc: BaseException) -> str:
-    import httpx
-
-    if isinstance(exc, httpx.HTTPStatusError):
-        code = exc.response.status_code
-        if code == 401:
-            return "401: the management API refused the credentials"
-        return f"HTTP {code}"
-    if isinstance(exc, httpx.ConnectError):
-        return "connection refused (is the rabbitmq_management plugin enabled?)"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"no answer within {HTTP_TIMEOUT:.0f}s"
-    return f"{type(exc).__name__}: {exc}"
 
 
 # -- the command -------------------------------------------------------------------------------

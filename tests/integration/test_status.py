@@ -1,13 +1,13 @@
-"""``workerkit status`` against the shared broker through its management API (scripts/test.sh
-enables the plugin); the AMQP fallback is tested on a private node without plugins
-(tests/reliability/test_status_fallback.py)."""
+"""``workerkit status`` through the management API of the broker under test: the shared node's
+on 3.10 (scripts/test.sh enables the plugin), the session node's own on 4.x runs (given as
+WORKERKIT_MANAGEMENT_URL, see tests/conftest.py). The AMQP fallback is tested on a private node
+without plugins (tests/reliability/test_status_fallback.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,14 +42,6 @@ class Watched(Worker):
 """
 
 
-def _management_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 15672), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def app(
     tmp_path: Path,
@@ -57,15 +49,16 @@ def app(
     unique: Callable[[str], str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[str, str]]:
-    if not _management_up():
+    url = settings.url.get_secret_value()
+    given = settings.management_url.get_secret_value() if settings.management_url else None
+    if not management_serves(url, given):
         message = (
-            "the management API does not answer on 127.0.0.1:15672 (scripts/test.sh enables it)"
+            f"the management API of the broker under test does not answer at {given or '15672'}"
+            " (scripts/test.sh enables it on the shared node)"
         )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    if not management_serves(settings.url.get_secret_value()):
-        pytest.skip("the broker under test (a private 4.x node) runs without the management API")
     queue = unique("status")
     module = f"statusapp_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{module}.py").write_text(APP.format(queue=queue))
@@ -73,6 +66,8 @@ def app(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("WORKERKIT_URL", settings.url.get_secret_value())
     monkeypatch.setenv("WORKERKIT_EXCHANGE", settings.exchange)
+    if given:
+        monkeypatch.setenv("WORKERKIT_MANAGEMENT_URL", given)
     yield module, queue
     delete_queues(settings.url.get_secret_value(), queue, f"{queue}.dlq")
 

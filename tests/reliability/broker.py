@@ -135,19 +135,30 @@ def session_ctl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def management_serves(amqp_url: str) -> bool:
-    """Whether the management API derived from ``amqp_url`` (same host, port 15672) is the
-    broker under test's own: a private 4.x node runs without the plugin, and 15672 on this
-    machine is then the host node's API, which knows nothing of the private node's queues."""
+def session_management_url() -> str | None:
+    """The management API of the session's private node (4.x runs), else None: the 3.10 run's
+    broker is the host node, whose API is the one derived from its AMQP URL (port 15672)."""
+    return _session_node.management_url if _session_node is not None else None
+
+
+def management_serves(amqp_url: str, management_url: str | None = None) -> bool:
+    """Whether the management API at ``management_url`` (default: derived from ``amqp_url``,
+    same host, port 15672) answers and is the broker under test's own: it lists the AMQP port
+    among its listeners. On this machine 15672 is the host node's API, which knows nothing of a
+    private node's queues."""
     import json
     import urllib.request
     from urllib.parse import urlsplit
 
     parts = urlsplit(amqp_url)
-    request = urllib.request.Request(f"http://{parts.hostname}:15672/api/overview")
+    api = urlsplit(management_url or f"http://{parts.hostname}:15672")
+    request = urllib.request.Request(f"http://{api.hostname}:{api.port}/api/overview")
     password = urllib.request.HTTPPasswordMgrWithDefaultRealm()
     password.add_password(
-        None, request.full_url, parts.username or "guest", parts.password or "guest"
+        None,
+        request.full_url,
+        api.username or parts.username or "guest",
+        api.password or parts.password or "guest",
     )
     opener = urllib.request.build_opener(urllib.request.HTTPBasicAuthHandler(password))
     try:
@@ -159,14 +170,23 @@ def management_serves(amqp_url: str) -> bool:
     return any(entry.get("port") == port for entry in listeners)
 
 
+def _with_management(plugins: str) -> str:
+    """The enabled_plugins term ``plugins`` (``[a,b].``) with rabbitmq_management added."""
+    names = [name.strip() for name in plugins.strip().removesuffix(".").strip("[]").split(",")]
+    names = [name for name in names if name]
+    if "rabbitmq_management" not in names:
+        names.append("rabbitmq_management")
+    return f"[{','.join(names)}]."
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now, avoiding RabbitMQ's own port ranges."""
     while True:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port: int = sock.getsockname()[1]
-        # 25672 and friends are the distribution ports of the shared node.
-        if port not in (4369, 5672, 25672, 35672):
+        # 25672 and friends are the distribution ports of the shared node, 15672 its HTTP API.
+        if port not in (4369, 5672, 15672, 25672, 35672):
             return port
 
 
@@ -191,10 +211,13 @@ class PrivateBroker:
         config: Callable[[PrivateBroker], list[str]] | None = None,
         plugins: str = "[].",
         files: Sequence[Path] = (),
+        management: bool = False,
     ) -> None:
         """``config`` replaces the default rabbitmq.conf lines (it may read ``self.port`` and
         ``self.inner(self.base / name)`` for each of ``files``, copied into the node's folder);
-        ``plugins`` is the enabled_plugins term."""
+        ``plugins`` is the enabled_plugins term. ``management`` adds rabbitmq_management on a
+        loopback port of its own (``http_port``, never the shared node's 15672); it costs a few
+        seconds of boot, so only nodes that serve the API to tests ask for it."""
         token = uuid.uuid4().hex[:6]
         self.version = version or version_under_test()
         self.root = root_of(self.version)
@@ -211,8 +234,19 @@ class PrivateBroker:
                 self.base = self.root / NODES_DIR / f"wkr{token}"
                 self.base.mkdir(parents=True)
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.management = management
+        self.http_port: int | None = free_port() if management else None
+        if management:
+            plugins = _with_management(plugins)
         self._config, self._plugins, self._files = config, plugins, files
         self._write_files()
+
+    @property
+    def management_url(self) -> str | None:
+        """``http://guest:guest@127.0.0.1:<http_port>`` when the node has the plugin."""
+        if not self.management:
+            return None
+        return f"http://guest:guest@127.0.0.1:{self.http_port}"
 
     def inner(self, path: Path) -> str:
         """``path`` as the node sees it (inside its root, if it has one)."""
@@ -249,6 +283,8 @@ class PrivateBroker:
             ]
         if self._config is not None:
             lines = self._config(self)
+        if self.management:
+            lines += ["management.tcp.ip = 127.0.0.1", f"management.tcp.port = {self.http_port}"]
         (self.base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         uid, gid = _ids(self.root, "rabbitmq")
         os.chown(self.base, uid, gid)
@@ -352,6 +388,20 @@ class PrivateBroker:
                 f"{self.node} did not start in {deadline_s}s: {last[-500:]}\n{self.log_tail()}"
             )
         self.wait_amqp(max(5.0, deadline - time.monotonic()))
+        if self.management:
+            self.wait_management(max(5.0, deadline - time.monotonic()))
+
+    def wait_management(self, deadline_s: float = 30.0) -> None:
+        """The management API answers /api/overview and lists this node's AMQP port."""
+        assert self.management_url is not None
+        deadline = time.monotonic() + deadline_s
+        while not management_serves(self.url, self.management_url):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{self.node}: no management API on port {self.http_port} within"
+                    f" {deadline_s}s\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
 
     def wait_amqp(self, deadline_s: float = 30.0) -> None:
         """A real AMQP handshake, not only an open port."""

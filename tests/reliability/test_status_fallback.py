@@ -1,9 +1,11 @@
 """``workerkit status`` on a node without the management plugin: the AMQP fallback shows the
-depths and consumers, says why, and ``--check`` still sees dead letters."""
+depths and consumers, says why, and ``--check`` still sees dead letters; a derived management
+address that answers for another broker is not trusted."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import uuid
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import orjson
 import pika
-from broker import PrivateBroker, free_port
+import pytest
+from broker import PrivateBroker, free_port, management_serves
 
 from workerkit import Settings
 from workerkit.cli import _declare, load_targets
@@ -101,3 +104,59 @@ def test_status_falls_back_to_amqp_without_the_management_plugin(
         assert "name the worker modules" in bare.stderr
     finally:
         connection.close()
+
+
+def test_a_derived_management_url_of_another_broker_is_not_trusted(
+    private_broker: PrivateBroker, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """The private node has no plugin; the address derived from its AMQP URL
+    (127.0.0.1:15672) is the shared node's API, which answers but knows nothing of this node's
+    queues (it would report them missing). status and topology --check both see that it lists
+    another AMQP port, fall back to AMQP and say why."""
+    shared = "amqp://guest:guest@127.0.0.1:5672/"
+    if not management_serves(shared):
+        message = "no management API of the shared node on 127.0.0.1:15672 (scripts/test.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    queue = unique("foreign")
+    module = f"foreignapp_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(APP.format(queue=queue))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        settings = Settings(url=private_broker.url)  # type: ignore[arg-type]
+        asyncio.run(_declare(settings, load_targets([module])))
+    finally:
+        sys.path.remove(str(tmp_path))
+    connection = pika.BlockingConnection(pika.URLParameters(private_broker.url))
+    for n in range(3):
+        connection.channel().basic_publish("", queue, b"%d" % n)
+    connection.close()
+    env = {"PATH": "/usr/bin:/bin", "WORKERKIT_URL": private_broker.url}  # no management URL
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(WORKERKIT), *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    refused = f"it serves another broker (AMQP on [5672], not {private_broker.port})"
+    answer = run("status", module, "--json")
+    assert answer.returncode == 0, answer.stderr
+    doc = orjson.loads(answer.stdout)
+    assert doc["source"] == "amqp"
+    assert doc["management_url"] == "http://127.0.0.1:15672"
+    assert refused in doc["management_error"]
+    [row] = doc["queues"]
+    assert (row["queue"], row["exists"], row["ready"]) == (queue, True, 3)
+    table = run("status", module)
+    assert table.returncode == 0
+    assert f"management API at http://127.0.0.1:15672: {refused}" in table.stdout
+    drift = run("topology", f"{module}:Fallback", "--check")
+    assert drift.returncode == 0, drift.stdout + drift.stderr
+    assert f"management API not used ({refused}" in drift.stderr
+    assert "through the AMQP only" in drift.stdout

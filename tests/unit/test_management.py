@@ -1,0 +1,92 @@
+"""workerkit.management: where the management API is and when a derived address is trusted.
+
+The rule is the one `workerkit status` and `workerkit topology --check` share; the brokers'
+real APIs are exercised in tests/reliability/test_status_fallback.py and the integration tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from workerkit import Settings
+from workerkit.drift import ManagementView
+from workerkit.management import Endpoint, endpoint, unusable
+
+
+def _settings(url: str, management_url: str | None = None) -> Settings:
+    extra = {"management_url": management_url} if management_url else {}
+    return Settings(url=url, **extra)  # type: ignore[arg-type]
+
+
+def test_a_derived_address_remembers_the_amqp_port_it_must_serve() -> None:
+    where = endpoint(_settings("amqp://u:p%40ss@broker:5673/vh"))
+    assert where == Endpoint("http://broker:15672", ("u", "p@ss"), "vh", amqp_port=5673)
+    assert where.api("/overview") == "http://broker:15672/api/overview"
+    tls = endpoint(_settings("amqps://broker/"))
+    assert (tls.base, tls.amqp_port, tls.vhost_path) == ("https://broker:15671", 5671, "%2F")
+
+
+def test_a_given_address_wins_and_is_trusted_as_given() -> None:
+    settings = _settings("amqp://u:p@broker/", "http://admin:secret@mgmt:8080/rabbit/")
+    assert endpoint(settings) == Endpoint("http://mgmt:8080/rabbit", ("admin", "secret"), "/")
+    # The command-line option (topology --check --management-url) comes before the setting.
+    assert endpoint(settings, "http://other:15672").base == "http://other:15672"
+    assert endpoint(settings, "http://other:15672").auth == ("u", "p")
+
+
+def _serving(overview: dict[str, Any] | None, status: int = 200) -> httpx.AsyncClient:
+    def answer(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/overview"
+        return httpx.Response(status, json=overview)
+
+    return httpx.AsyncClient(transport=httpx.MockTransport(answer))
+
+
+def _listeners(*ports: int) -> dict[str, Any]:
+    amqp = [{"node": "rabbit@h", "protocol": "amqp", "port": port} for port in ports]
+    return {"listeners": [*amqp, {"node": "rabbit@h", "protocol": "http", "port": 15672}]}
+
+
+OURS = Endpoint("http://127.0.0.1:15672", ("guest", "guest"), "/", amqp_port=41234)
+
+
+async def test_a_derived_address_is_trusted_only_if_it_lists_our_amqp_port() -> None:
+    assert await unusable(_serving(_listeners(5672, 41234)), OURS) is None
+    why = await unusable(_serving(_listeners(5672)), OURS)
+    assert why is not None
+    assert "serves another broker (AMQP on [5672], not 41234)" in why
+    assert "WORKERKIT_MANAGEMENT_URL" in why
+    # A user without the monitoring tag sees no listeners: the API cannot be told apart.
+    why = await unusable(_serving({"management_version": "4.3.6"}), OURS)
+    assert why is not None and "monitoring tag" in why
+
+
+async def test_a_given_address_is_not_second_guessed() -> None:
+    given = Endpoint("http://127.0.0.1:15672", ("guest", "guest"), "/")
+    assert await unusable(_serving(_listeners(5672)), given) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(401, "refused the credentials"), (503, "HTTP 503")],
+)
+async def test_http_failures_are_said_in_words(status: int, expected: str) -> None:
+    why = await unusable(_serving({}, status), OURS)
+    assert why is not None and expected in why
+
+
+async def test_nothing_listening_is_connection_refused() -> None:
+    where = Endpoint("http://127.0.0.1:1", ("guest", "guest"), "/", amqp_port=5672)
+    async with httpx.AsyncClient() as http:
+        why = await unusable(http, where)
+    assert why is not None and "connection refused" in why
+
+
+async def test_topology_check_uses_the_same_rule() -> None:
+    view = ManagementView(OURS, _serving(_listeners(5672)))
+    why = await view.reachable()
+    assert why is not None and "serves another broker" in why
+    assert await ManagementView(OURS, _serving(_listeners(41234))).reachable() is None
