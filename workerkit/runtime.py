@@ -354,28 +354,35 @@ class WorkerRuntime:
         await self.stop_consuming()
         tasks = [slot.task for slot in self.slots if not slot.task.done()]
         if tasks:
-            all_done = asyncio.ensure_future(asyncio.wait(tasks))
-            hurry = asyncio.ensure_future(self._hurry.wait())
-            await asyncio.wait(
-                {all_done, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
-            )
-            all_done.cancel()
-            hurry.cancel()
-            pending = [task for task in tasks if not task.done()]
-            if pending:
-                log.warning(
-                    "%d handler(s) still running; leaving their messages to the broker",
-                    self.in_flight,
-                    extra=self.log_extra,
-                )
-                if self.tracker is not None:
-                    self.tracker.flush()
-                    self.tracker.dead = True
-                for slot in self.slots:
-                    slot.closing = True
-                for task in pending:
-                    task.cancel()
-                await asyncio.wait(pending, timeout=1)
+            await self._drain(tasks, grace)
+        await self._tear_down()
+
+    async def _drain(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
+        """Wait for running handlers until ``grace`` ends (or ``hurry()``); cancel the rest,
+        whose messages the broker gets back when the channel closes."""
+        all_done = asyncio.ensure_future(asyncio.wait(tasks))
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({all_done, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        all_done.cancel()
+        hurry.cancel()
+        pending = [task for task in tasks if not task.done()]
+        if not pending:
+            return
+        log.warning(
+            "%d handler(s) still running; leaving their messages to the broker",
+            self.in_flight,
+            extra=self.log_extra,
+        )
+        if self.tracker is not None:
+            self.tracker.flush()
+            self.tracker.dead = True
+        for slot in self.slots:
+            slot.closing = True
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=1)
+
+    async def _tear_down(self) -> None:
         if self.watchdog is not None:
             self.watchdog.cancel()
         if self.tracker is not None:
@@ -502,15 +509,7 @@ class WorkerRuntime:
         try:
             body = self.decode(message)
             slot.deadline = loop.time() + self.timeout
-            if self.once is not None:
-                result = await self._once(body, message, slot, loop)
-            elif self.is_async:
-                if self.wants_message:
-                    result = await self.instance.handle(body, message)
-                else:
-                    result = await self.instance.handle(body)
-            else:
-                result = await self._in_thread(body, message, slot, loop)
+            result = await self._handler_call(body, message, slot, loop)
         except DecodeError as exc:
             what, error = Happened.INVALID, exc
         except _Duplicate:
@@ -522,15 +521,10 @@ class WorkerRuntime:
         slot.deadline = 0.0
         slot.timed_out = False
         slot.call = None  # a def handler's finished future (and its error) is not kept
-        if what is Happened.HANDLED:
-            if message.reply_to and result is not _NO_REPLY:  # a request: answer, then ack
-                await self._answer(message, result)
-            decision: Decision = decide(what, self.policy)
-        elif isinstance(error, ClaimedElsewhere):
-            decision = Retry(delay=error.delay, attempt=message.attempt)
-        else:
-            decision = decide(what, self.policy, attempt=message.attempt, error=error)
+        if what is Happened.HANDLED and message.reply_to and result is not _NO_REPLY:
+            await self._answer(message, result)  # a request: answer, then ack
         try:
+            decision = self._decision(what, error, message)
             pending = self._carry_out(message, tracker, decision, error, arrived)
             if pending is not None:
                 await pending
@@ -539,6 +533,26 @@ class WorkerRuntime:
             # message and its body: a cycle only the garbage collector frees, which left large
             # bodies alive well past their delivery (7 of 12 MiB with prefetch 1, measured).
             error = None
+
+    def _handler_call(
+        self, body: Any, message: Message, slot: Slot, loop: asyncio.AbstractEventLoop
+    ) -> Awaitable[Any]:
+        """The handler's run, to await: a plain call (no coroutine frame of its own) because it
+        is on every delivery's path."""
+        if self.once is not None:
+            return self._once(body, message, slot, loop)
+        if not self.is_async:
+            return self._in_thread(body, message, slot, loop)
+        if self.wants_message:
+            return self.instance.handle(body, message)  # type: ignore[no-any-return]
+        return self.instance.handle(body)  # type: ignore[no-any-return]
+
+    def _decision(self, what: Happened, error: BaseException | None, message: Message) -> Decision:
+        if what is Happened.HANDLED:
+            return decide(what, self.policy)
+        if isinstance(error, ClaimedElsewhere):
+            return Retry(delay=error.delay, attempt=message.attempt)
+        return decide(what, self.policy, attempt=message.attempt, error=error)
 
     async def _redelivered(self, message: Message, tracker: AckTracker, arrived: float) -> None:
         """Classic queue: count a redelivery (the broker does not) before anything runs."""
@@ -749,6 +763,34 @@ class WorkerRuntime:
     ) -> None:
         """Decode each message, hand the valid ones to the handler in one call, then carry out
         one decision per message (``settled`` collects the tags already taken care of)."""
+        ok, bodies = await self._admit(batch, arrived, tracker, settled)
+        if not ok:
+            return
+        if self.settling:
+            await self.settled.wait()
+        messages = [message for message, _ in ok]
+        what, error, failures = Happened.HANDLED, None, {}
+        slot.deadline = loop.time() + self.timeout
+        try:
+            result = await self._call(bodies, messages, slot, loop)
+            failures = failures_of(result, len(ok))
+        except asyncio.CancelledError as exc:
+            what, error = self._cancelled(slot, exc)
+        except BaseException as exc:  # the whole batch failed: each message on its own
+            what, error = Happened.FAILED, exc
+        slot.deadline = 0.0
+        slot.timed_out = False
+        slot.call = None  # a def handler's finished future (and its error) is not kept
+        try:
+            await self._settle_batch(ok, what, error, failures, tracker, settled)
+        finally:
+            error = None  # no cycle through the error's traceback (see _process)
+
+    async def _admit(
+        self, batch: list[Message], arrived: list[float], tracker: AckTracker, settled: set[int]
+    ) -> tuple[list[tuple[Message, float]], list[Any]]:
+        """The batch's messages that go to the handler, with their bodies; the others (a
+        classic queue's redeliveries, invalid bodies) are carried out here."""
         pending: list[Awaitable[None]] = []
         ok: list[tuple[Message, float]] = []
         bodies: list[Any] = []
@@ -771,24 +813,20 @@ class WorkerRuntime:
             ok.append((message, when))
         if pending:
             await asyncio.gather(*pending)
-            pending.clear()
-        if not ok:
-            return
-        if self.settling:
-            await self.settled.wait()
-        messages = [message for message, _ in ok]
-        what, error, failures = Happened.HANDLED, None, {}
-        slot.deadline = loop.time() + self.timeout
-        try:
-            result = await self._call(bodies, messages, slot, loop)
-            failures = failures_of(result, len(ok))
-        except asyncio.CancelledError as exc:
-            what, error = self._cancelled(slot, exc)
-        except BaseException as exc:  # the whole batch failed: each message on its own
-            what, error = Happened.FAILED, exc
-        slot.deadline = 0.0
-        slot.timed_out = False
-        slot.call = None  # a def handler's finished future (and its error) is not kept
+        return ok, bodies
+
+    async def _settle_batch(
+        self,
+        ok: list[tuple[Message, float]],
+        what: Happened,
+        error: BaseException | None,
+        failures: dict[int, BaseException],
+        tracker: AckTracker,
+        settled: set[int],
+    ) -> None:
+        """One decision per message of a handled batch: its own failure, the whole batch's, or
+        handled (a request among them is answered first)."""
+        pending: list[Awaitable[None]] = []
         try:
             for i, (message, when) in enumerate(ok):
                 item_error = failures.get(i, error)
