@@ -7,6 +7,7 @@ methods run on the event loop that opened the connection. Every failure is raise
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -136,3 +137,14 @@ class Transport(Protocol):
         Raises AccessRefused (bad credentials or vhost permissions) or ConnectionFailed.
         """
         ...
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Whether ``event`` is set within ``timeout`` seconds (a connection's unblocking)."""
+    if event.is_set():
+        return True
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 from ..errors import ConnectionFailed, PublishTimeout, TopologyError, Unroutable, WorkerkitError
 from ..message import _NO_HEADERS, Message, Outgoing, Properties
 from ..settings import Settings
-from .base import Channel, Connection, OnClosed, OnLost, OnMessage, OnPublished
+from .base import Channel, Connection, OnClosed, OnLost, OnMessage, OnPublished, wait_set
 from .specs import ExchangeSpec, QueueSpec
 
 __all__ = ["MemoryBroker", "MemoryChannel", "MemoryConnection", "MemoryTransport"]
@@ -853,13 +853,7 @@ class MemoryConnection:
         return not self._unblocked.is_set()
 
     async def wait_unblocked(self, timeout: float) -> bool:
-        if self._unblocked.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self._unblocked.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_set(self._unblocked, timeout)
 
     async def channel(
         self,

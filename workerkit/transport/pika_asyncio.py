@@ -42,7 +42,7 @@ from ._pika_internals import (
     remove_get_empty_callback,
     stop_fast,
 )
-from .base import OnClosed, OnLost, OnMessage, OnPublished
+from .base import OnClosed, OnLost, OnMessage, OnPublished, wait_set
 from .specs import ExchangeSpec, QueueSpec
 
 log = logging.getLogger("workerkit.transport")
@@ -303,13 +303,7 @@ class PikaConnection:
         return not self._unblocked.is_set()
 
     async def wait_unblocked(self, timeout: float) -> bool:
-        if self._unblocked.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self._unblocked.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_set(self._unblocked, timeout)
 
     def _on_blocked(self, _c: Any, frame: Any) -> None:
         self._unblocked.clear()
