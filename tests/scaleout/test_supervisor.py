@@ -152,8 +152,9 @@ def test_children_of_a_killed_parent_drain_and_exit_on_their_own(
             os.kill(pid, 0)
         except ProcessLookupError:
             return True
-        stat = open(f"/proc/{pid}/stat").read()  # noqa: SIM115 - a zombie counts as gone
-        return stat.split(") ", 1)[1].startswith("Z")
+        with open(f"/proc/{pid}/stat") as file:
+            stat = file.read()
+        return stat.split(") ", 1)[1].startswith("Z")  # a zombie counts as gone
 
     wait_until(lambda: all(gone(pid) for pid in children), 20, "the orphans to exit")
     assert "the supervising process is gone; draining" in g.log()
