@@ -105,7 +105,7 @@ def serve_faststream(queue: str) -> None:
 
     broker = RabbitBroker(URL, logger=None)
 
-    @broker.subscriber(RabbitQueue(queue, durable=True, arguments=QUORUM))  # type: ignore[arg-type]
+    @broker.subscriber(RabbitQueue(queue, durable=True, arguments=QUORUM))
     async def echo(request: dict[str, Any]) -> dict[str, Any]:
         return request
 
