@@ -5,6 +5,7 @@ interleavings that are rare on a live broker are exact here."""
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,7 +24,7 @@ def channel_with(*messages: Outgoing) -> tuple[PikaChannel, dict[int, Any]]:
     for seq, message in enumerate(messages, start=1):
         channel._seq = seq
         channel._unconfirmed[seq] = _Pending(
-            lambda error, seq=seq: outcomes.__setitem__(seq, error), message, 1e18, 10.0
+            functools.partial(outcomes.__setitem__, seq), message, 1e18, 10.0
         )
     return channel, outcomes
 
