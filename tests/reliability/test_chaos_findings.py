@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pika
@@ -135,7 +135,7 @@ def test_copies_do_not_multiply_under_a_memory_alarm(
     )
 
 
-def publish_raw(url: str, queue: str, message_id: str, body: dict[str, object]) -> None:
+def publish_raw(url: str, queue: str, message_id: str, body: Mapping[str, object]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()

@@ -43,7 +43,8 @@ def _command(service: dict[str, Any]) -> list[str]:
     if isinstance(command, str):
         return command.split()
     if command[:2] == ["sh", "-c"]:
-        return command[2].split()
+        script: str = command[2]
+        return script.split()
     return list(command)
 
 
