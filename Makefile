@@ -32,7 +32,7 @@ fmt:
 	$(BIN)/ruff format .
 
 typecheck:
-	$(BIN)/mypy workerkit workers scripts/settings_table.py
+	MYPY=$(BIN)/mypy scripts/typecheck.sh
 
 unit:
 	$(BIN)/python -m pytest tests/unit

@@ -164,7 +164,12 @@ async def pika_asyncio(queue: str, clock: Clock, batch: int = 1) -> None:
     )
     await done
     closed = loop.create_future()
-    conn.add_on_close_callback(lambda *_: closed.done() or closed.set_result(None))
+
+    def on_closed(*_: object) -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    conn.add_on_close_callback(on_closed)
     conn.close()
     await asyncio.wait_for(closed, 5)
 
@@ -256,7 +261,7 @@ def workerkit_worker(kind: str, queue: str, on_body: Callable[[], None]) -> type
     raise ValueError(kind)
 
 
-def clock_acks(clock: Clock, on_last: Callable[[], None]) -> None:
+def clock_acks(clock: Clock, on_last: Callable[[], object]) -> None:
     """Stop the clock when the ack covering the last delivery tag leaves the worker."""
     from workerkit.transport import pika_asyncio as transport
 

@@ -278,7 +278,12 @@ async def pika_drain(queue: str, counter: Counter, prefetch: int) -> None:
         failed.result()
     await waiting
     closed = loop.create_future()
-    conn.add_on_close_callback(lambda *_: closed.done() or closed.set_result(None))
+
+    def on_closed(*_: object) -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    conn.add_on_close_callback(on_closed)
     conn.close()
     await asyncio.wait_for(closed, 10)
 

@@ -9,6 +9,7 @@ curves (benchmarks/curves.py) are their own section and also write docs/performa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def throughput(
         print(f"{module} round {rep + 1}/{repeat}", flush=True)
         for case in cases:
             mod = where.get(case, module)
-            record(found[case], lambda case=case, mod=mod: measured(case, mod), case)
+            record(found[case], functools.partial(measured, case, mod), case)
     return found
 
 

@@ -175,7 +175,7 @@ def placement(
             if time.monotonic() > deadline or group.poll() is not None:
                 raise RuntimeError("the worker did not start consuming")
             time.sleep(0.05)
-        publisher = Publisher(settings=Settings(url=publish_url, exchange="wkbench"))  # type: ignore[arg-type]
+        publisher = Publisher(settings=Settings(url=publish_url, exchange="wkbench"))
         began = time.monotonic()
         threads = [
             threading.Thread(target=_publish_share, args=(publisher, queue, count // 4))

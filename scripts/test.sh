@@ -98,7 +98,7 @@ step "ruff"
 .venv/bin/ruff format --check .
 
 step "mypy"
-.venv/bin/mypy workerkit workers scripts/settings_table.py
+bash scripts/typecheck.sh
 
 status=0
 timings=()

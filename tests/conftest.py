@@ -137,7 +137,7 @@ def settings(broker_url: str) -> Settings:
     host node's port 15672) is the broker's own."""
     management = session_management_url()
     return Settings(
-        url=broker_url,  # type: ignore[arg-type]
+        url=broker_url,
         **({"management_url": management} if management else {}),
         exchange="wkt",
         shutdown_grace=5.0,

@@ -26,7 +26,7 @@ def main() -> None:
             await asyncio.sleep(sleep)
             return {"echo": body, "pid": os.getpid()}
 
-    run([Echo], settings=Settings(url=url, exchange=exchange, publish_timeout=5.0))  # type: ignore[arg-type]
+    run([Echo], settings=Settings(url=url, exchange=exchange, publish_timeout=5.0))
 
 
 if __name__ == "__main__":

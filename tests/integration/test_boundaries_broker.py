@@ -62,7 +62,8 @@ def _foreign_publish(settings: Settings, queue: str, headers: dict[str, Any]) ->
         if isinstance(value, float):
             pieces.append(struct.pack(">cd", b"d", value))
             return 9
-        return original(pieces, value)
+        written: int = original(pieces, value)  # pika is untyped: its encoder returns a size
+        return written
 
     conn = pika.BlockingConnection(pika.URLParameters(settings.url.get_secret_value()))
     try:

@@ -79,7 +79,7 @@ class Channel:
 def broker(broker_url: str) -> Iterator[tuple[Settings, Publisher, Channel, str]]:
     import uuid
 
-    settings = Settings(url=broker_url, exchange="wkt", publish_timeout=5.0)  # type: ignore[arg-type]
+    settings = Settings(url=broker_url, exchange="wkt", publish_timeout=5.0)
     queue = f"t.roundtrip.{uuid.uuid4().hex[:8]}"
     reader = Channel(broker_url)
     reader.ch.exchange_declare(settings.exchange, "topic", durable=True)

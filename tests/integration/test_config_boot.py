@@ -10,17 +10,21 @@ import os
 import re
 import shutil
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pika
 import pytest
 from stack_files import ROOT, dashboard_exprs, env_file
 
+if TYPE_CHECKING:
+    from broker import PrivateBroker
 
-def _config_node() -> Any:
+
+def _config_node() -> tuple[PrivateBroker, int]:
     """A private node of the version under test booted from config/ (ports moved to free ones,
-    nothing else): tests/reliability/broker.py's PrivateBroker with this repo's files."""
+    nothing else): tests/reliability/broker.py's PrivateBroker with this repo's files, and the
+    port its Prometheus endpoint moved to."""
     from broker import PrivateBroker, free_port  # tests/conftest.py put it on sys.path
 
     http_port, prometheus_port = free_port(), free_port()
@@ -43,11 +47,11 @@ def _config_node() -> Any:
         plugins=(ROOT / "config/enabled_plugins").read_text().strip(),
         files=[ROOT / "config/definitions.json"],
     )
-    node.http_port, node.prometheus_port = http_port, prometheus_port
+    node.http_port = http_port
     # Readiness is checked with the workers' user: definitions.json replaces guest.
     url = urlsplit(env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
     node.url = f"amqp://{url.username}:{url.password}@127.0.0.1:{node.port}/"
-    return node
+    return node, prometheus_port
 
 
 @pytest.mark.integration
@@ -60,7 +64,7 @@ def _config_node() -> Any:
     reason="booting a private RabbitMQ node needs rabbitmq-server and root (Docker users: compose)",
 )
 def test_rabbitmq_boots_from_config_with_the_dev_user_and_management() -> None:
-    node = _config_node()
+    node, prometheus_port = _config_node()
     try:
         node.start()
         url = urlsplit(env_file(ROOT / "config/compose.env")["WORKERKIT_URL"])
@@ -84,7 +88,7 @@ def test_rabbitmq_boots_from_config_with_the_dev_user_and_management() -> None:
         connection = pika.BlockingConnection(params)
         connection.channel().queue_declare("dash.dlq", durable=True)
         connection.close()
-        scrape = f"http://127.0.0.1:{node.prometheus_port}/metrics/per-object"
+        scrape = f"http://127.0.0.1:{prometheus_port}/metrics/per-object"
         with urllib.request.urlopen(scrape, timeout=10) as reply:
             exposition = reply.read().decode()
         assert 'queue="dash.dlq"' in exposition

@@ -175,7 +175,7 @@ async def test_replay_by_id_sends_a_fresh_first_attempt_back_and_conserves_the_c
 
     switch.reject = False
     await asyncio.wait_for(Runner([worker], settings=settings, burst=True).run(), 60)
-    assert sorted(m[0] for m in switch.handled) == [ids[1], ids[3]]
+    assert sorted((m[0] for m in switch.handled), key=str) == [ids[1], ids[3]]
     for _message_id, attempt, headers in switch.handled:
         assert attempt == 1
         assert headers == {"tenant": "acme"}  # no workerkit-* failure or x-death headers
@@ -213,7 +213,7 @@ async def test_replay_all_moves_everything_once_even_if_it_fails_again(
     result = await asyncio.to_thread(dlq.replay_sync, q, None, settings=settings)
     assert sorted(result.replayed) == ids
     await asyncio.wait_for(Runner([worker], settings=settings, burst=True).run(), 60)
-    assert sorted(m[0] for m in switch.handled) == ids
+    assert sorted((m[0] for m in switch.handled), key=str) == ids
     assert await asyncio.to_thread(ready_count, url, f"{q}.dlq") == 0
 
 

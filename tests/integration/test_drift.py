@@ -160,7 +160,7 @@ async def test_topology_declares_on_the_memory_broker_without_drift() -> None:
 async def test_management_view_reads_the_api_format() -> None:
     """The management API's JSON (as RabbitMQ 3.10 serves it) read through httpx; the live
     path is tested above when the broker has the plugin."""
-    settings = Settings(url="amqp://u:p@broker:5672/vh", exchange="wkt")  # type: ignore[arg-type]
+    settings = Settings(url="amqp://u:p@broker:5672/vh", exchange="wkt")
     routes: dict[str, object] = {
         "/api/queues/vh/q1": {"name": "q1", "arguments": {"x-queue-type": "classic"}},
         "/api/queues/vh/q1/bindings": [

@@ -128,7 +128,7 @@ async def test_kill_mid_handler_leaves_a_claim_that_expires_then_runs_once(
 async def test_a_cut_connection_after_commit_delivers_a_duplicate_that_does_not_run(
     settings: Settings, unique: Callable[[str], str], cleanup: list[str], r: Any, prefix: str
 ) -> None:
-    from tests.reliability.proxy import Proxy
+    from proxy import Proxy  # tests/conftest.py put tests/reliability on sys.path
 
     q = unique("idemcut")
     cleanup.append(q)

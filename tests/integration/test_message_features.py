@@ -14,10 +14,11 @@ import pytest
 import zstandard
 
 from workerkit import AsyncPublisher, InvalidMessage, Runner, Settings, Worker
+from workerkit.compression import Compression
 from workerkit.dlq import list_dead
 from workerkit.testing import running, wait_for
 
-from .workers_fixture import delete_queues, get_all, ready_count
+from .workers_fixture import Got, delete_queues, get_all, ready_count
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +56,7 @@ BIG = {"items": [{"sku": f"SKU-{i:05d}", "name": "a widget", "price": i} for i i
 
 @pytest.mark.parametrize("codec", ["gzip", "zstd"])
 async def test_compressed_publishes_are_smaller_and_decoded_transparently(
-    settings: Settings, unique: Callable[[str], str], cleanup: list[str], codec: str
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str], codec: Compression
 ) -> None:
     q = unique(f"comp-{codec}")
     cleanup.append(q)
@@ -179,7 +180,12 @@ async def test_expired_publish_goes_to_the_dlq_as_expired(
     async with AsyncPublisher(settings=settings) as pub:
         await pub.publish(q, {"n": 1}, expiration=0.2, message_id="short")
         await pub.publish(q, {"n": 2}, expiration=3600, message_id="long")
-    [long_lived] = await asyncio.to_thread(lambda: (_wait_dlq(url, q, 1), get_all(url, q))[1])
+
+    def after_the_expiry() -> list[Got]:
+        _wait_dlq(url, q, 1)
+        return get_all(url, q)
+
+    [long_lived] = await asyncio.to_thread(after_the_expiry)
     assert long_lived.properties.message_id == "long"
     assert long_lived.properties.expiration == "3600000"
     dead = await list_dead(q, settings=settings)

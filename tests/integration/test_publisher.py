@@ -395,12 +395,13 @@ def test_bad_input_is_an_invalid_message_and_a_value_error(settings: Settings, q
     from workerkit import InvalidMessage
 
     with Publisher(settings=settings) as publisher:
-        for bad in (
+        bad_calls: tuple[Callable[[], object], ...] = (
             lambda: publisher.publish(queue, {}, headers={"workerkit-attempt": 1}),
             lambda: publisher.publish("", {}),
             lambda: publisher.publish(queue, object()),
             lambda: publisher.publish(queue, {}, delay=400 * 24 * 3600),
-        ):
+        )
+        for bad in bad_calls:
             with pytest.raises(InvalidMessage) as info:
                 bad()
             assert isinstance(info.value, ValueError)

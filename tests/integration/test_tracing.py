@@ -4,7 +4,7 @@ publish continues the trace, and a retried message keeps it (SDK in-memory expor
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -39,8 +39,20 @@ def queues(settings: Settings, unique: Callable[[str], str]) -> Iterator[tuple[s
     delete_queues(settings.url.get_secret_value(), *names, *(f"{q}.dlq" for q in names))
 
 
-def _by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
+def _by_name(spans: Sequence[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
+
+
+def _attr(span: ReadableSpan, key: str) -> Any:
+    """An attribute the span must have (a finished span's attributes may be None by type)."""
+    assert span.attributes is not None, span
+    return span.attributes[key]
+
+
+def _parent_id(span: ReadableSpan) -> int:
+    """The span id of the span's parent, which it must have."""
+    assert span.parent is not None, span
+    return span.parent.span_id
 
 
 async def test_a_trace_crosses_the_broker_twice_and_survives_a_retry(
@@ -96,30 +108,28 @@ async def test_a_trace_crosses_the_broker_twice_and_survives_a_retry(
     (root,) = _by_name(finished, "checkout")
     (send_first,) = _by_name(finished, f"send {first}")
     process_first = sorted(
-        _by_name(finished, f"process {first}"), key=lambda s: s.attributes["workerkit.attempt"]
+        _by_name(finished, f"process {first}"), key=lambda s: _attr(s, "workerkit.attempt")
     )
     (send_second,) = _by_name(finished, f"send {second}")
     (process_second,) = _by_name(finished, f"process {second}")
     trace_id = root.context.trace_id
     assert all(s.context.trace_id == trace_id for s in finished), "one trace end to end"
 
-    assert (
-        send_first.kind is SpanKind.PRODUCER and send_first.parent.span_id == root.context.span_id
-    )
-    assert send_first.attributes["messaging.system"] == "rabbitmq"
-    assert send_first.attributes["workerkit.outcome"] == "confirmed"
+    assert send_first.kind is SpanKind.PRODUCER and _parent_id(send_first) == root.context.span_id
+    assert _attr(send_first, "messaging.system") == "rabbitmq"
+    assert _attr(send_first, "workerkit.outcome") == "confirmed"
     # Both attempts are children of the original publish: the retry kept the trace context.
-    assert [s.attributes["workerkit.attempt"] for s in process_first] == [1, 2]
+    assert [_attr(s, "workerkit.attempt") for s in process_first] == [1, 2]
     for span in process_first:
         assert span.kind is SpanKind.CONSUMER
-        assert span.parent.span_id == send_first.context.span_id
-    assert process_first[0].attributes["workerkit.outcome"] == "retried"
+        assert _parent_id(span) == send_first.context.span_id
+    assert _attr(process_first[0], "workerkit.outcome") == "retried"
     assert process_first[0].status.status_code is StatusCode.ERROR
-    assert process_first[1].attributes["workerkit.outcome"] == "acked"
+    assert _attr(process_first[1], "workerkit.outcome") == "acked"
     # The handler's publish (from its pool thread) continues the trace from its consumer span.
-    assert send_second.parent.span_id == process_first[1].context.span_id
-    assert process_second.parent.span_id == send_second.context.span_id
-    assert process_second.attributes["messaging.destination.subscription.name"] == second
+    assert _parent_id(send_second) == process_first[1].context.span_id
+    assert _parent_id(process_second) == send_second.context.span_id
+    assert _attr(process_second, "messaging.destination.subscription.name") == second
 
 
 async def test_a_dead_letter_keeps_its_trace_context(

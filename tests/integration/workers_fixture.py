@@ -138,7 +138,7 @@ def get_all(url: str, queue: str) -> list[Got]:
     conn = _connect(url)
     try:
         channel = conn.channel()
-        got = []
+        got: list[Got] = []
         while True:
             method, props, body = channel.basic_get(queue, auto_ack=True)
             if method is None:
@@ -185,7 +185,7 @@ def start_worker(
 
 
 # Worker processes started by tests; a failing test must not leave one consuming forever.
-STARTED: list[subprocess.Popen[bytes]] = []
+STARTED: list[subprocess.Popen[Any]] = []  # bytes or text pipes
 
 
 def kill_leftovers() -> None:

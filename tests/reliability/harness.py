@@ -180,7 +180,7 @@ class Load:
         self.errors: list[BaseException] = []
         self.failed_after: list[float] = []  # seconds each failed publish took to raise
         self.settings = workerkit.Settings(
-            url=url,  # type: ignore[arg-type]
+            url=url,
             exchange=EXCHANGE,
             publish_timeout=publish_timeout,
             connect_timeout=2.0,

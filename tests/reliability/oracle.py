@@ -142,7 +142,7 @@ def drain(url: str, queue: str) -> list[tuple[str, dict[str, Any]]]:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
-        out = []
+        out: list[tuple[str, dict[str, Any]]] = []
         while True:
             method, props, _body = channel.basic_get(queue, auto_ack=False)
             if method is None:

@@ -77,7 +77,7 @@ def test_worker_without_permissions_stops_with_one_error(
 
 def test_publisher_with_wrong_password_raises_access_refused_at_once(proxy: Proxy) -> None:
     settings = workerkit.Settings(
-        url=proxy.url("guest", "wrong"),  # type: ignore[arg-type]
+        url=proxy.url("guest", "wrong"),
         exchange=EXCHANGE,
         publish_timeout=5.0,
     )

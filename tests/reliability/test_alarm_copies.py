@@ -104,9 +104,16 @@ def test_failing_handlers_under_a_long_alarm_make_no_extra_copies(
         return not oracle.lost and _idle(private_broker, queue)
 
     wait_until(settled, 90, "every message to be finished or dead-lettered", poll=0.5)
+
     # Copies the cleared alarm let through reach the queue at once; the ladder takes < 1 s.
     # Settled twice in a row, a second apart, means no copy is still on its way.
-    wait_until(lambda: settled() and (time.sleep(1.0) or settled()), 30, "a quiet queue")
+    def settled_twice() -> bool:
+        if not settled():
+            return False
+        time.sleep(1.0)
+        return settled()
+
+    wait_until(settled_twice, 30, "a quiet queue")
     seen = runs(out_dir)
     problems: list[str] = []
     extra_total = 0

@@ -260,6 +260,11 @@ def queue_depths(broker: PrivateBroker) -> dict[str, tuple[int, int]]:
     return depths
 
 
+def bodies(seed: int, prefix: str) -> Callable[[int], dict[str, Any]]:
+    """The bodies one load source sends: message ids are its prefix and a counter."""
+    return lambda n: chaos.body(seed, f"{prefix}{n}")
+
+
 def read_runs(path: Path) -> dict[str, list[tuple[int, str, float]]]:
     runs: dict[str, list[tuple[int, str, float]]] = collections.defaultdict(list)
     for line in read_finished_file(path):
@@ -370,7 +375,7 @@ def test_chaos_soak(
             src.client(
                 oracle, proxied if src.proxied else direct, queues[src.queue],
                 int(src.rate * (seconds + MAX_DRIFT)), rate=src.rate, threads=src.threads,
-                prefix=src.prefix, body=lambda n, p=src.prefix: chaos.body(seed, f"{p}{n}"),
+                prefix=src.prefix, body=bodies(seed, src.prefix),
             ).start()
             for src in SOURCES
         ]  # fmt: skip

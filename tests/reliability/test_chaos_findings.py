@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pika
@@ -34,7 +34,7 @@ def test_sync_publisher_retry_survives_a_change_of_driving_thread() -> None:
     needed: connection refused is enough to take the retrying path.
     """
     url = f"amqp://guest:guest@127.0.0.1:{free_port()}/"  # nobody listens: refused at once
-    settings = workerkit.Settings(url=url, exchange="wkr", connect_timeout=1.0)  # type: ignore[arg-type]
+    settings = workerkit.Settings(url=url, exchange="wkr", connect_timeout=1.0)
     publisher = workerkit.Publisher(settings=settings)
     outcome: dict[str, BaseException | None] = {}
 
@@ -135,7 +135,7 @@ def test_copies_do_not_multiply_under_a_memory_alarm(
     )
 
 
-def publish_raw(url: str, queue: str, message_id: str, body: dict[str, object]) -> None:
+def publish_raw(url: str, queue: str, message_id: str, body: Mapping[str, object]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()
@@ -190,7 +190,7 @@ def test_confirmed_publishes_survive_stop_app(
     worker = workers(queue, url)  # declares the queue, its bindings and the delay layout
     worker.wait_healthy(60)
     assert worker.terminate() == 0
-    settings = workerkit.Settings(url=url, exchange="wkr", publish_timeout=2.0, connect_timeout=2.0)  # type: ignore[arg-type]
+    settings = workerkit.Settings(url=url, exchange="wkr", publish_timeout=2.0, connect_timeout=2.0)
     confirmed: list[str] = []
     confirmed_at: dict[str, float] = {}
     stop = threading.Event()

@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from typing import Any
 
-from reliability.broker import PrivateBroker
+from broker import PrivateBroker
 
 from workerkit import Settings, Worker
 from workerkit.publisher import AsyncPublisher

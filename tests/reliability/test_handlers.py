@@ -85,7 +85,12 @@ def test_sync_and_cpu_bound_handlers_longer_than_heartbeat(
     slow = 3 * heartbeat
     bodies = [{"sleep": slow}, {"sleep": slow}, {"cpu": slow}, {"cpu": slow}]
     Load(oracle, url, queue, 4, rate=1000, body=lambda n: {"n": n, **bodies[n]}).start().join()
-    wait_until(lambda: (collect(oracle, out_dir), len(oracle.finished))[1] == 4, 60, "4 slow jobs")
+
+    def four_finished() -> bool:
+        collect(oracle, out_dir)
+        return len(oracle.finished) == 4
+
+    wait_until(four_finished, 60, "4 slow jobs")
     settle(oracle, url, queue, out_dir)
     # Healthy again once the long handlers are done (the stats are written every 20 ms).
     wait_until(lambda: worker.healthy, 10, "the worker healthy after its long handlers")

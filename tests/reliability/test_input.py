@@ -93,7 +93,7 @@ def test_publish_over_max_body_size_raises_typed_error(
 ) -> None:
     queue, url = unique("toolarge"), private_broker.url
     workers(queue, url).wait_healthy()
-    settings = workerkit.Settings(url=url, exchange=EXCHANGE, max_body_size=MAX_BODY)  # type: ignore[arg-type]
+    settings = workerkit.Settings(url=url, exchange=EXCHANGE, max_body_size=MAX_BODY)
     with workerkit.Publisher(settings=settings) as publisher:
         with pytest.raises(workerkit.MessageTooLarge):
             publisher.publish(queue, {"pad": "x" * (2 * MAX_BODY)})

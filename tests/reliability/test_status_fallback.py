@@ -43,7 +43,7 @@ def test_status_falls_back_to_amqp_without_the_management_plugin(
     (tmp_path / f"{module}.py").write_text(APP.format(queue=queue))
     sys.path.insert(0, str(tmp_path))
     try:
-        settings = Settings(url=private_broker.url)  # type: ignore[arg-type]
+        settings = Settings(url=private_broker.url)
         asyncio.run(_declare(settings, load_targets([module])))
     finally:
         sys.path.remove(str(tmp_path))
@@ -124,7 +124,7 @@ def test_a_derived_management_url_of_another_broker_is_not_trusted(
     (tmp_path / f"{module}.py").write_text(APP.format(queue=queue))
     sys.path.insert(0, str(tmp_path))
     try:
-        settings = Settings(url=private_broker.url)  # type: ignore[arg-type]
+        settings = Settings(url=private_broker.url)
         asyncio.run(_declare(settings, load_targets([module])))
     finally:
         sys.path.remove(str(tmp_path))

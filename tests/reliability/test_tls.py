@@ -108,7 +108,7 @@ def test_tls_failure_is_fatal_and_never_falls_back_to_plain(
 ) -> None:
     before = len(connections(tls_broker))
     settings = workerkit.Settings(
-        url=tls_url(tls_broker, host),  # type: ignore[arg-type]
+        url=tls_url(tls_broker, host),
         exchange=EXCHANGE,
         tls_ca_file=str(certs / ca_name),
         publish_timeout=3.0,

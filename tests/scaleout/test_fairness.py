@@ -50,7 +50,7 @@ def test_three_processes_share_uneven_work_close_to_the_ideal_time(
     ends = {x.n: x for x in lines if x.kind == "done"}
     elapsed = max(x.at for x in ends.values()) - min(x.at for x in starts.values())
     ideal = sum(sleeps) / (PROCESSES * CONCURRENCY)
-    work: collections.Counter[int] = collections.Counter()
+    work: collections.defaultdict[int, float] = collections.defaultdict(float)
     count: collections.Counter[int] = collections.Counter()
     for n, end in ends.items():
         work[end.pid] += sleeps[n]

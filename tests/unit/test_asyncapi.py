@@ -104,7 +104,7 @@ def test_the_layout_is_described(example: dict[str, Any]) -> None:
     assert handle["action"] == "receive"
     layout = handle["x-workerkit"]
     assert layout["deadLetterQueue"] == f"{queue}.dlq"
-    assert layout["retry"]["maxAttempts"] == SendReceipt.retry.max_attempts  # type: ignore[union-attr]
+    assert layout["retry"]["maxAttempts"] == SendReceipt.retry.max_attempts
     for key in SendReceipt.bindings:
         assert any(ch["address"] == key for ch in example["channels"].values())
 

@@ -149,7 +149,7 @@ def test_publish_refuses_non_finite_delays(delay: float) -> None:
 )
 def test_urls_that_do_not_parse_as_intended_are_refused(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
-        Settings(url=url)  # type: ignore[arg-type]
+        Settings(url=url)
     assert "s3cret" not in str(info.value)
 
 
@@ -174,10 +174,10 @@ def test_redaction_never_shows_userinfo(url: str) -> None:
 
 def test_unknown_url_query_parameters_are_refused() -> None:
     with pytest.raises(ConfigurationError, match="heartbeet"):
-        Settings(url="amqp://guest:guest@localhost/?heartbeet=5")  # type: ignore[arg-type]
+        Settings(url="amqp://guest:guest@localhost/?heartbeet=5")
     with pytest.raises(ConfigurationError, match="WORKERKIT_HEARTBEAT"):
-        Settings(url="amqp://guest:guest@localhost/?heartbeat=5")  # type: ignore[arg-type]
-    Settings(url="amqp://guest:guest@localhost/?frame_max=131072&channel_max=64")  # type: ignore[arg-type]
+        Settings(url="amqp://guest:guest@localhost/?heartbeat=5")
+    Settings(url="amqp://guest:guest@localhost/?frame_max=131072&channel_max=64")
 
 
 def test_missing_tls_files_are_refused(tmp_path: Path) -> None:

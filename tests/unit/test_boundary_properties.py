@@ -156,7 +156,7 @@ def test_a_url_is_refused_or_parses_as_written_and_never_leaks(user: str, passwo
     secret = f"S3CR3T{password}"
     raw = f"amqp://{user}:{secret}@broker.example:5672/vhost"
     try:
-        settings = Settings(url=raw)  # type: ignore[arg-type]
+        settings = Settings(url=raw)
     except ConfigurationError as exc:
         assert secret not in str(exc)
     else:
@@ -168,7 +168,7 @@ def test_a_url_is_refused_or_parses_as_written_and_never_leaks(user: str, passwo
     assert secret not in redact_url(raw)
     # Percent-encoded, any password is accepted and reaches the client unchanged.
     encoded = f"amqp://{quote(user, safe='')}:{quote(secret, safe='')}@broker.example/"
-    params = pika.URLParameters(Settings(url=encoded).url.get_secret_value())  # type: ignore[arg-type]
+    params = pika.URLParameters(Settings(url=encoded).url.get_secret_value())
     assert params.credentials.password == secret
     assert params.host == "broker.example"
     assert secret not in redact_url(encoded)

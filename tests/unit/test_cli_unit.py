@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -71,19 +72,23 @@ def _workers_module(modules: Callable[[str], str]) -> str:
     return modules(WORKERS_SOURCE.format(q=f"t.cli.{uuid.uuid4().hex[:8]}"))
 
 
-def test_module_target_loads_every_concrete_worker_defined_there(modules) -> None:
+def test_module_target_loads_every_concrete_worker_defined_there(
+    modules: Callable[[str], str],
+) -> None:
     name = _workers_module(modules)
     workers = load_targets([name])
     assert [w.__name__ for w in workers] == ["First", "Second"]
 
 
-def test_class_target_and_duplicates(modules) -> None:
+def test_class_target_and_duplicates(modules: Callable[[str], str]) -> None:
     name = _workers_module(modules)
     workers = load_targets([f"{name}:Second", name])
     assert [w.__name__ for w in workers] == ["Second", "First"]
 
 
-def test_imported_workers_are_not_targets_of_the_importing_module(modules) -> None:
+def test_imported_workers_are_not_targets_of_the_importing_module(
+    modules: Callable[[str], str],
+) -> None:
     workers = _workers_module(modules)
     importer = modules(IMPORTER_SOURCE.format(workers=workers))
     with pytest.raises(ConfigurationError, match="defines no Worker subclass"):
@@ -100,20 +105,24 @@ def test_imported_workers_are_not_targets_of_the_importing_module(modules) -> No
         ("{m}:", "bad target"),
     ],
 )
-def test_bad_targets_are_configuration_errors(modules, target: str, message: str) -> None:
+def test_bad_targets_are_configuration_errors(
+    modules: Callable[[str], str], target: str, message: str
+) -> None:
     name = _workers_module(modules)
     with pytest.raises(ConfigurationError, match=message.replace("(", r"\(")):
         load_targets([target.format(m=name)])
 
 
-def test_a_module_failing_at_import_is_one_line(modules) -> None:
+def test_a_module_failing_at_import_is_one_line(modules: Callable[[str], str]) -> None:
     broken = modules("import json\nraise RuntimeError('boom\\nsecond line')\n")
     with pytest.raises(ConfigurationError) as info:
         load_targets([broken])
     assert str(info.value) == f"cannot import {broken!r}: RuntimeError: boom"
 
 
-def test_run_with_a_bad_target_exits_2_with_one_line_and_no_traceback(modules) -> None:
+def test_run_with_a_bad_target_exits_2_with_one_line_and_no_traceback(
+    modules: Callable[[str], str],
+) -> None:
     result = CliRunner().invoke(cli, ["run", "wk_cli_nowhere.sub:Thing"])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
@@ -123,7 +132,9 @@ def test_run_with_a_bad_target_exits_2_with_one_line_and_no_traceback(modules) -
     assert "Traceback" not in result.output
 
 
-def test_bad_settings_exit_2(modules, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_settings_exit_2(
+    modules: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = _workers_module(modules)
     monkeypatch.setenv("WORKERKIT_PREFETCH", "lots")
     result = CliRunner().invoke(cli, ["run", name])
@@ -163,7 +174,9 @@ def test_format_table_aligns_columns() -> None:
     assert lines == ["ID   REASON", "abc  rejected", "a    x"]
 
 
-def test_describe_topology_lists_queues_arguments_and_bindings(modules) -> None:
+def test_describe_topology_lists_queues_arguments_and_bindings(
+    modules: Callable[[str], str],
+) -> None:
     name = _workers_module(modules)
     (first, _second) = load_targets([name])
     lines = describe_topology(Settings(exchange="wkt"), [first])
@@ -178,7 +191,9 @@ def test_describe_topology_lists_queues_arguments_and_bindings(modules) -> None:
 # -- dead letters --------------------------------------------------------------------------------
 
 
-def _dead(headers: dict, message_id: str | None = "m-1", body: bytes = b'{"a": 1}') -> Message:
+def _dead(
+    headers: dict[str, Any], message_id: str | None = "m-1", body: bytes = b'{"a": 1}'
+) -> Message:
     return Message(
         body,
         7,

@@ -43,7 +43,8 @@ def _command(service: dict[str, Any]) -> list[str]:
     if isinstance(command, str):
         return command.split()
     if command[:2] == ["sh", "-c"]:
-        return command[2].split()
+        script: str = command[2]
+        return script.split()
     return list(command)
 
 
@@ -155,7 +156,7 @@ def test_env_files_exist_and_hold_valid_settings(compose: dict[str, Any]) -> Non
             assert set(fields) <= set(Settings.model_fields), listed
             if workerkit_keys:
                 # Every value must parse: the same validation the container would run.
-                Settings(**fields)  # type: ignore[arg-type]
+                Settings(**fields)
                 assert workerkit_keys == pairs, f"{listed}: keep app settings out of it"
 
 
@@ -327,7 +328,7 @@ def test_cluster_workers_get_every_node_and_wait_for_all_of_them(compose: dict[s
         assert set(service["depends_on"]) == {"rabbit1", "rabbit2", "rabbit3"}, name
         assert all(d["condition"] == "service_healthy" for d in service["depends_on"].values())
         env = env_file(ROOT / service["env_file"][0])
-        settings = Settings(**{k.removeprefix("WORKERKIT_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+        settings = Settings(**{k.removeprefix("WORKERKIT_").lower(): v for k, v in env.items()})
         hosts = [urlsplit(u) for u in settings.urls]
         assert sorted(h.hostname or "" for h in hosts) == ["rabbit1", "rabbit2", "rabbit3"]
         for host in hosts:
@@ -340,4 +341,4 @@ def test_cluster_workers_get_every_node_and_wait_for_all_of_them(compose: dict[s
             **{"processes": env_file(ROOT / "config/cluster/cluster.env")["WORKERKIT_PROCESSES"]}
         ).processes
         > 1
-    )  # type: ignore[arg-type]
+    )

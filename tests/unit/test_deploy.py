@@ -58,7 +58,7 @@ def test_deployments_run_real_workers_with_valid_settings_and_time_to_drain() ->
     workers = load_targets([command[2]])
     assert len(workers) == 1, "one Deployment per worker"
     env = env_of(container)
-    settings = Settings(**{k.removeprefix("WORKERKIT_").lower(): v for k, v in env.items()})  # type: ignore[arg-type]
+    settings = Settings(**{k.removeprefix("WORKERKIT_").lower(): v for k, v in env.items()})
     assert settings.processes > 1
     # SIGKILL must not come before the supervisor's own deadline (grace + its kill margin).
     assert spec["terminationGracePeriodSeconds"] >= settings.shutdown_grace + KILL_MARGIN
@@ -95,7 +95,7 @@ def test_keda_scales_the_deployment_on_its_workers_queue() -> None:
     (secret,) = of_kind("Secret")
     keys = {ref["key"] for ref in auth["spec"]["secretTargetRef"]}
     assert keys <= set(secret["stringData"])
-    urls = Settings(url=secret["stringData"]["url"]).urls  # type: ignore[arg-type]
+    urls = Settings(url=secret["stringData"]["url"]).urls
     assert len(urls) == 3
 
 

@@ -10,6 +10,7 @@ whole and in order.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -144,11 +145,13 @@ def pika_reading(items: list[list[bytes]]) -> list[tuple[Any, ...]]:
 def reader_with_log() -> tuple[FrameReader, list[tuple[Any, ...]]]:
     log: list[tuple[Any, ...]] = []
     reader = FrameReader(lambda raw: log.append(("pika", raw)))
+
+    def logging_on(channel: int) -> Callable[[Message], None]:
+        return lambda m: log.append(("message", channel, fields(m)))
+
     for channel in (1, 2):
         for tag in FAST_TAGS:
-            reader.register(
-                channel, tag, lambda m, c=channel: log.append(("message", c, fields(m)))
-            )
+            reader.register(channel, tag, logging_on(channel))
     return reader, log
 
 

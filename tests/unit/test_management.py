@@ -18,7 +18,7 @@ from workerkit.management import Endpoint, endpoint, unusable
 
 def _settings(url: str, management_url: str | None = None) -> Settings:
     extra = {"management_url": management_url} if management_url else {}
-    return Settings(url=url, **extra)  # type: ignore[arg-type]
+    return Settings(url=url, **extra)
 
 
 def test_a_derived_address_remembers_the_amqp_port_it_must_serve() -> None:

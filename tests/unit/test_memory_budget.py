@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pika.frame
@@ -28,10 +29,9 @@ def worker(**attrs: Any) -> type[Worker]:
     async def handle_batch(self: Any, bodies: list[bytes]) -> None:
         return None
 
-    if attrs.get("batch_size"):
-        handle = handle_batch
+    handler: Callable[..., Awaitable[None]] = handle_batch if attrs.get("batch_size") else handle
     name = "W" + uuid.uuid4().hex[:6]
-    return type(name, (Worker,), {"queue": f"unit.{name}", "handle": handle, **attrs})
+    return type(name, (Worker,), {"queue": f"unit.{name}", "handle": handler, **attrs})
 
 
 def test_the_budget_caps_the_prefetch_at_budget_over_max_body_size() -> None:

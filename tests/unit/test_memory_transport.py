@@ -13,6 +13,7 @@ from workerkit.errors import AccessRefused, ConnectionFailed
 from workerkit.message import Message, Outgoing, Properties
 from workerkit.testing import wait_for
 from workerkit.topology import ExchangeSpec, QueueSpec
+from workerkit.transport.base import Channel
 from workerkit.transport.memory import MemoryBroker, MemoryChannel, MemoryTransport
 
 SETTINGS = Settings()
@@ -36,18 +37,19 @@ def broker() -> MemoryBroker:
 async def channel(broker: MemoryBroker) -> AsyncIterator[MemoryChannel]:
     conn = await MemoryTransport(broker).connect(SETTINGS, name="t", on_lost=lambda e: None)
     ch = await conn.channel(confirms=True)
+    assert isinstance(ch, MemoryChannel)  # the tests read its broker
     await ch.declare_exchange(ExchangeSpec("ex"))
     yield ch
     await conn.close()
 
 
-async def queue(ch: MemoryChannel, name: str, *keys: str, **arguments: Any) -> None:
+async def queue(ch: Channel, name: str, *keys: str, **arguments: Any) -> None:
     await ch.declare_queue(QueueSpec(name, arguments))
     for key in keys:
         await ch.bind_queue(name, "ex", key)
 
 
-async def bodies(ch: MemoryChannel, name: str) -> list[bytes]:
+async def bodies(ch: Channel, name: str) -> list[bytes]:
     got = []
     while (message := await ch.get(name)) is not None:
         got.append(message.body)
@@ -130,7 +132,7 @@ async def test_queue_state_purge_delete(channel: MemoryChannel) -> None:
         await channel.queue_state("s")
 
 
-async def collecting(ch: MemoryChannel, name: str) -> tuple[list[Message], str]:
+async def collecting(ch: Channel, name: str) -> tuple[list[Message], str]:
     got: list[Message] = []
     tag = await ch.consume(name, got.append, lambda: None)
     return got, tag

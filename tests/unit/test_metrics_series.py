@@ -133,7 +133,7 @@ def test_a_raising_bound_hook_is_reported_under_its_hook_name(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     class Broken(Middleware):
-        def _boom(self, *args: Any) -> None:
+        def _boom(self, *args: Any, **kwargs: Any) -> None:
             raise RuntimeError("boom")
 
         before_handle = _boom

@@ -85,7 +85,7 @@ class Recorder(Middleware):
 class Broken(Middleware):
     """Every hook raises."""
 
-    def _boom(self, *_args: Any) -> None:
+    def _boom(self, *_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("broken hook")
 
     on_worker_start = on_worker_stop = on_reconnected = _boom

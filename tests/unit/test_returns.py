@@ -5,6 +5,7 @@ interleavings that are rare on a live broker are exact here."""
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,7 +24,7 @@ def channel_with(*messages: Outgoing) -> tuple[PikaChannel, dict[int, Any]]:
     for seq, message in enumerate(messages, start=1):
         channel._seq = seq
         channel._unconfirmed[seq] = _Pending(
-            lambda error, seq=seq: outcomes.__setitem__(seq, error), message, 1e18, 10.0
+            functools.partial(outcomes.__setitem__, seq), message, 1e18, 10.0
         )
     return channel, outcomes
 
@@ -89,7 +90,7 @@ def test_a_nack_before_earlier_acks_fails_only_the_nacked_publish() -> None:
     """A classic queue acks a persisted publish after its fsync but nacks a full queue's at
     once: the nack of 3 overtakes the acks of 1 and 2, which must still count as confirmed."""
     channel, outcomes = channel_with(out("k", "a"), out("k", "b"), out("k", "c"))
-    raw = channel._raw = _Raw()  # type: ignore[assignment]
+    raw = channel._raw = _Raw()
     channel._on_confirm(nack(3))
     assert isinstance(outcomes[3], PublishNacked)
     assert 1 not in outcomes and 2 not in outcomes
@@ -109,7 +110,7 @@ def test_a_retired_channel_closing_ends_its_consumers() -> None:
     consumer on it (a publisher's direct reply-to consumer) must hear that it ended, or the
     requests waiting for replies there would wait for their timeout."""
     channel, outcomes = channel_with(out("k", "a"))
-    raw = channel._raw = _Raw()  # type: ignore[assignment]
+    raw = channel._raw = _Raw()
     ended: list[str] = []
     channel._cancel_callbacks["reply"] = lambda: ended.append("reply")
     channel._on_confirm(nack(1))
@@ -121,7 +122,7 @@ def test_a_retired_channel_closing_ends_its_consumers() -> None:
 
 def test_an_owner_closing_its_channel_ends_no_consumer_callbacks() -> None:
     channel, _outcomes = channel_with()
-    channel._raw = _Raw()  # type: ignore[assignment]
+    channel._raw = _Raw()
     ended: list[str] = []
     channel._cancel_callbacks["c"] = lambda: ended.append("c")
     channel._on_close(channel._raw, px.ChannelClosedByClient(200, "Normal shutdown"))

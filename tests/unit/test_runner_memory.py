@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -554,6 +554,12 @@ async def test_a_message_that_keeps_killing_its_worker_ends_in_the_dlq(
         deliveries += 1
         await asyncio.Event().wait()  # never returns: only the "crash" ends it
 
+    def delivered(n: int) -> Callable[[], bool]:
+        return lambda: deliveries == n
+
+    def reconnected(n: int) -> Callable[[], bool]:
+        return lambda: runner.reconnects == n and runner.healthy
+
     cls = worker(queue, handle, queue_type=queue_type, delivery_limit=2)
     runner, _ = in_memory([cls], broker=broker, settings=settings(shutdown_grace=0.1))
     # delivery_limit=2 allows 2 redeliveries on both queue types (x-delivery-limit semantics).
@@ -561,9 +567,9 @@ async def test_a_message_that_keeps_killing_its_worker_ends_in_the_dlq(
     async with running(runner):
         await publisher.publish(queue, b"poison")
         for crash in range(1, crashes + 1):
-            await wait_for(lambda n=crash: deliveries == n, 5, f"delivery {crash}")
+            await wait_for(delivered(crash), 5, f"delivery {crash}")
             broker.drop_connections()
-            await wait_for(lambda n=crash: runner.reconnects == n and runner.healthy, 5)
+            await wait_for(reconnected(crash), 5)
         await wait_for(lambda: len(broker.messages(f"{queue}.dlq")) == 1, 5)
         await asyncio.sleep(0.05)
     assert deliveries == crashes  # and not one more

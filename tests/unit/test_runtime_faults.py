@@ -349,6 +349,7 @@ async def test_no_spurious_reconnect_after_a_start_up_that_needed_a_retry(
         calls += 1
         conn = await connect(*args, **kwargs)
         if calls == 1:
+            assert isinstance(conn, MemoryConnection)  # in_memory's transport
             conn._lose(ConnectionFailed("the broker was still booting"))
         return conn
 

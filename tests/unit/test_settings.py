@@ -107,7 +107,7 @@ def test_bad_value_is_one_line_naming_the_variable(
 
 
 def test_password_not_in_repr_or_str() -> None:
-    settings = Settings(url=URL)  # type: ignore[arg-type]
+    settings = Settings(url=URL)
     for text in (repr(settings), str(settings), str(settings.model_dump()), settings.redacted_url):
         assert SECRET not in text
     assert settings.redacted_url == "amqp://***@rabbit.example:5672/prod"
@@ -138,7 +138,7 @@ def test_password_not_in_url_override_errors() -> None:
 
 def test_password_not_in_direct_settings_errors() -> None:
     with pytest.raises(ConfigurationError) as info:
-        Settings(url=f"http://alice:{SECRET}@rabbit/")  # type: ignore[arg-type]
+        Settings(url=f"http://alice:{SECRET}@rabbit/")
     assert SECRET not in str(info.value)
 
 
@@ -175,5 +175,5 @@ def test_direct_settings_errors_are_configuration_errors() -> None:
 )
 def test_urls_pika_cannot_use_are_refused_up_front(url: str, problem: str) -> None:
     with pytest.raises(ConfigurationError, match=problem) as info:
-        Settings(url=url)  # type: ignore[arg-type]
+        Settings(url=url)
     assert "WORKERKIT_URL" in str(info.value)

@@ -21,7 +21,7 @@ class Order(BaseModel):
 
 def test_worker_attributes_are_checked_and_kept() -> None:
     name = qname()
-    cls = type(
+    cls: type[Worker] = type(
         "Good",
         (Worker,),
         {
@@ -171,7 +171,7 @@ def test_abstract_base_is_not_validated_but_its_subclasses_are() -> None:
 
     assert Base.queue_type == "quorum"  # defined without a queue: no error
     name = qname()
-    child = type("Child", (Base,), {"queue": name})
+    child: type[Base] = type("Child", (Base,), {"queue": name})
     assert child.prefetch == 5
     assert Worker.registry[name] is child
     assert Base not in Worker.registry.values()
