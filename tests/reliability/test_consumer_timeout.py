@@ -8,9 +8,12 @@ everything in flight and raise delivery counts)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from broker import PrivateBroker
 
 from workerkit import Settings, Worker
@@ -21,15 +24,31 @@ from workerkit.testing import running, wait_for
 CONSUMER_TIMEOUT_MS = 5000
 
 
-def set_consumer_timeout(broker: PrivateBroker) -> None:
-    # Read when a channel opens: every channel opened from now on has the short timeout.
-    broker.ctl("eval", f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_MS}).")
+@pytest.fixture
+def short_consumer_timeout(private_broker: PrivateBroker) -> Iterator[PrivateBroker]:
+    """The session's node with a short ``consumer_timeout``, put back afterwards: it is read
+    when a channel opens, so every later test on the node would get it (4.3 then cancelled
+    the 18 s handlers of test_handlers.py, which looked like a lost heartbeat)."""
+    before = private_broker.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
+    private_broker.ctl(
+        "eval", f"application:set_env(rabbit, consumer_timeout, {CONSUMER_TIMEOUT_MS})."
+    )
+    try:
+        yield private_broker
+    finally:
+        found = re.fullmatch(r"\{ok,(\d+)\}", before.stdout.strip())
+        restore = (
+            f"application:set_env(rabbit, consumer_timeout, {found[1]})."
+            if found
+            else "application:unset_env(rabbit, consumer_timeout)."
+        )
+        private_broker.ctl("eval", restore)
 
 
 async def test_waiting_deliveries_are_given_back_before_the_consumer_timeout(
-    private_broker: PrivateBroker,
+    short_consumer_timeout: PrivateBroker,
 ) -> None:
-    set_consumer_timeout(private_broker)
+    private_broker = short_consumer_timeout
     queue = f"rel.lease.{uuid.uuid4().hex[:8]}"
     handled: list[int] = []
 

@@ -75,8 +75,9 @@ def test_sync_and_cpu_bound_handlers_longer_than_heartbeat(
     unique: Callable[[str], str],
 ) -> None:
     queue, url = unique("longsync"), private_broker.url
-    # At 2 s and again at 4 s, a 4.3 node under CI load (2 cores shared with the node, the test
-    # and two GIL-holding handlers) once saw a reconnect; the failure now prints the worker's log.
+    # The reconnects once seen here on 4.3 were not the heartbeat: test_consumer_timeout.py left
+    # a 5 s consumer_timeout on the session's node, and 4.3 cancelled these consumers. The
+    # failure prints the worker's log, which says which it is.
     heartbeat = 6
     worker = workers(queue, url, mode="sync", concurrency=4, prefetch=4, heartbeat=heartbeat)
     worker.wait_healthy()
