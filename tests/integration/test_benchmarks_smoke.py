@@ -247,11 +247,14 @@ def test_request_rounds_take_each_ratio_within_one_round(monkeypatch: pytest.Mon
     }
     text = request_rounds.section({"results": results, "loads": [1.5, 2.5]}, 2, 100, [1, 16])
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "1.04x (1.25, 0.83) | >= 1.0x | met" in rows["| workerkit / raw pika, 1 caller"]
-    assert "2.25x (2.00, 2.50) | >= 3.0x | MISSED" in rows["| workerkit / FastStream, 1 caller"]
+    assert "1.04x (1.25, 0.83) | 1.04x | >= 1.0x | met" in rows["| workerkit / raw pika, 1 caller"]
+    assert (
+        "2.25x (2.00, 2.50) | 2.25x | >= 3.0x | MISSED"
+        in rows["| workerkit / FastStream, 1 caller"]
+    )
     # A failed round has no ratio; raw pika has no target at 16 callers.
-    assert "1.50x (1.50) | none" in rows["| workerkit / raw pika, 16 callers"]
-    assert "10.00x (10.00) | >= 3.0x | met" in rows["| workerkit / FastStream, 16 callers"]
+    assert "1.50x (1.50) | 1.50x | none" in rows["| workerkit / raw pika, 16 callers"]
+    assert "10.00x (10.00) | 10.00x | >= 3.0x | met" in rows["| workerkit / FastStream, 16 callers"]
     assert "| 1 | 375 (500, 250) | 3.00 | 9.00 |" in text
     assert "| 16 | 3,000 (3,000, failed) |" in text
     assert "Load average (1 min) while it ran: 1.5-2.5" in text
