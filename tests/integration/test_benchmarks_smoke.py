@@ -272,3 +272,58 @@ def test_request_rounds_run_every_stack_end_to_end(
     assert "failed" not in text and "not measured" not in text, text
     for name in ("raw pika, 1 caller", "FastStream, 1 caller", "FastStream, 2 callers"):
         assert f"| workerkit / {name} |" in text
+
+
+def test_request_segments_split_a_capture_into_the_parts_of_each_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Packets of two round trips (times in ms) with a stray packet and another client's
+    traffic around them: each part is the median over the round trips found."""
+    _bench(monkeypatch)
+    from benchmarks import request_segments
+
+    caller, responder, replier, other = 40001, 40002, 40003, 40009
+    ack = b"\x01\x00\x01\x00\x00\x00\x0d\x00<\x00P" + b"\x00" * 10
+
+    def trip(start: float, n: int) -> list[tuple[float, int, str, bytes]]:
+        body = b'{"n":%d,"sku":"A1"}' % n
+        return [
+            (start, caller, "out", body),  # the request
+            (start + 0.0009, caller, "in", ack),  # its confirm
+            (start + 0.001, responder, "in", body),  # delivered
+            (start + 0.0013, replier, "out", body),  # the reply leaves the responder
+            (start + 0.0015, caller, "in", body),  # and reaches the caller
+        ]
+
+    packets = [
+        *trip(0.0, 1),
+        (0.0017, other, "out", b'{"n": 5}'),  # not one of the benchmark's connections
+        *trip(0.002, 2),
+        (0.0035, responder, "in", b'{"n": 9}'),  # a stray delivery: ignored
+        *trip(0.004, 3),
+    ]
+    found = request_segments.split(packets, {caller, responder, replier})
+    assert found["round trips"] == 3
+    expected = {"broker, request": 1000, "responder": 300, "broker, reply": 200}
+    for part, micros in {**expected, "caller": 500, "total": 2000, "confirm": 900}.items():
+        assert found[part] == pytest.approx(micros), part
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_request_segments_run_end_to_end(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    try:
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)).close()
+    except (PermissionError, AttributeError) as exc:
+        pytest.skip(f"packet capture needs root or CAP_NET_RAW on Linux: {exc}")
+    if "127.0.0.1" not in broker_url and "localhost" not in broker_url:
+        pytest.skip("the capture reads the loopback interface: the broker must be local")
+    _bench(monkeypatch, broker_url)
+    from benchmarks import request_segments
+
+    found = request_segments.main(["--rounds=1", "--count=200", "--pairs=wk/wk,pika/pika_confirm"])
+    for runs in found.values():
+        assert runs[0]["round trips"] >= 150
+        assert all(runs[0][part] > 0 for part in request_segments.PARTS)
