@@ -36,13 +36,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-AMQP_PORT = 5672
 PACKET_OUTGOING = 4  # lo shows every packet twice; the outgoing copy is enough
 SO_TIMESTAMPNS = 35
 BODY = re.compile(rb'"n": ?(\d+)')  # benchmarks.request.body(): {"n": i, ...}
@@ -56,8 +56,16 @@ Packet = tuple[float, int, str, bytes]
 # -- capture (a subprocess of its own, so that it takes no time from the caller) --------------
 
 
+def broker_port() -> int:
+    """The port of the benchmark's broker (see benchmarks/common.py)."""
+    from .common import URL
+
+    return urllib.parse.urlsplit(URL).port or 5672
+
+
 def sniff(out: str) -> None:
     """Capture AMQP packets on lo until SIGTERM; pickle them to ``out``."""
+    port = broker_port()
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))  # ETH_P_ALL
     sock.bind(("lo", 0))
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -73,27 +81,27 @@ def sniff(out: str) -> None:
         except TimeoutError:
             continue
         if address[2] == PACKET_OUTGOING:
-            packet = _amqp(data, ancillary)
+            packet = _amqp(data, ancillary, port)
             if packet is not None:
                 packets.append(packet)
     Path(out).write_bytes(pickle.dumps(packets))
 
 
-def _amqp(data: bytes, ancillary: list[tuple[int, int, bytes]]) -> Packet | None:
-    """The AMQP payload of an IPv4 TCP packet to or from port 5672, with its timestamp."""
+def _amqp(data: bytes, ancillary: list[tuple[int, int, bytes]], port: int) -> Packet | None:
+    """The AMQP payload of an IPv4 TCP packet to or from the broker's port, with its time."""
     if len(data) < 34 or data[12:14] != b"\x08\x00" or data[23] != 6:  # IPv4, TCP
         return None
     tcp = data[14 + (data[14] & 15) * 4 :]
     source, destination = struct.unpack("!HH", tcp[:4])
     payload = bytes(tcp[(tcp[12] >> 4) * 4 :])
-    if not payload or AMQP_PORT not in (source, destination):
+    if not payload or port not in (source, destination):
         return None
     stamp = time.time()
     for level, kind, value in ancillary:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
             seconds, nanoseconds = struct.unpack("qq", value[:16])
             stamp = seconds + nanoseconds * 1e-9
-    if destination == AMQP_PORT:
+    if destination == port:
         return stamp, source, "out", payload
     return stamp, destination, "in", payload
 
@@ -158,12 +166,13 @@ def pair(responder: str, caller: str, count: int) -> None:
     )
     ports: set[int] = set()
     done = threading.Event()
+    amqp = broker_port()
 
     def watch() -> None:  # the ports of both processes' connections to the broker
         while True:
             for process in (psutil.Process(), psutil.Process(server.pid)):
                 for conn in process.net_connections("tcp"):
-                    if conn.raddr and conn.raddr.port == AMQP_PORT:
+                    if conn.raddr and conn.raddr.port == amqp:
                         ports.add(conn.laddr.port)
             if done.wait(0.05):
                 return
