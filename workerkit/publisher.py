@@ -499,12 +499,14 @@ class _Request:
     """One request waiting for its publish confirm and its reply, on the publisher's loop.
 
     Each outcome is delivered to a callback registered with :meth:`when_published` /
-    :meth:`when_answered`, whichever of the two comes first (a reply may beat its confirm).
+    :meth:`when_answered`, whichever of the two comes first (a reply may beat its confirm);
+    :meth:`when_settled` hears both at once, when the second of them is in.
     """
 
     __slots__ = (
         "_on_answer",
         "_on_published",
+        "_on_settled",
         "_pending",
         "correlation_id",
         "generation",
@@ -522,6 +524,7 @@ class _Request:
         self.outcome: tuple[BaseException | None, Message | None] | _Unset = _UNSET
         self._on_published: OnPublished | None = None
         self._on_answer: Settle | None = None
+        self._on_settled: Settle | None = None
 
     @property
     def answered(self) -> bool:
@@ -535,6 +538,7 @@ class _Request:
             self.answer(error, None)  # no reply will come
         if self._on_published is not None:
             self._on_published(error)
+        self._settle()
 
     def answer(self, error: BaseException | None, reply: Message | None) -> None:
         if self.answered:
@@ -550,6 +554,7 @@ class _Request:
             self.published(error)
         if self._on_answer is not None:
             self._on_answer(error, reply)
+        self._settle()
 
     @property
     def confirmed(self) -> bool:
@@ -566,6 +571,30 @@ class _Request:
             self._on_answer = callback
         else:
             callback(*self.outcome)
+
+    def when_settled(self, callback: Settle) -> None:
+        """``callback(error, reply)`` once, when both the confirm and the reply are in, or at
+        the first failure; a publish error wins over a reply that beat its confirm, exactly
+        as when the caller waits for the confirm first and then for the reply.
+
+        One wait instead of two in a row: the caller's thread or task is woken once per
+        request, not once for the confirm and again for the reply.
+        """
+        self._on_settled = callback
+        self._settle()
+
+    def _settle(self) -> None:
+        callback = self._on_settled
+        if callback is None or isinstance(self.publish_error, _Unset):
+            return
+        outcome = self.outcome
+        if isinstance(outcome, _Unset):
+            return
+        self._on_settled = None
+        if self.publish_error is not None:
+            callback(self.publish_error, None)
+        else:
+            callback(*outcome)
 
 
 class _Window:
@@ -737,22 +766,33 @@ class AsyncPublisher:
             core, routing_key, body, headers, message_id, expiration, priority
         )
         request = core.request(message, limit)
-        published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        answered: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        try:
+            if self.middleware:
+                reply = await self._observed_request(request, message)
+            else:
+                settled: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+                request.when_settled(_settle_future(settled))
+                reply = await settled
+        finally:
+            request.answer(PublishError("the request was cancelled"), None)  # if still waiting
+        return decode_reply(reply, reply_type, self.settings.max_body_size)
+
+    async def _observed_request(self, request: _Request, message: Outgoing) -> Message:
+        """The reply to ``request``, with the publish hooks around its publish and confirm
+        (they run in this task, apart from the wait for the reply)."""
+        loop = asyncio.get_running_loop()
+        published: asyncio.Future[None] = loop.create_future()
+        answered: asyncio.Future[Message] = loop.create_future()
         request.when_published(_settle_future(published))
         request.when_answered(_settle_future(answered))
         try:
-            if self.middleware:
-                with observed_publish(self.middleware, message):
-                    await published
-            else:
+            with observed_publish(self.middleware, message):
                 await published
-            reply = await answered
+            return await answered
         finally:
             request.answer(PublishError("the request was cancelled"), None)  # if still waiting
             if answered.done() and not answered.cancelled():
                 answered.exception()  # a publish failure is in both futures: raised once
-        return decode_reply(reply, reply_type, self.settings.max_body_size)
 
     @property
     def replies_dropped(self) -> int:
@@ -924,17 +964,22 @@ class Publisher:
             core, routing_key, body, headers, message_id, expiration, priority
         )
 
-        def send(settle: Settle) -> None:
-            request = core.request(message, limit)
-            request.when_published(lambda error: settle(error, request))
-
+        # The request carries its own deadline: the extra 5 s bound only a stuck loop.
         if self.middleware:
+            # The hooks run in this thread around the publish and its confirm: two waits.
+            def send(settle: Settle) -> None:
+                request = core.request(message, limit)
+                request.when_published(lambda error: settle(error, request))
+
             with observed_publish(self.middleware, message):
                 request: _Request = shared.call(send, limit + 5)
+            reply: Message = shared.call(request.when_answered, limit + 5)
         else:
-            request = shared.call(send, limit + 5)
-        # The request carries its own deadline: the extra bounds only a stuck loop.
-        reply: Message = shared.call(request.when_answered, limit + 5)
+            # One wait for the confirm and the reply: the loop is driven (or this thread
+            # woken) once per request, not stopped at the confirm and started again.
+            reply = shared.call(
+                lambda settle: core.request(message, limit).when_settled(settle), limit + 5
+            )
         return decode_reply(reply, reply_type, self.settings.max_body_size)
 
     @property

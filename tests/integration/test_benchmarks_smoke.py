@@ -225,3 +225,105 @@ def test_request_and_compression_sections_run_end_to_end(
     sizes = {codec: s["wire_bytes"].values[0] for codec, s in results.compression.items()}
     assert sizes["gzip"] < sizes["none"] / 3 and sizes["zstd"] < sizes["none"] / 3
     assert 18_000 < results.compression["none"]["body_bytes"].values[0] < 24_000
+
+
+def test_request_rounds_take_each_ratio_within_one_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Request/reply section's ratios pair each round's workerkit figure with the other
+    stack's figure from the same round (drift between rounds cancels), and say whether the
+    issue's targets are met."""
+    _bench(monkeypatch)
+    from benchmarks import request_rounds
+
+    def case(rate: float) -> dict[str, float]:
+        return {"rate": rate, "p50": 1000 / rate, "p99": 3000 / rate}
+
+    results = {
+        ("wk", 1): [case(500), case(250)],
+        ("pika", 1): [case(400), case(300)],  # 1.25x, then 0.83x: median 1.04x
+        ("faststream", 1): [case(250), case(100)],  # 2x, then 2.5x: median 2.25x
+        ("wk", 16): [case(3000), {"error": "responder did not start"}],
+        ("pika", 16): [case(2000), case(2000)],
+        ("faststream", 16): [case(300), case(300)],
+    }
+    text = request_rounds.section({"results": results, "loads": [1.5, 2.5]}, 2, 100, [1, 16])
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "1.04x (1.25, 0.83) | 1.04x | >= 1.0x | met" in rows["| workerkit / raw pika, 1 caller"]
+    assert (
+        "2.25x (2.00, 2.50) | 2.25x | >= 3.0x | MISSED"
+        in rows["| workerkit / FastStream, 1 caller"]
+    )
+    # A failed round has no ratio; raw pika has no target at 16 callers.
+    assert "1.50x (1.50) | 1.50x | none" in rows["| workerkit / raw pika, 16 callers"]
+    assert "10.00x (10.00) | 10.00x | >= 3.0x | met" in rows["| workerkit / FastStream, 16 callers"]
+    assert "| 1 | 375 (500, 250) | 3.00 | 9.00 |" in text
+    assert "| 16 | 3,000 (3,000, failed) |" in text
+    assert "Load average (1 min) while it ran: 1.5-2.5" in text
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_request_rounds_run_every_stack_end_to_end(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _bench(monkeypatch, broker_url)
+    from benchmarks import request_rounds
+
+    text = request_rounds.main(["--rounds=1", "--count=30", "--callers=1,2"])
+    assert "failed" not in text and "not measured" not in text, text
+    for name in ("raw pika, 1 caller", "FastStream, 1 caller", "FastStream, 2 callers"):
+        assert f"| workerkit / {name} |" in text
+
+
+def test_request_segments_split_a_capture_into_the_parts_of_each_round_trip(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Packets of two round trips (times in ms) with a stray packet and another client's
+    traffic around them: each part is the median over the round trips found."""
+    _bench(monkeypatch)
+    from benchmarks import request_segments
+
+    caller, responder, replier, other = 40001, 40002, 40003, 40009
+    ack = b"\x01\x00\x01\x00\x00\x00\x0d\x00<\x00P" + b"\x00" * 10
+
+    def trip(start: float, n: int) -> list[tuple[float, int, str, bytes]]:
+        body = b'{"n":%d,"sku":"A1"}' % n
+        return [
+            (start, caller, "out", body),  # the request
+            (start + 0.0009, caller, "in", ack),  # its confirm
+            (start + 0.001, responder, "in", body),  # delivered
+            (start + 0.0013, replier, "out", body),  # the reply leaves the responder
+            (start + 0.0015, caller, "in", body),  # and reaches the caller
+        ]
+
+    packets = [
+        *trip(0.0, 1),
+        (0.0017, other, "out", b'{"n": 5}'),  # not one of the benchmark's connections
+        *trip(0.002, 2),
+        (0.0035, responder, "in", b'{"n": 9}'),  # a stray delivery: ignored
+        *trip(0.004, 3),
+    ]
+    found = request_segments.split(packets, {caller, responder, replier})
+    assert found["round trips"] == 3
+    expected = {"broker, request": 1000, "responder": 300, "broker, reply": 200}
+    for part, micros in {**expected, "caller": 500, "total": 2000, "confirm": 900}.items():
+        assert found[part] == pytest.approx(micros), part
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_request_segments_run_end_to_end(broker_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    try:
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)).close()
+    except (PermissionError, AttributeError) as exc:
+        pytest.skip(f"packet capture needs root or CAP_NET_RAW on Linux: {exc}")
+    if "127.0.0.1" not in broker_url and "localhost" not in broker_url:
+        pytest.skip("the capture reads the loopback interface: the broker must be local")
+    _bench(monkeypatch, broker_url)
+    from benchmarks import request_segments
+
+    found = request_segments.main(["--rounds=1", "--count=200", "--pairs=wk/wk,pika/pika_confirm"])
+    for runs in found.values():
+        assert runs[0]["round trips"] >= 150
+        assert all(runs[0][part] > 0 for part in request_segments.PARTS)
