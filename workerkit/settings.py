@@ -170,7 +170,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=65535,
-        description="Default broker QoS (unset: 2 x concurrency, fair to competing consumers).",
+        description="Default broker QoS (unset: 2 x concurrency, fair to competing consumers);"
+        " at most max_in_flight_bytes // max_body_size.",
     )
     concurrency: int = Field(default=10, ge=1, le=10000, description="Default handlers in flight.")
     processes: int = Field(
