@@ -246,8 +246,10 @@ async def test_a_message_that_kills_its_process_ends_in_the_dlq(
             assert time.monotonic() < deadline, "the worker neither crashed nor dead-lettered"
             await asyncio.sleep(0.05)
         if proc.poll() is None:  # alive and the message is in the DLQ: done
-            proc.kill()
-            await asyncio.to_thread(proc.wait)
+            # SIGTERM, not kill -9: the original's ack may still be held (acks are batched for
+            # up to 5 ms), and a kill would hand the original back after its DLQ copy.
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
             break
         assert proc.returncode == 1, proc.stderr.read() if proc.stderr else ""
     dead = await _dlq(settings, q, 1)
