@@ -374,8 +374,7 @@ class WorkerRuntime:
             extra=self.log_extra,
         )
         if self.tracker is not None:
-            self.tracker.flush()
-            self.tracker.dead = True
+            self.tracker.close()
         for slot in self.slots:
             slot.closing = True
         for task in pending:
