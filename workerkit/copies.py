@@ -52,12 +52,13 @@ def identity(copy: Outgoing) -> Key | None:
     if not props.message_id:
         return None
     headers = props.headers
-    # A retry's routing key carries its delay, jittered anew on every run: the worker queue
-    # header says where it goes. The DLQ and recount copies go to ("", queue).
-    route = copy.routing_key if copy.exchange == "" else headers.get(Header.QUEUE)
+    # A retry's routing key and entry exchange carry its delay, jittered anew on every run: the
+    # worker queue header says where it goes. The DLQ and recount copies go to ("", queue).
+    direct = copy.exchange == ""
+    route = copy.routing_key if direct else headers.get(Header.QUEUE)
     return (
         props.message_id,
-        copy.exchange,
+        "" if direct else "delayed",
         str(route),
         str(headers.get(Header.ATTEMPT)),
         str(headers.get(Header.REASON)),

@@ -105,8 +105,9 @@ def test_identity_ignores_the_jittered_delay_of_a_retry() -> None:
     one = Outgoing(
         "wka.delay.9", "retry.0.1.orders", b"x", Properties(message_id="m", headers=headers)
     )
+    # Another jitter, another highest bit: it enters the delay layout one level lower.
     two = Outgoing(
-        "wka.delay.9", "retry.1.0.orders", b"x", Properties(message_id="m", headers=headers)
+        "wka.delay.08", "retry.1.0.orders", b"x", Properties(message_id="m", headers=headers)
     )
     later = Outgoing(
         "wka.delay.9",
@@ -115,6 +116,8 @@ def test_identity_ignores_the_jittered_delay_of_a_retry() -> None:
         Properties(message_id="m", headers={**headers, Header.ATTEMPT: 3}),
     )
     assert identity(one) == identity(two) != identity(later)
+    dead = Outgoing("", "orders.dlq", b"x", Properties(message_id="m", headers=headers))
+    assert identity(dead) != identity(one)
     assert identity(Outgoing("", "q", b"x", Properties(headers={}))) is None
 
 

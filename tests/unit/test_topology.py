@@ -59,7 +59,8 @@ def bits_of(routing_key: str) -> list[str]:
 @pytest.mark.parametrize("seconds", [0.1, 0.5, 1.3, 12.7, 300.0, 86_400.0])
 def test_delay_route_encodes_units_in_binary(topology: Topology, seconds: float) -> None:
     exchange, key = topology.retry_route("orders", seconds)
-    assert exchange == "wk.delay.27"  # always enters at the top level
+    # Enters at its highest 1 bit: the levels above would only pass it on.
+    assert exchange == topology.level_name(delay_units(seconds).bit_length() - 1)
     assert key.startswith("r.") and key.endswith(".orders")
     bits = bits_of(key)
     assert len(bits) == LEVELS and set(bits) <= {"0", "1"}
@@ -93,6 +94,20 @@ def test_each_level_waits_exactly_on_its_bit(topology: Topology, seconds: float)
     path = _level_for_key(topology, key)
     expected = ["queue" if bit == "1" else "next" for bit in bits_of(key)]
     assert path == expected
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.1, 0.3, 2.0, 86_400.0, 10**12])
+def test_a_delay_enters_where_it_first_waits(topology: Topology, seconds: float) -> None:
+    """No hop above the first level that holds the message (a zero delay goes through level 0
+    straight to delay.out); the levels above it would only have passed it on."""
+    exchange, key = topology.retry_route("q", seconds)
+    entry = int(exchange.rsplit(".", 1)[1])
+    path = _level_for_key(topology, key)  # top level first
+    skipped, rest = path[: LEVELS - 1 - entry], path[LEVELS - 1 - entry :]
+    assert set(skipped) <= {"next"}
+    assert rest[0] == ("queue" if delay_units(seconds) else "next")
+    passes = {src: dest for dest, src, _ in topology.delay_exchange_bindings()}
+    assert passes["wk.delay.00"] == "wk.delay.out"
 
 
 def test_total_wait_of_the_levels_is_the_delay(topology: Topology) -> None:
