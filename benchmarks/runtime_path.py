@@ -1,11 +1,14 @@
 """CPU per delivery in workerkit's own per-message path, without a broker.
 
-``python -m benchmarks.runtime_path [CASE] [COUNT]`` (CASE: wk_async, wk_sync, wk_model; default
-all three) builds a :class:`WorkerRuntime` for consume.py's worker, gives it a channel that only
-counts acks, and hands it COUNT ready-made Messages 50 per loop turn (as a read of the socket
-would): slots, decoding, the handler, the decision, the ack tracker and the ack frames' channel
-call, with the transport's receive path left out (``benchmarks.frames`` measures that). Reports
-CPU microseconds per delivery; the ratios between cases are what issue 16's targets compare.
+``python -m benchmarks.runtime_path [CASE] [COUNT]`` (CASE: wk_async, wk_sync, wk_model, or the
+metrics pairs of consume.py: wk_async_metrics, wk_async_stamped, wk_async_metrics_stamped, and
+wk_async_hooks, a middleware whose two per-message hooks do nothing; default the first three)
+builds a :class:`WorkerRuntime` for consume.py's worker, gives it a channel that only counts
+acks, and hands it COUNT ready-made Messages 50 per loop turn (as a read of the socket would):
+slots, decoding, the handler, the decision, the ack tracker and the ack frames' channel call,
+with the transport's receive path left out (``benchmarks.frames`` measures that). Reports CPU
+microseconds per delivery; the ratios between cases are what issue 16's targets compare, and
+the metrics cases show what the middleware costs without the broker's noise.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import time
 from typing import Any
 
 from workerkit.message import Message
+from workerkit.middleware import Middleware
 from workerkit.runtime import WorkerRuntime
 
 from .common import payload, settings
-from .consume import workerkit_worker
+from .consume import WITH_METRICS, workerkit_worker
 
 PER_TURN = 50
 
@@ -52,11 +56,39 @@ class NoHost:
         raise AssertionError("a slot died")
 
 
+class EmptyHooks(Middleware):
+    """The hook machinery's own cost: both per-message hooks overridden, doing nothing."""
+
+    def before_handle(self, message: Message) -> None:
+        pass
+
+    def after_handle(self, message: Message, outcome: str, duration: float) -> None:
+        pass
+
+
+def _middleware(case: str) -> tuple[Middleware, ...]:
+    if case in WITH_METRICS:
+        from workerkit.metrics import Metrics
+
+        return (Metrics(),)
+    return (EmptyHooks(),) if case == "wk_async_hooks" else ()
+
+
+def _headers(case: str, i: int) -> dict[str, Any]:
+    """What consume.py's publisher puts on the ``_stamped`` cases: the publish time."""
+    if not case.endswith("_stamped"):
+        return {}
+    from workerkit.metrics import PUBLISHED_AT_HEADER
+
+    return {PUBLISHED_AT_HEADER: int(time.time() * 1000)}
+
+
 async def measure(case: str, count: int) -> dict[str, Any]:
     from workerkit.acks import AckTracker
 
-    worker = workerkit_worker(case, f"bench.runtime.{case}", lambda: None)
-    runtime = WorkerRuntime(worker, NoHost(), settings())  # type: ignore[arg-type]
+    kind = "wk_async" if case == "wk_async_hooks" else case
+    worker = workerkit_worker(kind, f"bench.runtime.{case}", lambda: None)
+    runtime = WorkerRuntime(worker, NoHost(), settings(), middleware=_middleware(case))  # type: ignore[arg-type]
     loop = asyncio.get_running_loop()
     channel = CountingChannel()
     runtime.channel = channel  # type: ignore[assignment]
@@ -65,7 +97,9 @@ async def measure(case: str, count: int) -> dict[str, Any]:
     runtime.consuming = True
     props = ("application/json", None)
     messages = [
-        Message(payload(i), i + 1, runtime.queue, runtime.exchange, False, None, *props)
+        Message(
+            payload(i), i + 1, runtime.queue, runtime.exchange, False, _headers(case, i), *props
+        )
         for i in range(count)
     ]
     runtime.start_slots()

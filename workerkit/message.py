@@ -104,6 +104,7 @@ class Message:
     """
 
     __slots__ = (
+        "_began",  # perf_counter when a handler slot took it (with middleware only; runtime.py)
         "body",
         "content_encoding",
         "content_type",
@@ -159,6 +160,7 @@ class Message:
         self.reply_to = reply_to
         self.queue = queue  # the queue it was consumed from (set by the runner)
         self.priority = priority
+        self._began = 0.0
 
     @property
     def properties(self) -> Properties:

@@ -31,6 +31,7 @@ import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -105,6 +106,10 @@ PUBLISH_SECONDS = Histogram(
     "Seconds from publish to the broker's answer (retries on a lost connection included).",
     buckets=_PUBLISH_BUCKETS,
 )
+
+
+_wall = time.time
+_DELIVERIES = Header.DELIVERIES
 
 
 def _multiprocess() -> bool:
@@ -271,31 +276,41 @@ class Metrics(Middleware):
     """
 
     def __init__(self) -> None:
+        # The series of the first thread that handles a message (a runner's loop) are kept in a
+        # plain dict, those of any other thread in a thread-local one (half the cost per lookup).
+        self._owner: int | None = None
+        self._mine: dict[str, Any] = {}
         self._local = _PerThread()
         self._published = {outcome: PUBLISHED.labels(outcome) for outcome in PUBLISH_OUTCOMES}
         if _COLLECTOR is None:  # multi-process mode: prometheus_client's objects, in files
             self.before_handle = self._before_shared  # type: ignore[method-assign]
             self.after_handle = self._after_shared  # type: ignore[method-assign]
 
-    def _add(self, queue: str) -> Any:
-        """This thread's series of ``queue``, new."""
-        series = self._local.series[queue] = _new_series(queue or "unknown")
+    def _series(self, queue: str) -> Any:
+        """This thread's series of ``queue`` (made on first use)."""
+        thread = get_ident()
+        if self._owner is None:
+            self._owner = thread
+        mine = self._mine if thread == self._owner else self._local.series
+        series = mine.get(queue)
+        if series is None:
+            series = mine[queue] = _new_series(queue or "unknown")
         return series
 
     def on_worker_start(self, worker: Worker) -> None:
-        queue = type(worker).queue
-        if queue not in self._local.series:
-            self._add(queue)
+        self._series(type(worker).queue)
 
     def on_reconnected(self, seconds: float) -> None:
         RECONNECTS.inc()
 
     # The two per-message hooks are the metrics' whole cost on the consume path (at most 5% of
     # a no-op worker's throughput, docs/performance.md): the plain-number series are changed
-    # inline, without further calls.
+    # inline, and the owner thread's series found without a thread-local lookup.
 
     def before_handle(self, message: Message) -> None:
-        series: _LocalSeries = self._local.series.get(message.queue) or self._add(message.queue)
+        series = self._mine.get(message.queue) if get_ident() == self._owner else None
+        if series is None:
+            series = self._series(message.queue)
         series.in_flight += 1
         if message.headers or message.timestamp:  # else the publish time is not known
             lag = _lag(message)
@@ -304,19 +319,19 @@ class Metrics(Middleware):
                 series.lag_sum += lag
 
     def after_handle(self, message: Message, outcome: str, duration: float) -> None:
-        series: _LocalSeries = self._local.series.get(message.queue) or self._add(message.queue)
+        series = self._mine.get(message.queue) if get_ident() == self._owner else None
+        if series is None:
+            series = self._series(message.queue)
         series.in_flight -= 1
         series.outcomes[outcome] += 1
         series.handler[bisect_left(_HANDLER_BUCKETS, duration)] += 1
         series.handler_sum += duration
 
     def _before_shared(self, message: Message) -> None:
-        series = self._local.series.get(message.queue) or self._add(message.queue)
-        series.started(_lag(message))
+        self._series(message.queue).started(_lag(message))
 
     def _after_shared(self, message: Message, outcome: str, duration: float) -> None:
-        series = self._local.series.get(message.queue) or self._add(message.queue)
-        series.finished(outcome, duration)
+        self._series(message.queue).finished(outcome, duration)
 
     def before_publish(self, outgoing: Outgoing) -> None:
         outgoing.headers.setdefault(PUBLISHED_AT_HEADER, int(time.time() * 1000))
@@ -332,16 +347,18 @@ def _lag(message: Message) -> float | None:
     or the publish time is unknown. Read before the handler: the runtime restores a retried
     message's route and headers before it runs."""
     headers = message.headers
-    if "x-death" in headers or message.redelivered or Header.DELIVERIES in headers:
+    if "x-death" in headers or message.redelivered or _DELIVERIES in headers:
         # A retry, a scheduled message, a redelivery (or, on a classic queue, one re-queued
         # with its delivery count).
         return None
     sent = headers.get(PUBLISHED_AT_HEADER)
-    if isinstance(sent, int) and not isinstance(sent, bool):
-        return max(0.0, time.time() - sent / 1000.0)
-    if message.timestamp:
-        return max(0.0, time.time() - message.timestamp)
-    return None
+    if sent.__class__ is int:  # set by a workerkit publisher (not a bool, not a string)
+        lag = _wall() - sent / 1000.0
+    elif message.timestamp:
+        lag = _wall() - message.timestamp
+    else:
+        return None
+    return lag if lag > 0.0 else 0.0  # a host's clock behind the publisher's
 
 
 def multiprocess_mode() -> bool:

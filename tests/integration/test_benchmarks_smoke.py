@@ -327,3 +327,41 @@ def test_request_segments_run_end_to_end(broker_url: str, monkeypatch: pytest.Mo
     for runs in found.values():
         assert runs[0]["round trips"] >= 150
         assert all(runs[0][part] > 0 for part in request_segments.PARTS)
+
+
+@pytest.mark.parametrize(
+    "case", ["wk_async", "wk_async_hooks", "wk_async_metrics", "wk_async_metrics_stamped"]
+)
+def test_runtime_path_handles_every_message_with_its_middleware(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker-free per-message path: every delivery acked, and the metrics cases really
+    count them (the delivery-lag histogram only where the publish time is stamped)."""
+    import asyncio
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    from prometheus_client import REGISTRY
+
+    from benchmarks import runtime_path
+
+    queue = f"bench.runtime.{case}"
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"queue": queue}) or 0.0
+
+    acked_before = REGISTRY.get_sample_value(
+        "workerkit_messages_total", {"queue": queue, "outcome": "acked"}
+    )
+    lag_before = sample("workerkit_delivery_lag_seconds_count")
+    result = asyncio.run(runtime_path.measure(case, 300))
+    assert result["count"] == 300 and result["cpu_us_per_message"] > 0
+    acked = REGISTRY.get_sample_value(
+        "workerkit_messages_total", {"queue": queue, "outcome": "acked"}
+    )
+    lag = sample("workerkit_delivery_lag_seconds_count") - lag_before
+    if "metrics" in case:
+        assert acked is not None and acked - (acked_before or 0.0) == 300
+        assert sample("workerkit_in_flight") == 0
+        assert lag == (300 if case.endswith("_stamped") else 0)
+    else:
+        assert acked == acked_before  # no metrics middleware: nothing counted for this queue
