@@ -417,18 +417,21 @@ def publish_many(count: int) -> dict[str, Any]:
 def retry(count: int, delay: float) -> dict[str, Any]:
     from workerkit import RetryPolicy
 
-    failed: set[int] = set()
+    failed: dict[int, float] = {}  # order id -> when its first delivery failed
+    late = [0.0]  # the most any retry came back after its own failure + the delay
     times = {"first_failure": 0.0, "last_failure": 0.0, "first_retry": 0.0}
     counter = Counter(count)
 
     def seen(order_id: int) -> None:
         now = time.perf_counter()
-        if order_id not in failed:
-            failed.add(order_id)
+        failure = failed.get(order_id)
+        if failure is None:
+            failed[order_id] = now
             times["first_failure"] = times["first_failure"] or now
             times["last_failure"] = now
             raise RuntimeError("benchmark: fail the first delivery")
         times["first_retry"] = times["first_retry"] or now
+        late[0] = max(late[0], now - failure - delay)
         counter.hit()
 
     from workerkit import Worker
@@ -462,6 +465,10 @@ def retry(count: int, delay: float) -> dict[str, Any]:
         "spread": spread,
         "failing": times["last_failure"] - times["first_failure"],
         "arriving": counter.last - times["first_retry"],
+        "failures_per_s": count / max(times["last_failure"] - times["first_failure"], 1e-9),
+        # A retry lands behind what the queue still holds: while failures last longer than
+        # the delay, the first ones wait behind the backlog of first deliveries.
+        "max_late": late[0],
         "goal": delay + 1.0,
     }
 
