@@ -385,6 +385,7 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "## Targets (issue 10): metrics overhead",
         "",
         *metrics_overhead(r),
+        *_notes("METRICS.md"),
         "## Results",
         "",
         *tables(r),
@@ -402,6 +403,7 @@ def markdown(r: Results, command: str, label: str = "") -> str:
             if r.curves
             else []
         ),
+        *_notes("REQUEST_REPLY.md"),
         "## Machine",
         "",
         *machine(),
@@ -430,7 +432,7 @@ def markdown(r: Results, command: str, label: str = "") -> str:
         "",
         *curves_report.notes(),
         *request_report.notes(),
-        *_profile_notes(),
+        *_notes("PROFILE.md"),
         "## Rerun",
         "",
         "```",
@@ -447,9 +449,11 @@ def markdown(r: Results, command: str, label: str = "") -> str:
     return "\n".join(lines)
 
 
-def _profile_notes() -> list[str]:
-    """benchmarks/PROFILE.md (hand-written profiling findings), kept across regenerations."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "PROFILE.md")
+def _notes(name: str) -> list[str]:
+    """A hand-written section kept across regenerations: benchmarks/PROFILE.md (profiling
+    findings), METRICS.md (what the metrics hooks cost, measured apart from the broker),
+    REQUEST_REPLY.md (the request/reply rounds and where a round trip goes)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     if not os.path.exists(path):
         return []
     with open(path) as f:
