@@ -18,6 +18,7 @@ from workerkit import (
     Message,
     Publisher,
     Reject,
+    RemoteError,
     RetryLater,
     RetryPolicy,
     Unroutable,
@@ -402,3 +403,79 @@ def test_the_worker_registry_is_left_as_it_was(workerkit_broker: BrokerHarness) 
     assert testable is not Registered and issubclass(testable, Registered)
     workerkit_broker.close()
     assert Worker.registry == before
+
+
+# -- request/reply -----------------------------------------------------------------------------
+
+
+class Quote(BaseModel):
+    sku: str
+    price: float
+
+
+async def test_a_request_gets_the_value_its_handler_returns(
+    workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher
+) -> None:
+    class Pricing(Worker):
+        queue = name("pricing")
+
+        async def handle(self, body: dict[str, Any]) -> Quote:
+            return Quote(sku=body["sku"], price=9.5)
+
+    async with workerkit_broker.run(Pricing):
+        raw = await async_publisher.request(Pricing.queue, {"sku": "A1"}, timeout=10)
+        typed = await async_publisher.request(
+            Pricing.queue, {"sku": "B2"}, timeout=10, reply_type=Quote
+        )
+    assert raw == {"sku": "A1", "price": 9.5}  # decoded like a dict body
+    assert typed == Quote(sku="B2", price=9.5)
+
+
+def test_requests_from_threads_each_get_their_own_reply(
+    workerkit_broker: BrokerHarness, publisher: Publisher
+) -> None:
+    class Double(Worker):
+        queue = name("double")
+        concurrency = 4
+
+        def handle(self, body: dict[str, int]) -> dict[str, int]:
+            return {"n": body["n"], "twice": 2 * body["n"]}
+
+    with workerkit_broker.run(Double):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(
+                pool.map(lambda n: publisher.request(Double.queue, {"n": n}, timeout=10), range(20))
+            )
+    assert replies == [{"n": n, "twice": 2 * n} for n in range(20)]
+
+
+async def test_a_rejected_request_fails_with_remote_error_not_a_timeout(
+    workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher
+) -> None:
+    class Strict(Worker):
+        queue = name("strict.req")
+        retry = RetryPolicy(max_attempts=3, delay=30.0)  # a retry would outlast the timeout
+
+        async def handle(self, body: dict[str, Any]) -> None:
+            raise Reject("unknown sku")
+
+    async with workerkit_broker.run(Strict):
+        with pytest.raises(RemoteError) as failed:
+            await async_publisher.request(Strict.queue, {"sku": "X"}, timeout=20)
+        await workerkit_broker.join_async()
+    assert failed.value.reason == "rejected"
+    assert failed.value.message == "unknown sku"
+    assert failed.value.type == "workerkit.errors.Reject"
+    [dead] = workerkit_broker.dead_letters(Strict)
+    assert dead.reason == "rejected"
+
+
+async def test_a_request_no_queue_takes_is_unroutable_at_once(
+    workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(Unroutable):
+        await async_publisher.request(name("nobody.answers"), {"x": 1}, timeout=20)
+    assert time.monotonic() - started < 10  # the broker's return, not the timeout
