@@ -227,7 +227,10 @@ def _layout(worker: type[Worker], topo: Topology, settings: Settings) -> dict[st
             "backoff": policy.backoff,
             "maxDelay": policy.max_delay,
             "jitter": policy.jitter,
-            "via": f"{topo.level_name(LEVELS - 1)} (broker-side delay levels)",
+            "via": (
+                f"{topo.level_name(0)} .. {topo.level_name(LEVELS - 1)} (broker-side delay"
+                " levels, entered at the level of the delay's highest bit)"
+            ),
         },
         "deliveryLimit": worker.delivery_limit or settings.delivery_limit,
     }
