@@ -44,7 +44,7 @@ reliability:
 	WORKERKIT_TEST_BROKER=$(BROKER) $(BIN)/python -m pytest tests/reliability
 
 cluster:
-	$(BIN)/python -m pytest -m cluster tests/cluster
+	WORKERKIT_TEST_BROKER=$(BROKER) $(BIN)/python -m pytest -m cluster tests/cluster
 
 bench:
 	sh benchmarks/setup.sh

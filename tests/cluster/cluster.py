@@ -35,6 +35,13 @@ CLUSTER_CONF = [
 
 
 class ClusterNode(PrivateBroker):
+    def __init__(self, epmd_port: int | None = None) -> None:
+        super().__init__()
+        if self.root is not None and epmd_port is not None:
+            # A 4.x node in a root runs an epmd of its own port; the nodes of one cluster must
+            # find each other through one epmd, so they share the first node's.
+            self.epmd_port = epmd_port
+
     def _write_files(self) -> None:
         super()._write_files()
         conf = self.base / "rabbitmq.conf"
@@ -79,7 +86,8 @@ def _alive(pid: int) -> bool:
 
 class Cluster:
     def __init__(self, size: int = 3) -> None:
-        self.nodes = [ClusterNode() for _ in range(size)]
+        first = ClusterNode()
+        self.nodes = [first, *(ClusterNode(first.epmd_port) for _ in range(size - 1))]
 
     @property
     def urls(self) -> list[str]:
@@ -153,12 +161,8 @@ class Cluster:
 
     def quorum_status(self, queue: str, via: ClusterNode) -> list[dict[str, Any]]:
         """``rabbitmq-queues quorum_status``: one dict per member (Raft state, commit index...)."""
-        result = subprocess.run(
-            ["rabbitmq-queues", "-n", via.node, "quorum_status", queue, "--formatter", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "HOME": "/var/lib/rabbitmq"},
+        result = via.cli(
+            "rabbitmq-queues", "quorum_status", queue, "--formatter", "json", check=False
         )
         try:
             return list(json.loads(result.stdout))

@@ -1,8 +1,8 @@
 """Fixtures for the cluster scenarios: one 3-node cluster per module, worker processes, oracles.
 
-Marked ``cluster``. They take about 12 minutes, so the default run deselects them (``-m "not
-cluster"`` in pyproject's addopts) and ``pytest -m cluster`` runs them as a step of their own
-(scripts/test.sh runs it after the main suite).
+Marked ``cluster``. They take 3 to 12 minutes per version, so the default run deselects them
+(``-m "not cluster"`` in pyproject's addopts) and ``pytest -m cluster`` runs them as a step of
+their own (scripts/test.sh runs it after the main suite, for 3.10 and 4.3).
 """
 
 from __future__ import annotations

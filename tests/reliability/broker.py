@@ -498,17 +498,24 @@ class PrivateBroker:
     def ctl(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
+        return self.cli("rabbitmqctl", *args, check=check, timeout=timeout)
+
+    def cli(
+        self, tool: str, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """``tool`` (rabbitmqctl, rabbitmq-queues, ...) against this node: the host's for 3.10,
+        the root's for 4.x (its own version, epmd port and cookie)."""
         if self.root is None:
-            command = ["rabbitmqctl", "-n", self.node, *args]
+            command = [tool, "-n", self.node, *args]
             env: dict[str, str] | None = {**os.environ, "HOME": "/var/lib/rabbitmq"}
         else:
             command = self._command(
-                "/usr/sbin/rabbitmqctl", "-n", self.node, *args, env=self._ctl_env()
+                f"/usr/sbin/{tool}", "-n", self.node, *args, env=self._ctl_env()
             )
             env = None
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         if check and result.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
+            raise RuntimeError(f"{tool} {' '.join(args)} failed: {result.stderr.strip()}")
         return result
 
     def log_tail(self, lines: int = 20) -> str:
