@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from workerkit.message import Message
-from workerkit.middleware import Middleware
+from workerkit.middleware import Middleware, call_hooks
 from workerkit.runtime import WorkerRuntime
 
 from .common import payload, settings
@@ -102,6 +102,9 @@ async def measure(case: str, count: int) -> dict[str, Any]:
         )
         for i in range(count)
     ]
+    # What the runner does before it consumes: the metrics read the runtime's own numbers.
+    call_hooks(runtime.middleware, "on_worker_start", runtime.instance)
+    call_hooks(runtime.middleware, "on_worker_stats", runtime.instance, runtime)
     runtime.start_slots()
     await asyncio.sleep(0)
     cpu, wall = time.process_time(), time.perf_counter()

@@ -105,6 +105,7 @@ class Message:
 
     __slots__ = (
         "_began",  # perf_counter when a handler slot took it (with middleware only; runtime.py)
+        "_republished",  # a retry, a scheduled message or a classic queue's recount (runtime.py)
         "body",
         "content_encoding",
         "content_type",
@@ -161,6 +162,7 @@ class Message:
         self.queue = queue  # the queue it was consumed from (set by the runner)
         self.priority = priority
         self._began = 0.0
+        self._republished = False
 
     @property
     def properties(self) -> Properties:

@@ -11,11 +11,12 @@ and expose them with any prometheus_client server (``start_http_server(9000)``, 
 :func:`render` in your web framework). Every metric lives in prometheus_client's default
 registry, so they appear wherever that registry is served.
 
-Cost: the consume-side series (messages, handler seconds, in flight, delivery lag) are kept
-per queue and per thread as plain Python numbers and turned into Prometheus samples when
-scraped: prometheus_client's own metric objects take a lock for every value they change, seven
-per message here, which cost about a quarter of a no-op worker's throughput. Each thread writes
-only its own numbers (a runner's hooks all run on its event loop), so nothing needs a lock.
+Cost: in one process nothing here runs per delivery. Messages by outcome and deliveries in
+flight are the runtime's own counts, and the two histograms (handler seconds, delivery lag)
+numbers it keeps because this middleware has ``reads_timings``; all are read when scraped
+(``Middleware.on_worker_stats``, :mod:`workerkit.stats`). prometheus_client's own objects take
+a lock for every value they change (seven per message cost about a quarter of a no-op worker's
+throughput), and even a Python hook per delivery costs twice what the counting does.
 
 Multi-process (``PROMETHEUS_MULTIPROC_DIR`` set before the first import of prometheus_client):
 the series are prometheus_client's objects, whose values live in the files the supervisor
@@ -28,10 +29,8 @@ from __future__ import annotations
 
 import threading
 import time
-from bisect import bisect_left
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from threading import get_ident
+import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -47,8 +46,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from .message import Header
 from .middleware import HANDLER_OUTCOMES, PUBLISH_OUTCOMES, Middleware
+from .stats import HANDLER_BUCKETS, LAG_BUCKETS, PUBLISHED_AT_HEADER, Timings, WorkerStats
+from .stats import Histogram as Counts
 
 if TYPE_CHECKING:
     from .message import Message, Outgoing
@@ -64,17 +64,6 @@ __all__ = [
     "render",
 ]
 
-#: Publish time in milliseconds since the epoch, set by publishers that have :class:`Metrics`
-#: installed. The AMQP ``timestamp`` property is whole seconds; this header gives the delivery
-#: lag millisecond resolution (clock skew between hosts aside).
-PUBLISHED_AT_HEADER = "workerkit-published-at"
-
-# Handlers run from a millisecond to minutes; lag from milliseconds (a keeping-up worker) to
-# hours (a backlog). Floats: the hooks bisect them with float seconds.
-_HANDLER_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
-_HANDLER_BUCKETS += (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_LAG_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
-_LAG_BUCKETS += (60.0, 300.0, 900.0, 3600.0)
 _PUBLISH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 10)
 
 _MESSAGES_HELP = (
@@ -108,78 +97,65 @@ PUBLISH_SECONDS = Histogram(
 )
 
 
-_wall = time.time
-_DELIVERIES = Header.DELIVERIES
-
-
 def _multiprocess() -> bool:
     """Whether prometheus_client writes to ``PROMETHEUS_MULTIPROC_DIR`` in this process."""
     return values.ValueClass is not values.MutexValue
 
 
-class _LocalSeries:
-    """One queue's consume-side numbers, written by one thread only: plain numbers, no lock.
-    :meth:`Metrics.before_handle` and :meth:`Metrics.after_handle` change them in place.
+class _Counted:
+    """One running worker's own numbers (a :class:`WorkerStats`), read when scraped.
 
-    Read by :class:`_ConsumeCollector` from the scraping thread: copies of a dict or a list are
-    taken whole under the GIL, so a scrape never sees a half-updated container (a histogram's
-    sum may be one observation ahead of its buckets, as with prometheus_client's own).
+    The outcome counts and the timings are kept by reference for good, so that a counter never
+    goes back when a runner ends; the in-flight count only while its runtime lives.
     """
 
-    __slots__ = ("created", "handler", "handler_sum", "in_flight", "lag", "lag_sum", "outcomes")
+    __slots__ = ("created", "handler", "lag", "outcomes", "queue", "stats")
 
-    def __init__(self) -> None:
+    def __init__(self, stats: WorkerStats) -> None:
         self.created = time.time()
-        self.in_flight = 0
-        # The handler outcomes exist from the start (a rate over a series that appears late
-        # is wrong for its first scrapes); requeued and given_back appear when they happen.
-        self.outcomes: defaultdict[str, int] = defaultdict(int)
-        for outcome in HANDLER_OUTCOMES[:5]:
-            self.outcomes[outcome] = 0
-        self.handler = [0] * (len(_HANDLER_BUCKETS) + 1)  # the last one is +Inf
-        self.handler_sum = 0.0
-        self.lag = [0] * (len(_LAG_BUCKETS) + 1)
-        self.lag_sum = 0.0
+        self.queue = stats.queue or "unknown"
+        self.outcomes = stats.outcomes
+        timings = stats.timings
+        self.handler = timings.handler if timings is not None else Counts(HANDLER_BUCKETS)
+        self.lag = timings.lag if timings is not None else Counts(LAG_BUCKETS)
+        self.stats = weakref.ref(stats)
+
+    def in_flight(self) -> int:
+        stats = self.stats()
+        return stats.in_flight if stats is not None else 0
 
 
 class _ConsumeCollector:
-    """Every :class:`_LocalSeries` of the process, as the four consume-side metrics."""
+    """The consume-side metrics of the process, from the numbers every watched runtime keeps:
+    outcome counts, deliveries in flight, handler times and delivery lags (stats.py)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # only around adding a series, never per message
-        self._series: list[tuple[str, _LocalSeries]] = []
+        self._lock = threading.Lock()  # only around adding, never per message
+        # id(outcomes) -> _Counted: a worker watched by two Metrics instances counts once.
+        self._counted: dict[int, _Counted] = {}
 
-    def add(self, queue: str) -> _LocalSeries:
-        series = _LocalSeries()
+    def watch(self, stats: WorkerStats) -> None:
+        counted = _Counted(stats)
         with self._lock:
-            self._series.append((queue, series))
-        return series
+            self._counted.setdefault(id(counted.outcomes), counted)
 
     def describe(self) -> list[Any]:
         return self._families()
 
     def collect(self) -> list[Any]:
         with self._lock:
-            every = list(self._series)
-        by_queue: dict[str, list[_LocalSeries]] = {}
-        for queue, series in every:
-            by_queue.setdefault(queue, []).append(series)
+            counted = list(self._counted.values())
+        by_queue: dict[str, list[_Counted]] = {}
+        for one in counted:
+            by_queue.setdefault(one.queue, []).append(one)
         messages, handler, in_flight, lag = families = self._families()
         for queue, group in by_queue.items():
-            created = min(series.created for series in group)
-            for outcome, count in _summed(series.outcomes.copy() for series in group).items():
+            created = min(one.created for one in group)
+            for outcome, count in _outcomes(group).items():
                 messages.add_metric([queue, outcome], count, created=created)
-            handler.add_metric(
-                [queue],
-                _buckets(_HANDLER_BUCKETS, [list(series.handler) for series in group]),
-                sum(series.handler_sum for series in group),
-            )
-            in_flight.add_metric([queue], sum(series.in_flight for series in group))
-            lag.add_metric(
-                [queue],
-                _buckets(_LAG_BUCKETS, [list(series.lag) for series in group]),
-                sum(series.lag_sum for series in group),
-            )
+            in_flight.add_metric([queue], sum(one.in_flight() for one in group))
+            handler.add_metric([queue], *_histogram(HANDLER_BUCKETS, [o.handler for o in group]))
+            lag.add_metric([queue], *_histogram(LAG_BUCKETS, [one.lag for one in group]))
         return families
 
     @staticmethod
@@ -192,12 +168,18 @@ class _ConsumeCollector:
         ]
 
 
-def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+def _outcomes(group: list[_Counted]) -> dict[str, int]:
     total: dict[str, int] = {}
-    for one in counts:
-        for key, value in one.items():
-            total[key] = total.get(key, 0) + value
+    for one in group:
+        for outcome, count in dict(one.outcomes).items():  # a copy: taken whole under the GIL
+            total[outcome.value] = total.get(outcome.value, 0) + count
     return total
+
+
+def _histogram(bounds: Sequence[float], group: list[Counts]) -> tuple[list[Any], float]:
+    """Cumulative ``(le, count)`` pairs, +Inf last, and the sum, of several histograms."""
+    sums = sum(one.sum for one in group)  # may be one observation ahead of the buckets
+    return _buckets(bounds, [list(one.counts) for one in group]), sums
 
 
 def _buckets(bounds: Sequence[float], counts: list[list[int]]) -> list[tuple[str, float]]:
@@ -214,10 +196,11 @@ class _SharedSeries:
     """One queue's series as prometheus_client objects (multi-process mode: the values live in
     files that the supervisor's /metrics reads; each change takes a file lock)."""
 
-    __slots__ = ("handler", "in_flight", "lag", "outcomes", "queue")
+    __slots__ = ("handler", "in_flight", "lag", "outcomes", "queue", "timings")
 
     def __init__(self, queue: str) -> None:
         self.queue = queue
+        self.timings = Timings()  # for the lag's rule (its own counts go unread here)
         self.in_flight = _IN_FLIGHT.labels(queue)
         self.handler = _HANDLER_SECONDS.labels(queue)
         self.lag = _DELIVERY_LAG.labels(queue)
@@ -225,13 +208,14 @@ class _SharedSeries:
             outcome: _MESSAGES.labels(queue, outcome) for outcome in HANDLER_OUTCOMES[:5]
         }
 
-    def started(self, lag: float | None) -> None:
+    def started(self) -> None:
         self.in_flight.inc()
+
+    def finished(self, message: Message, outcome: str, duration: float) -> None:
+        self.in_flight.dec()
+        lag = self.timings.observe(message, duration)
         if lag is not None:
             self.lag.observe(lag)
-
-    def finished(self, outcome: str, duration: float) -> None:
-        self.in_flight.dec()
         child = self.outcomes.get(outcome)
         if child is None:
             child = self.outcomes[outcome] = _MESSAGES.labels(self.queue, outcome)
@@ -242,30 +226,18 @@ class _SharedSeries:
 if _multiprocess():
     _MESSAGES = Counter("workerkit_messages", _MESSAGES_HELP, ["queue", "outcome"])
     _HANDLER_SECONDS = Histogram(
-        "workerkit_handler_seconds", _HANDLER_HELP, ["queue"], buckets=_HANDLER_BUCKETS
+        "workerkit_handler_seconds", _HANDLER_HELP, ["queue"], buckets=HANDLER_BUCKETS
     )
     _IN_FLIGHT = Gauge(
         "workerkit_in_flight", _IN_FLIGHT_HELP, ["queue"], multiprocess_mode="livesum"
     )
     _DELIVERY_LAG = Histogram(
-        "workerkit_delivery_lag_seconds", _LAG_HELP, ["queue"], buckets=_LAG_BUCKETS
+        "workerkit_delivery_lag_seconds", _LAG_HELP, ["queue"], buckets=LAG_BUCKETS
     )
     _COLLECTOR: _ConsumeCollector | None = None
 else:
     _COLLECTOR = _ConsumeCollector()
     REGISTRY.register(_COLLECTOR)
-
-
-def _new_series(queue: str) -> _LocalSeries | _SharedSeries:
-    return _SharedSeries(queue) if _COLLECTOR is None else _COLLECTOR.add(queue)
-
-
-class _PerThread(threading.local):
-    """A runner's hooks all run on its event loop's thread: with one set of series per
-    thread, each is written by one thread only and needs no lock."""
-
-    def __init__(self) -> None:
-        self.series: dict[str, Any] = {}  # queue -> _LocalSeries (_SharedSeries: multiprocess)
 
 
 class Metrics(Middleware):
@@ -275,65 +247,43 @@ class Metrics(Middleware):
     many instances as you like; one per runner or publisher is enough.
     """
 
+    #: The runtime keeps handler times and delivery lags for the metrics (stats.py): counted
+    #: inline there, they cost half of what the same counting cost in a hook.
+    reads_timings = True
+
     def __init__(self) -> None:
-        # The series of the first thread that handles a message (a runner's loop) are kept in a
-        # plain dict, those of any other thread in a thread-local one (whose every lookup costs
-        # more than the thread-id check and dict lookup of the owner's).
-        self._owner: int | None = None
-        self._mine: dict[str, Any] = {}
-        self._local = _PerThread()
         self._published = {outcome: PUBLISHED.labels(outcome) for outcome in PUBLISH_OUTCOMES}
+        self._shared: dict[str, _SharedSeries] = {}
         if _COLLECTOR is None:  # multi-process mode: prometheus_client's objects, in files
+            self.reads_timings = False
             self.before_handle = self._before_shared  # type: ignore[method-assign]
             self.after_handle = self._after_shared  # type: ignore[method-assign]
 
-    def _series(self, queue: str) -> Any:
-        """This thread's series of ``queue`` (made on first use)."""
-        thread = get_ident()
-        if self._owner is None:
-            self._owner = thread
-        mine = self._mine if thread == self._owner else self._local.series
-        series = mine.get(queue)
-        if series is None:
-            series = mine[queue] = _new_series(queue or "unknown")
-        return series
-
-    def on_worker_start(self, worker: Worker) -> None:
-        self._series(type(worker).queue)
+    def on_worker_stats(self, worker: Worker, stats: WorkerStats) -> None:
+        if _COLLECTOR is not None:
+            _COLLECTOR.watch(stats)
+        else:
+            self._series(stats.queue)  # the series exist from the start, at 0
 
     def on_reconnected(self, seconds: float) -> None:
         RECONNECTS.inc()
 
-    # The two per-message hooks are the metrics' whole cost on the consume path (about a tenth
-    # of a no-op worker's instructions per delivery, docs/performance.md): the plain-number
-    # series are changed inline, and the owner thread's series found without a thread-local
-    # lookup.
+    # In one process the metrics cost the consume path only what the runtime's timings cost
+    # (stats.py): messages and in-flight deliveries are its counts anyway, and nothing here
+    # runs per delivery. Multi-process mode changes prometheus_client's file-backed objects
+    # per delivery instead, because the supervisor's scrape reads only their files.
 
-    def before_handle(self, message: Message) -> None:
-        series = self._mine.get(message.queue) if get_ident() == self._owner else None
+    def _series(self, queue: str) -> _SharedSeries:
+        series = self._shared.get(queue)
         if series is None:
-            series = self._series(message.queue)
-        series.in_flight += 1
-        if message.headers or message.timestamp:  # else the publish time is not known
-            lag = _lag(message)
-            if lag is not None:
-                series.lag[bisect_left(_LAG_BUCKETS, lag)] += 1  # le=b holds values <= b
-                series.lag_sum += lag
-
-    def after_handle(self, message: Message, outcome: str, duration: float) -> None:
-        series = self._mine.get(message.queue) if get_ident() == self._owner else None
-        if series is None:
-            series = self._series(message.queue)
-        series.in_flight -= 1
-        series.outcomes[outcome] += 1
-        series.handler[bisect_left(_HANDLER_BUCKETS, duration)] += 1
-        series.handler_sum += duration
+            series = self._shared.setdefault(queue, _SharedSeries(queue or "unknown"))
+        return series
 
     def _before_shared(self, message: Message) -> None:
-        self._series(message.queue).started(_lag(message))
+        self._series(message.queue).started()
 
     def _after_shared(self, message: Message, outcome: str, duration: float) -> None:
-        self._series(message.queue).finished(outcome, duration)
+        self._series(message.queue).finished(message, outcome, duration)
 
     def before_publish(self, outgoing: Outgoing) -> None:
         outgoing.headers.setdefault(PUBLISHED_AT_HEADER, int(time.time() * 1000))
@@ -342,25 +292,6 @@ class Metrics(Middleware):
         child = self._published.get(outcome)
         (child if child is not None else PUBLISHED.labels(outcome)).inc()
         PUBLISH_SECONDS.observe(duration)
-
-
-def _lag(message: Message) -> float | None:
-    """Seconds from publish to now (handler start), None when the wait is not the queue's lag
-    or the publish time is unknown. Read before the handler: the runtime restores a retried
-    message's route and headers before it runs."""
-    headers = message.headers
-    if "x-death" in headers or message.redelivered or _DELIVERIES in headers:
-        # A retry, a scheduled message, a redelivery (or, on a classic queue, one re-queued
-        # with its delivery count).
-        return None
-    sent = headers.get(PUBLISHED_AT_HEADER)
-    if sent.__class__ is int:  # set by a workerkit publisher (not a bool, not a string)
-        lag = _wall() - sent / 1000.0
-    elif message.timestamp:
-        lag = _wall() - message.timestamp
-    else:
-        return None
-    return lag if lag > 0.0 else 0.0  # a host's clock behind the publisher's
 
 
 def multiprocess_mode() -> bool:

@@ -173,6 +173,7 @@ class Runner:
             for rt in self.runtimes:
                 await rt.instance.setup()
                 call_hooks(rt.middleware, "on_worker_start", rt.instance)
+                call_hooks(rt.middleware, "on_worker_stats", rt.instance, rt)
                 rt.start_slots()
             self._state = RunnerState.CONSUMING
             self.ready.set()

@@ -265,13 +265,25 @@ def test_grafana_loads_the_dashboard_from_prometheus(compose: dict[str, Any]) ->
 def test_dashboard_queries_name_metrics_workerkit_exports() -> None:
     from prometheus_client import REGISTRY, generate_latest
 
+    from workerkit.decision import Outcome
     from workerkit.message import Message
     from workerkit.metrics import Metrics
+    from workerkit.stats import Timings
+    from workerkit.worker import Worker
+
+    class Stats:  # what a runtime hands to on_worker_stats
+        queue, in_flight, outcomes, timings = "dash", 0, dict.fromkeys(Outcome, 0), Timings()
+
+    class Dash(Worker):
+        queue = "dash"
+
+        async def handle(self, body: dict[str, Any]) -> None:
+            pass
 
     metrics = Metrics()  # one delivery and one publish, so every series is in the exposition
-    message = Message(b"x", queue="dash", timestamp=1)
-    metrics.before_handle(message)
-    metrics.after_handle(message, "acked", 0.01)
+    stats = Stats()
+    metrics.on_worker_stats(Dash(), stats)
+    stats.timings.observe(Message(b"x", queue="dash", timestamp=1), 0.01)
     metrics.on_reconnected(0.1)
     exposition = generate_latest(REGISTRY).decode()
     exported = set(re.findall(r"^(workerkit_[a-z_]+)", exposition, re.M))

@@ -24,11 +24,12 @@ from workerkit import (
     Unroutable,
     Worker,
 )
+from workerkit.decision import Outcome
 from workerkit.errors import ConnectionFailed
 from workerkit.log import JsonFormatter, log_context
 from workerkit.message import Outgoing
 from workerkit.metrics import PUBLISHED_AT_HEADER, Metrics
-from workerkit.middleware import Middleware
+from workerkit.middleware import Middleware, WorkerStats
 from workerkit.publisher import AsyncPublisher
 from workerkit.testing import in_memory, running, wait_for
 from workerkit.transport.memory import MemoryBroker, MemoryTransport
@@ -378,3 +379,43 @@ async def test_a_hook_enriches_workerkit_log_lines() -> None:
     (dead,) = [line for line in lines if line["msg"].startswith("dead-lettered")]
     assert dead["tenant"] == "acme" and dead["queue"] == queue
     assert all("tenant" not in line for line in lines if line is not dead)  # reset after
+
+
+async def test_worker_stats_are_a_live_view_and_scheduled_messages_have_no_lag() -> None:
+    broker = MemoryBroker()
+    queue = qname("stats")
+    seen: list[WorkerStats] = []
+
+    class Watch(Middleware):
+        def on_worker_stats(self, worker: Worker, stats: WorkerStats) -> None:
+            seen.append(stats)
+
+    async def handle(self: Any, body: dict[str, Any]) -> None:
+        if body.get("fail"):
+            raise Reject("no")
+
+    cls = make_worker(queue, handle)
+    plain = make_worker(f"{queue}.plain", handle, middleware=(Watch(),))
+    mw: list[Middleware] = [Watch(), Metrics()]
+    runner, _ = in_memory([cls], broker=broker, settings=settings(), middleware=mw)
+    other, _ = in_memory([plain], broker=broker, settings=settings())
+    async with running(runner), running(other):
+        [stats, unwatched] = seen
+    # Timings are kept only where a middleware reads them (Metrics does): they cost.
+    assert stats.timings is not None and unwatched.timings is None
+    seen.clear()
+    runner, _ = in_memory([cls], broker=broker, settings=settings(), middleware=mw)
+    async with running(runner), memory_publisher(broker, settings(), middleware=[Metrics()]) as pub:
+        [stats] = seen
+        assert stats.queue == queue and stats.in_flight == 0
+        assert set(stats.outcomes) == set(Outcome) and set(stats.outcomes.values()) == {0}
+        await pub.publish(queue, {"n": 1})
+        await pub.publish(queue, {"n": 2}, delay=0.2)
+        await pub.publish(queue, {"fail": True})
+        done = stats.outcomes
+        await wait_for(lambda: done[Outcome.ACKED] == 2 and done[Outcome.REJECTED] == 1, 10)
+    assert _value("workerkit_messages_total", queue=queue, outcome="acked") == 2
+    assert _value("workerkit_messages_total", queue=queue, outcome="rejected") == 1
+    assert _value("workerkit_handler_seconds_count", queue=queue) == 3
+    # Lag of first deliveries only: the scheduled one came out of the delay queues.
+    assert _value("workerkit_delivery_lag_seconds_count", queue=queue) == 2

@@ -1,0 +1,124 @@
+"""What a running worker counts about itself, for whoever reads it when asked (a metrics
+scrape, a status page): outcomes and deliveries in flight always, and, when a middleware asks
+for them (``reads_timings = True``), histograms of handler time and delivery lag.
+
+Kept by the runtime, on its event loop, as plain numbers: a Python hook per delivery costs more
+than the counting itself (the metrics middleware measured about twice as much through hooks as
+here), and nobody pays for a read. Readers in other threads copy a list whole under the GIL.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .decision import Outcome
+    from .message import Message
+
+__all__ = [
+    "HANDLER_BUCKETS",
+    "LAG_BUCKETS",
+    "PUBLISHED_AT_HEADER",
+    "Histogram",
+    "Timings",
+    "WorkerStats",
+]
+
+#: Publish time in milliseconds since the epoch, set by publishers that have the metrics
+#: middleware installed. The AMQP ``timestamp`` property is whole seconds; this header gives the
+#: delivery lag millisecond resolution (clock skew between hosts aside).
+PUBLISHED_AT_HEADER = "workerkit-published-at"
+
+#: Upper bounds (seconds) of the handler-time buckets: handlers run from a millisecond to
+#: minutes. Floats: bisected with float seconds.
+HANDLER_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+HANDLER_BUCKETS += (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+#: Upper bounds (seconds) of the delivery-lag buckets: from milliseconds (a worker keeping up)
+#: to hours (a backlog).
+LAG_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
+LAG_BUCKETS += (60.0, 300.0, 900.0, 3600.0)
+
+_wall = time.time
+
+
+class Histogram:
+    """Observations counted per bucket: ``counts[i]`` holds values <= ``bounds[i]`` (and above
+    the bound before), the last one those above every bound (+Inf); ``sum`` of all of them."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class Timings:
+    """A worker's handler times and delivery lags, both in seconds."""
+
+    __slots__ = ("handler", "lag")
+
+    def __init__(self) -> None:
+        self.handler = Histogram(HANDLER_BUCKETS)
+        self.lag = Histogram(LAG_BUCKETS)
+
+    def observe(self, message: Message, duration: float) -> float | None:
+        """A delivery carried out ``duration`` seconds after a slot took it; returns its lag
+        (seconds from publish to handler start), None when the wait was not the queue's or the
+        publish time is unknown.
+
+        One call, no calls inside (a Python call costs about what the counting does): the
+        runtime makes it once per delivery.
+        """
+        handler = self.handler
+        handler.counts[bisect_left(HANDLER_BUCKETS, duration)] += 1
+        handler.sum += duration
+        if message._republished or message.redelivered:
+            # A retry or a scheduled message (out of the delay layout), one re-queued with its
+            # delivery count (a classic queue), a redelivery: the wait was not the queue's.
+            return None
+        sent = message.headers.get(PUBLISHED_AT_HEADER)
+        if sent.__class__ is int:  # set by a workerkit publisher (not a bool, not a string)
+            lag = _wall() - duration - sent / 1000.0
+        elif message.timestamp:
+            lag = _wall() - duration - message.timestamp
+        else:
+            return None
+        if lag < 0.0:
+            lag = 0.0  # a host's clock behind the publisher's
+        self.lag.counts[bisect_left(LAG_BUCKETS, lag)] += 1
+        self.lag.sum += lag
+        return lag
+
+
+class WorkerStats(Protocol):
+    """What a running worker's runtime counts anyway, as a live read-only view
+    (``Middleware.on_worker_stats``).
+
+    Read it when asked (a metrics scrape, a status page) instead of counting the same things in
+    the per-message hooks: every delivery pays for a hook, nobody pays for a read.
+    """
+
+    @property
+    def queue(self) -> str:
+        """The worker's queue."""
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries taken by a handler slot and not yet carried out."""
+
+    @property
+    def outcomes(self) -> Mapping[Outcome, int]:
+        """Deliveries carried out since start, by outcome (every :class:`Outcome`, from 0)."""
+
+    @property
+    def timings(self) -> Timings | None:
+        """Handler times and delivery lags, kept when a middleware of the worker has
+        ``reads_timings = True``; else None."""
