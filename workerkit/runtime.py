@@ -236,6 +236,8 @@ class WorkerRuntime:
         self.consuming = False
         self.slot_restarts = 0
         self.outcomes: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        # Retry/dead-letter copies waiting for their confirm after their slot moved on.
+        self.confirming: set[asyncio.Task[None]] = set()
         # Handler times and delivery lags, when a middleware reads them (stats.py).
         self.timings = Timings() if any(m.reads_timings for m in self.middleware) else None
         # Requests (messages with reply_to): replies confirmed, and replies that could not be
@@ -358,9 +360,13 @@ class WorkerRuntime:
     async def close(self, grace: float) -> None:
         """Stop consuming, let running handlers finish within ``grace``, then tear down."""
         await self.stop_consuming()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
         tasks = [slot.task for slot in self.slots if not slot.task.done()]
         if tasks:
             await self._drain(tasks, grace)
+        if self.confirming:  # copies of the last failures (slots add none once they are done)
+            await self._drain(list(self.confirming), max(0.0, until - loop.time()))
         await self._tear_down()
 
     async def _drain(self, tasks: list[asyncio.Task[None]], grace: float) -> None:
@@ -532,7 +538,10 @@ class WorkerRuntime:
             decision = self._decision(what, error, message)
             pending = self._carry_out(message, tracker, decision, error, arrived)
             if pending is not None:
-                await pending
+                if self._moves_on(decision):
+                    self._confirm_later(message, tracker, pending, arrived)
+                else:
+                    await pending
         finally:
             # The error's traceback holds this frame and the handler's, and so the error, the
             # message and its body: a cycle only the garbage collector frees, which left large
@@ -551,6 +560,44 @@ class WorkerRuntime:
         if self.wants_message:
             return self.instance.handle(body, message)  # type: ignore[no-any-return]
         return self.instance.handle(body)  # type: ignore[no-any-return]
+
+    def _moves_on(self, decision: Decision) -> bool:
+        """Whether the slot takes its next delivery while this one's copy waits for its confirm:
+        for retries and dead letters, unless ``after_handle`` hooks are installed (they run in
+        the slot's task and context, where ``before_handle`` set things up)."""
+        return isinstance(decision, (Retry, DeadLetter)) and not self._after_hooks
+
+    def _confirm_later(
+        self, message: Message, tracker: AckTracker, copy: Awaitable[None], arrived: float
+    ) -> None:
+        """Carry out a copy's confirm and the original's ack in a task of its own. A storm of
+        failures ran at one confirm round trip per slot (about 1,450 failures/s with 10 slots on
+        RabbitMQ 3.10, 2 cores) while the broker confirms 7,000-9,000 delayed copies/s sent
+        back to back. The delivery stays in flight (prefetch, busy, drain) until it is acked."""
+        self.in_flight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._confirmed(message, tracker, copy, arrived)
+        )
+        self.confirming.add(task)
+        task.add_done_callback(self.confirming.discard)
+
+    async def _confirmed(
+        self, message: Message, tracker: AckTracker, copy: Awaitable[None], arrived: float
+    ) -> None:
+        try:
+            await copy
+        except asyncio.CancelledError:
+            # Shutdown past the grace period: not acked, the broker redelivers.
+            self._finished(message, Outcome.GIVEN_BACK)
+            raise
+        except Exception:
+            log.exception(
+                "unexpected error while publishing a copy; giving the message back",
+                extra={**self.log_extra, "message_id": message.message_id},
+            )
+            self._carry_out(message, tracker, GiveBack(), None, arrived)
+        finally:
+            self.in_flight -= 1
 
     def _decision(self, what: Happened, error: BaseException | None, message: Message) -> Decision:
         if what is Happened.HANDLED:
