@@ -2,9 +2,10 @@
 scrape, a status page): outcomes and deliveries in flight always, and, when a middleware asks
 for them (``reads_timings = True``), histograms of handler time and delivery lag.
 
-Kept by the runtime, on its event loop, as plain numbers: a Python hook per delivery costs more
-than the counting itself (the metrics middleware measured about twice as much through hooks as
-here), and nobody pays for a read. Readers in other threads copy a list whole under the GIL.
+Kept by the runtime, on its event loop, as plain numbers: the same counting done in the
+metrics middleware's per-delivery hooks cost the consume path about twice as much (callgrind,
+benchmarks/METRICS.md), and nobody pays for a read. Readers in other threads copy a list whole
+under the GIL.
 """
 
 from __future__ import annotations
@@ -55,10 +56,6 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
 
 class Timings:
     """A worker's handler times and delivery lags, both in seconds."""
@@ -74,8 +71,8 @@ class Timings:
         (seconds from publish to handler start), None when the wait was not the queue's or the
         publish time is unknown.
 
-        One call, no calls inside (a Python call costs about what the counting does): the
-        runtime makes it once per delivery.
+        No calls inside but the bisections: the runtime counts the same way, inline, once per
+        delivery (runtime.WorkerRuntime._finished).
         """
         handler = self.handler
         handler.counts[bisect_left(HANDLER_BUCKETS, duration)] += 1
