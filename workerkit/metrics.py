@@ -75,7 +75,9 @@ _HANDLER_HELP = (
     "Seconds from taking a delivery to carrying out its outcome (decode, handler, ack or the"
     " confirmed retry/dead-letter copy)."
 )
-_IN_FLIGHT_HELP = "Deliveries being handled right now."
+_IN_FLIGHT_HELP = (
+    "Deliveries taken and not yet carried out (a failed one until its copy is confirmed)."
+)
 _LAG_HELP = (
     "Seconds from publish to handler start, first deliveries only (not retries or delayed"
     " messages); millisecond resolution with the workerkit-published-at header, else whole"

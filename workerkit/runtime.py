@@ -7,8 +7,11 @@ The per-message path (the rules are in ``decision.py``; this module only carries
                        -> decide(what, ...)     one pure function: Ack | Retry | DeadLetter |
                                                 Recount | GiveBack
                        -> _carry_out(decision)  match + assert_never: ack / confirmed copy then
-                                                ack / nack; a copy not confirmed -> decide again
-                       -> _finished(outcome)    the one place a delivery's outcome is known
+                                                ack / nack; a copy not confirmed -> decide again;
+                                                a retry/DLQ copy's confirm in a task of its own
+                                                (_confirm_later): the slot moves on
+                       -> _finished(outcome)    the one place a delivery's outcome is known:
+                                                counted, timed (stats.py), after_handle hooks
     requests (reply_to)   the handler's value is the reply, published before the ack; an error
                           reply follows a confirmed DLQ copy (reply.py has the wire format)
     batch workers         _batch_slot: collect, decode each, one handler call, one decision each
