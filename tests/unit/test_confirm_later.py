@@ -60,12 +60,8 @@ async def _start(runner: Runner, broker: MemoryBroker, queue: str, go: asyncio.E
 
 
 async def test_the_slot_takes_the_next_delivery_while_the_copy_is_confirmed() -> None:
-    broker, queue, seen, go = (
-        MemoryBroker(),
-        f"unit.later.{uuid.uuid4().hex[:8]}",
-        [],
-        asyncio.Event(),
-    )
+    broker, queue, go = MemoryBroker(), f"unit.later.{uuid.uuid4().hex[:8]}", asyncio.Event()
+    seen: list[str] = []
     runner, _ = in_memory([_worker(queue, broker, seen, go)], broker=broker, settings=settings())
     async with running(runner):
         await _start(runner, broker, queue, go)
@@ -81,12 +77,8 @@ async def test_the_slot_takes_the_next_delivery_while_the_copy_is_confirmed() ->
 
 
 async def test_after_handle_hooks_keep_the_slot_until_the_copy_is_confirmed() -> None:
-    broker, queue, seen, go = (
-        MemoryBroker(),
-        f"unit.wait.{uuid.uuid4().hex[:8]}",
-        [],
-        asyncio.Event(),
-    )
+    broker, queue, go = MemoryBroker(), f"unit.wait.{uuid.uuid4().hex[:8]}", asyncio.Event()
+    seen: list[str] = []
     cls = _worker(queue, broker, seen, go)
     runner, _ = in_memory([cls], broker=broker, settings=settings(), middleware=[Hooked()])
     async with running(runner):
@@ -98,12 +90,8 @@ async def test_after_handle_hooks_keep_the_slot_until_the_copy_is_confirmed() ->
 
 
 async def test_shutdown_gives_back_a_delivery_whose_copy_never_came() -> None:
-    broker, queue, seen, go = (
-        MemoryBroker(),
-        f"unit.stop.{uuid.uuid4().hex[:8]}",
-        [],
-        asyncio.Event(),
-    )
+    broker, queue, go = MemoryBroker(), f"unit.stop.{uuid.uuid4().hex[:8]}", asyncio.Event()
+    seen: list[str] = []
     runner, _ = in_memory([_worker(queue, broker, seen, go)], broker=broker, settings=settings())
     async with running(runner):
         await _start(runner, broker, queue, go)
