@@ -104,7 +104,7 @@ class Message:
     """
 
     __slots__ = (
-        "_began",  # perf_counter when a handler slot took it (with middleware only; runtime.py)
+        "_began",  # time.monotonic() when a handler slot took it (with middleware only; runtime.py)
         "_republished",  # a retry, a scheduled message or a classic queue's recount (runtime.py)
         "body",
         "content_encoding",

@@ -216,7 +216,7 @@ class _SharedSeries:
 
     def finished(self, message: Message, outcome: str, duration: float) -> None:
         self.in_flight.dec()
-        lag = self.timings.observe(message, duration)
+        lag = self.timings.observe(message, duration, time.time() - duration)
         if lag is not None:
             self.lag.observe(lag)
         child = self.outcomes.get(outcome)

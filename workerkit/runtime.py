@@ -71,7 +71,7 @@ from .middleware import Middleware, bound_hooks, call_hooks, hook_failed, run_ho
 from .reply import error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
-from .stats import HANDLER_BUCKETS, LAG_BUCKETS, PUBLISHED_AT_HEADER, Timings
+from .stats import FIRST_HANDLER_BUCKET, HANDLER_BUCKETS, LAG_BUCKETS, PUBLISHED_AT_HEADER, Timings
 from .topology import Topology
 from .transport.base import Channel, Connection
 from .worker import Worker
@@ -80,7 +80,9 @@ __all__ = ["Host", "WorkerRuntime", "byte_cap", "window"]
 
 log = logging.getLogger("workerkit.runtime")
 
-_clock = time.perf_counter  # the handler duration middleware sees (one lookup, not two)
+# The runtime's one clock: handler deadlines, the watchdog, handler durations. Read once per
+# delivery, when a slot takes it (what asyncio's default loop.time() reads, without its frame).
+_clock = time.monotonic
 _wall = time.time
 
 MAX_ERROR_MESSAGE = 1000
@@ -148,7 +150,7 @@ class Slot:
 
     def __init__(self) -> None:
         self.task: asyncio.Task[None]
-        self.deadline = 0.0  # loop time the running handler must finish by; 0 when idle
+        self.deadline = 0.0  # _clock() the running handler must finish by; 0 when idle
         self.timed_out = False  # the watchdog cancelled the handler
         self.closing = False  # the runtime cancelled the slot (shutdown past the grace period)
         self.started = True  # False while a def handler waits for a free pool thread
@@ -228,6 +230,9 @@ class WorkerRuntime:
         self.deque: collections.deque[Message] = collections.deque()
         self.arrivals: collections.deque[float] = collections.deque()
         self.tick = 0.0
+        # time.time() - _clock(), refreshed with the tick: a delivery's lag from the clock read
+        # its slot takes anyway (a wall-clock step shows within one watchdog interval).
+        self.wall_offset = 0.0
         self.idle: list[asyncio.Future[None]] = []
         self.tracker: AckTracker | None = None
         self.channel: Channel | None = None
@@ -430,7 +435,8 @@ class WorkerRuntime:
 
     def start_slots(self) -> None:
         loop = asyncio.get_running_loop()
-        self.tick = loop.time()
+        self.tick = _clock()
+        self.wall_offset = _wall() - self.tick
         self.slots = [self._new_slot(loop) for _ in range(self.concurrency)]
         self.watchdog = loop.create_task(self._watch())
 
@@ -476,15 +482,17 @@ class WorkerRuntime:
             if tracker is None:
                 continue
             self.in_flight += 1
+            began = _clock()
             if self.middleware:
-                message._began = _clock()
-                for hook in self._before_hooks:  # inline: the per-message path (run_hooks)
-                    try:
-                        hook(message)
-                    except Exception:
-                        hook_failed(hook, "before_handle")
+                message._began = began
+                if self._before_hooks:
+                    for hook in self._before_hooks:  # inline: the per-message path (run_hooks)
+                        try:
+                            hook(message)
+                        except Exception:
+                            hook_failed(hook, "before_handle")
             try:
-                await self._process(message, tracker, slot, arrived, loop)
+                await self._process(message, tracker, slot, arrived, began, loop)
             except BaseException:
                 if slot.closing:
                     # Shutdown past the grace period: not acked, the broker redelivers.
@@ -508,21 +516,25 @@ class WorkerRuntime:
         tracker: AckTracker,
         slot: Slot,
         arrived: float,
+        began: float,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        """One delivery, taken by its slot at ``began`` (_clock()): decode, handle within the
+        time limit, decide, carry out."""
         if message.redelivered and self.classic:
             await self._redelivered(message, tracker, arrived)
             return
         if self.settling:
             await self.settled.wait()
+            began = _clock()  # the time limit starts now
         if message.exchange != self.exchange:
             self._restore_route(message)
         what: Happened = Happened.HANDLED
         error: BaseException | None = None
         result: Any = None
         try:
+            slot.deadline = began + self.timeout
             body = self.decode(message)
-            slot.deadline = loop.time() + self.timeout
             result = await self._handler_call(body, message, slot, loop)
         except DecodeError as exc:
             what, error = Happened.INVALID, exc
@@ -676,30 +688,39 @@ class WorkerRuntime:
             duration = _clock() - began
             timings = self.timings
             if timings is not None:
-                # Timings.observe (stats.py) spelled out: the call cost about 800 of the 7,200
-                # instructions the metrics added per delivery (callgrind, runtime path).
-                # tests/unit/test_stats.py holds the two equal.
+                # Timings.observe (stats.py) spelled out, the lag from the slot's clock read:
+                # each call or clock read cost 300-800 instructions of the metrics' share of a
+                # delivery (callgrind, benchmarks/METRICS.md). tests/unit/test_stats.py holds
+                # the two equal. Sub-millisecond handlers skip the bisection.
                 handler = timings.handler
-                handler.counts[bisect_left(HANDLER_BUCKETS, duration)] += 1
+                i = (
+                    0
+                    if duration <= FIRST_HANDLER_BUCKET
+                    else bisect_left(HANDLER_BUCKETS, duration)
+                )
+                handler.counts[i] += 1
                 handler.sum += duration
                 if not (message._republished or message.redelivered):
-                    sent = message.headers.get(PUBLISHED_AT_HEADER)
-                    if sent.__class__ is int:
-                        lag: float | None = _wall() - duration - sent / 1000.0
+                    headers = message.headers
+                    sent = headers.get(PUBLISHED_AT_HEADER) if headers else None
+                    if isinstance(sent, int) and type(sent) is not bool:
+                        lag: float | None = began + self.wall_offset - sent / 1000.0
                     elif message.timestamp:
-                        lag = _wall() - duration - message.timestamp
+                        lag = began + self.wall_offset - message.timestamp
                     else:
                         lag = None
                     if lag is not None:
                         lag = lag if lag > 0.0 else 0.0
                         timings.lag.counts[bisect_left(LAG_BUCKETS, lag)] += 1
                         timings.lag.sum += lag
-            value = outcome._value_  # .value is a Python-level property: 3x slower
-            for hook in self._after_hooks:  # inline: the per-message path (run_hooks)
-                try:
-                    hook(message, value, duration)
-                except Exception:
-                    hook_failed(hook, "after_handle")
+            after_hooks = self._after_hooks
+            if after_hooks:
+                value = outcome._value_  # .value is a Python-level property: 3x slower
+                for hook in after_hooks:  # inline: the per-message path (run_hooks)
+                    try:
+                        hook(message, value, duration)
+                    except Exception:
+                        hook_failed(hook, "after_handle")
 
     async def _give_back_later(
         self, message: Message, tracker: AckTracker, decision: GiveBack
@@ -848,7 +869,7 @@ class WorkerRuntime:
             await self.settled.wait()
         messages = [message for message, _ in ok]
         what, error, failures = Happened.HANDLED, None, {}
-        slot.deadline = loop.time() + self.timeout
+        slot.deadline = _clock() + self.timeout
         try:
             result = await self._call(bodies, messages, slot, loop)
             failures = failures_of(result, len(ok))
@@ -1039,7 +1060,7 @@ class WorkerRuntime:
         args = (body, message) if self.wants_message else (body,)
         slot.started = False
         slot.call = fut
-        slot.deadline = loop.time() + self.max_wait
+        slot.deadline = _clock() + self.max_wait
         job = [fut, args, slot, loop]  # emptied by the thread (see _call_handler)
         if self.middleware:  # hooks may set context (a trace span) the handler must see
             run = contextvars.copy_context().run
@@ -1061,7 +1082,7 @@ class WorkerRuntime:
         job.clear()
         if fut.cancelled():
             return  # timed out or shut down before it started: never run it late
-        slot.deadline = loop.time() + self.timeout  # a float store: safe from this thread
+        slot.deadline = _clock() + self.timeout  # a float store: safe from this thread
         slot.started = True
         error: BaseException | None = None
         result: Any = None
@@ -1094,11 +1115,11 @@ class WorkerRuntime:
 
     async def _watch(self) -> None:
         """Cancel handlers past their deadline; give back deliveries that waited too long."""
-        loop = asyncio.get_running_loop()
         interval = min(1.0, max(0.05, min(self.timeout, self.max_wait) / 10))
         while not self.stopping:
             await asyncio.sleep(interval)
-            now = self.tick = loop.time()
+            now = self.tick = _clock()
+            self.wall_offset = _wall() - now
             for slot in self.slots:
                 if slot.deadline and now >= slot.deadline and not slot.timed_out:
                     self._time_out(slot)

@@ -10,7 +10,6 @@ under the GIL.
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -20,6 +19,7 @@ if TYPE_CHECKING:
     from .message import Message
 
 __all__ = [
+    "FIRST_HANDLER_BUCKET",
     "HANDLER_BUCKETS",
     "LAG_BUCKETS",
     "PUBLISHED_AT_HEADER",
@@ -37,12 +37,11 @@ PUBLISHED_AT_HEADER = "workerkit-published-at"
 #: minutes. Floats: bisected with float seconds.
 HANDLER_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 HANDLER_BUCKETS += (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+FIRST_HANDLER_BUCKET = HANDLER_BUCKETS[0]
 #: Upper bounds (seconds) of the delivery-lag buckets: from milliseconds (a worker keeping up)
 #: to hours (a backlog).
 LAG_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0)
 LAG_BUCKETS += (60.0, 300.0, 900.0, 3600.0)
-
-_wall = time.time
 
 
 class Histogram:
@@ -66,26 +65,31 @@ class Timings:
         self.handler = Histogram(HANDLER_BUCKETS)
         self.lag = Histogram(LAG_BUCKETS)
 
-    def observe(self, message: Message, duration: float) -> float | None:
-        """A delivery carried out ``duration`` seconds after a slot took it; returns its lag
-        (seconds from publish to handler start), None when the wait was not the queue's or the
-        publish time is unknown.
+    def observe(self, message: Message, duration: float, started: float) -> float | None:
+        """A delivery carried out ``duration`` seconds after a slot took it at ``started``
+        (seconds since the epoch); returns its lag (seconds from publish to ``started``), None
+        when the wait was not the queue's or the publish time is unknown.
 
         No calls inside but the bisections: the runtime counts the same way, inline, once per
         delivery (runtime.WorkerRuntime._finished).
         """
         handler = self.handler
-        handler.counts[bisect_left(HANDLER_BUCKETS, duration)] += 1
+        # Sub-millisecond handlers, the only ones whose time the counting shows in, find their
+        # bucket with one float comparison instead of a bisection (29 of 53 ns, timeit).
+        i = 0 if duration <= FIRST_HANDLER_BUCKET else bisect_left(HANDLER_BUCKETS, duration)
+        handler.counts[i] += 1
         handler.sum += duration
         if message._republished or message.redelivered:
             # A retry or a scheduled message (out of the delay layout), one re-queued with its
             # delivery count (a classic queue), a redelivery: the wait was not the queue's.
             return None
-        sent = message.headers.get(PUBLISHED_AT_HEADER)
-        if sent.__class__ is int:  # set by a workerkit publisher (not a bool, not a string)
-            lag = _wall() - duration - sent / 1000.0
+        headers = message.headers
+        sent = headers.get(PUBLISHED_AT_HEADER) if headers else None
+        if isinstance(sent, int) and type(sent) is not bool:  # set by a workerkit publisher
+            # (an int subclass off the wire: pika decodes 64-bit integers as its own ``long``)
+            lag = started - sent / 1000.0
         elif message.timestamp:
-            lag = _wall() - duration - message.timestamp
+            lag = started - message.timestamp
         else:
             return None
         if lag < 0.0:

@@ -283,7 +283,7 @@ def test_dashboard_queries_name_metrics_workerkit_exports() -> None:
     metrics = Metrics()  # one delivery and one publish, so every series is in the exposition
     stats = Stats()
     metrics.on_worker_stats(Dash(), stats)
-    stats.timings.observe(Message(b"x", queue="dash", timestamp=1), 0.01)
+    stats.timings.observe(Message(b"x", queue="dash", timestamp=1), 0.01, 2.0)
     metrics.on_reconnected(0.1)
     exposition = generate_latest(REGISTRY).decode()
     exported = set(re.findall(r"^(workerkit_[a-z_]+)", exposition, re.M))

@@ -47,7 +47,7 @@ def _watched(metrics: Metrics, queue: str) -> Stats:
 def _handled(stats: Stats, message: Message, outcome: str, seconds: float) -> None:
     """One delivery as the runtime carries it out: counted and timed."""
     stats.outcomes[Outcome(outcome)] += 1
-    stats.timings.observe(message, seconds)
+    stats.timings.observe(message, seconds, time.time() - seconds)
 
 
 def _samples(registry: Any, prefix: str, queue: str) -> dict[tuple[str, str], float]:

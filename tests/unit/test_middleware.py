@@ -8,6 +8,7 @@ import contextvars
 import io
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -419,3 +420,29 @@ async def test_worker_stats_are_a_live_view_and_scheduled_messages_have_no_lag()
     assert _value("workerkit_handler_seconds_count", queue=queue) == 3
     # Lag of first deliveries only: the scheduled one came out of the delay queues.
     assert _value("workerkit_delivery_lag_seconds_count", queue=queue) == 2
+
+
+async def test_delivery_lag_is_publish_time_to_handler_start_on_the_wall_clock() -> None:
+    """The runtime takes the lag from its slot's monotonic clock read plus the wall-clock
+    offset its watchdog keeps: a message stamped 3 s ago by its publisher lags 3 s."""
+    broker = MemoryBroker()
+    queue = qname("lag")
+    handled = asyncio.Event()
+
+    class ThreeSecondsAgo(Middleware):
+        def before_publish(self, outgoing: Outgoing) -> None:
+            outgoing.headers[PUBLISHED_AT_HEADER] = int(time.time() * 1000) - 3000
+
+    async def handle(self: Any, body: dict[str, Any]) -> None:
+        handled.set()
+
+    cls = make_worker(queue, handle)
+    runner, _ = in_memory([cls], broker=broker, settings=settings(), middleware=[Metrics()])
+    stamped = [ThreeSecondsAgo(), Metrics()]  # Metrics keeps a publish time already set
+    async with running(runner), memory_publisher(broker, settings(), middleware=stamped) as pub:
+        await pub.publish(queue, {"n": 1})
+        await asyncio.wait_for(handled.wait(), 5)
+        await wait_for(lambda: _value("workerkit_delivery_lag_seconds_count", queue=queue) == 1, 5)
+    assert 3.0 <= _value("workerkit_delivery_lag_seconds_sum", queue=queue) < 4.0
+    assert _value("workerkit_delivery_lag_seconds_bucket", queue=queue, le="1.0") == 0
+    assert _value("workerkit_delivery_lag_seconds_bucket", queue=queue, le="5.0") == 1
