@@ -365,3 +365,25 @@ def test_runtime_path_handles_every_message_with_its_middleware(
         assert lag == (300 if case.endswith("_stamped") else 0)
     else:
         assert acked == acked_before  # no metrics middleware: nothing counted for this queue
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_instruction_counts_run_without_and_with_the_broker(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks.instructions (the metrics cost in benchmarks/METRICS.md) runs both ways."""
+    import shutil
+
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (benchmarks/setup.sh installs it)")
+    _bench(monkeypatch, broker_url)
+    monkeypatch.chdir(ROOT)  # the counted processes import benchmarks from there
+    from benchmarks import instructions
+
+    monkeypatch.setattr(instructions, "BIG", 400)
+    monkeypatch.setattr(instructions, "SMALL", 200)
+    # Tens of thousands of instructions per delivery: the difference of two whole runs, so a
+    # count of the wrong process or a run that handled nothing would not come out so.
+    assert 20_000 < instructions.per_delivery("wk_async_metrics", e2e=False) < 1_000_000
+    assert 20_000 < instructions.per_delivery("wk_async_metrics_stamped", e2e=True) < 1_000_000
