@@ -48,7 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from .middleware import HANDLER_OUTCOMES, PUBLISH_OUTCOMES, Middleware
-from .stats import HANDLER_BUCKETS, LAG_BUCKETS, PUBLISHED_AT_HEADER, Timings, WorkerStats
+from .stats import HANDLER_BUCKETS, LAG_BUCKETS, PUBLISHED_AT_HEADER, WorkerStats, lag_of
 from .stats import Histogram as Counts
 
 if TYPE_CHECKING:
@@ -199,11 +199,10 @@ class _SharedSeries:
     """One queue's series as prometheus_client objects (multi-process mode: the values live in
     files that the supervisor's /metrics reads; each change takes a file lock)."""
 
-    __slots__ = ("handler", "in_flight", "lag", "outcomes", "queue", "timings")
+    __slots__ = ("handler", "in_flight", "lag", "outcomes", "queue")
 
     def __init__(self, queue: str) -> None:
         self.queue = queue
-        self.timings = Timings()  # for the lag's rule (its own counts go unread here)
         self.in_flight = _IN_FLIGHT.labels(queue)
         self.handler = _HANDLER_SECONDS.labels(queue)
         self.lag = _DELIVERY_LAG.labels(queue)
@@ -216,7 +215,7 @@ class _SharedSeries:
 
     def finished(self, message: Message, outcome: str, duration: float) -> None:
         self.in_flight.dec()
-        lag = self.timings.observe(message, duration, time.time() - duration)
+        lag = lag_of(message, time.time() - duration)
         if lag is not None:
             self.lag.observe(lag)
         child = self.outcomes.get(outcome)

@@ -26,6 +26,7 @@ __all__ = [
     "Histogram",
     "Timings",
     "WorkerStats",
+    "lag_of",
 ]
 
 #: Publish time in milliseconds since the epoch, set by publishers that have the metrics
@@ -67,11 +68,10 @@ class Timings:
 
     def observe(self, message: Message, duration: float, started: float) -> float | None:
         """A delivery carried out ``duration`` seconds after a slot took it at ``started``
-        (seconds since the epoch); returns its lag (seconds from publish to ``started``), None
-        when the wait was not the queue's or the publish time is unknown.
+        (seconds since the epoch); returns its lag (:func:`lag_of`).
 
-        No calls inside but the bisections: the runtime counts the same way, inline, once per
-        delivery (runtime.WorkerRuntime._finished).
+        The runtime counts the same way, inline, once per delivery
+        (runtime.WorkerRuntime._finished).
         """
         handler = self.handler
         # Sub-millisecond handlers, the only ones whose time the counting shows in, find their
@@ -79,24 +79,31 @@ class Timings:
         i = 0 if duration <= FIRST_HANDLER_BUCKET else bisect_left(HANDLER_BUCKETS, duration)
         handler.counts[i] += 1
         handler.sum += duration
-        if message._republished or message.redelivered:
-            # A retry or a scheduled message (out of the delay layout), one re-queued with its
-            # delivery count (a classic queue), a redelivery: the wait was not the queue's.
-            return None
-        headers = message.headers
-        sent = headers.get(PUBLISHED_AT_HEADER) if headers else None
-        if isinstance(sent, int) and type(sent) is not bool:  # set by a workerkit publisher
-            # (an int subclass off the wire: pika decodes 64-bit integers as its own ``long``)
-            lag = started - sent / 1000.0
-        elif message.timestamp:
-            lag = started - message.timestamp
-        else:
-            return None
-        if lag < 0.0:
-            lag = 0.0  # a host's clock behind the publisher's
-        self.lag.counts[bisect_left(LAG_BUCKETS, lag)] += 1
-        self.lag.sum += lag
+        lag = lag_of(message, started)
+        if lag is not None:
+            self.lag.counts[bisect_left(LAG_BUCKETS, lag)] += 1
+            self.lag.sum += lag
         return lag
+
+
+def lag_of(message: Message, started: float) -> float | None:
+    """Seconds from a message's publish to ``started`` (seconds since the epoch, when a handler
+    slot took it), at least 0; None when the wait was not the queue's or the publish time is
+    unknown."""
+    if message._republished or message.redelivered:
+        # A retry or a scheduled message (out of the delay layout), one re-queued with its
+        # delivery count (a classic queue), a redelivery: the wait was not the queue's.
+        return None
+    headers = message.headers
+    sent = headers.get(PUBLISHED_AT_HEADER) if headers else None
+    if isinstance(sent, int) and type(sent) is not bool:  # set by a workerkit publisher
+        # (an int subclass off the wire: pika decodes 64-bit integers as its own ``long``)
+        lag = started - sent / 1000.0
+    elif message.timestamp:
+        lag = started - message.timestamp
+    else:
+        return None
+    return lag if lag > 0.0 else 0.0  # 0: a host's clock behind the publisher's
 
 
 class WorkerStats(Protocol):
