@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pika import spec
 from pika.channel import ContentFrameAssembler
+from pika.compat import long
 from pika.exceptions import BodyTooLongError, InvalidFrameError
 
 from workerkit.message import Message
@@ -33,7 +34,17 @@ SLOTS = Message.__slots__
 
 
 def fields(message: Message) -> tuple[Any, ...]:
-    return tuple(getattr(message, name) for name in SLOTS)
+    return tuple(typed(getattr(message, name)) for name in SLOTS)
+
+
+def typed(value: Any) -> Any:
+    """``value`` with the type of everything in it: equal only when the types are too (pika
+    decodes a 64-bit integer as its ``long``, which it re-encodes as such; ``True == 1``)."""
+    if isinstance(value, dict):
+        return dict, [(typed(k), typed(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return list, [typed(v) for v in value]
+    return type(value), value
 
 
 # -- generated frames --------------------------------------------------------------------------
@@ -48,6 +59,7 @@ header_leaf = st.one_of(
     st.binary(max_size=10),
     st.booleans(),
     st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(2**63), 2**63 - 1).map(long),  # pika writes its long as a 64-bit integer
     st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-1000, max_value=1000),
     st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2100, 1, 1)).map(
         lambda d: d.replace(microsecond=0)
@@ -61,7 +73,8 @@ header_value = st.recursive(
     ),
     max_leaves=6,
 )
-headers = st.dictionaries(st.text(max_size=8), header_value, max_size=4)
+header_key = st.one_of(st.text(max_size=8), st.binary(max_size=8))  # bytes: not always UTF-8
+headers = st.dictionaries(header_key, header_value, max_size=4)
 
 
 @st.composite
@@ -179,8 +192,8 @@ def test_zero_length_body_is_delivered_at_its_header() -> None:
     ]
     reader.feed(b"".join(frames))
     assert log == pika_reading([frames])
-    assert log[0][2][SLOTS.index("body")] == b""
-    assert log[0][2][SLOTS.index("redelivered")] is True
+    assert log[0][2][SLOTS.index("body")] == (bytes, b"")
+    assert log[0][2][SLOTS.index("redelivered")] == (bool, True)
 
 
 def test_a_body_as_large_as_rabbitmqs_frame_max_in_one_frame_and_in_many() -> None:
@@ -237,8 +250,27 @@ def test_every_amqp_field_type_in_headers_decodes_like_pika() -> None:
     reader, log = reader_with_log()
     reader.feed(b"".join(frames))
     assert log == pika_reading([frames])
-    got = log[0][2][SLOTS.index("headers")]
-    assert got["D"] == Decimal("123.45") and got["u"] == 60000 and got["s"] == -3
+    got = dict(log[0][2][SLOTS.index("headers")][1])
+    assert got[str, "D"] == (Decimal, Decimal("123.45"))
+    assert got[str, "u"] == (int, 60000) and got[str, "s"] == (int, -3)
+    assert got[str, "l"] == (long, -(2**40)) and got[str, "t"] == (bool, True)
+    assert got[str, "S"] == (str, "é") and got[str, "x"] == (bytes, b"\xff\x00")
+
+
+def test_header_keys_are_decoded_once_and_the_cache_stays_bounded() -> None:
+    def delivery(tag: int, key: str) -> list[bytes]:
+        props = spec.BasicProperties(headers={key: tag, "same": "x"})
+        return [
+            pika.frame.Method(1, spec.Basic.Deliver("ctag1.fast", tag, False, "e", "r")).marshal(),
+            pika.frame.Header(1, 1, props).marshal(),
+            pika.frame.Body(1, b"x").marshal(),
+        ]
+
+    items = [delivery(i + 1, f"key-{i}") for i in range(_fastframes._NAMES + 10)]
+    reader, log = reader_with_log()
+    reader.feed(b"".join(raw for frames in items for raw in frames))
+    assert log == pika_reading(items)
+    assert len(reader._names) == _fastframes._NAMES  # every key decoded, only some kept
 
 
 def test_continued_property_flags_are_skipped_like_pika() -> None:
@@ -254,7 +286,7 @@ def test_continued_property_flags_are_skipped_like_pika() -> None:
     reader, log = reader_with_log()
     reader.feed(b"".join(frames))
     assert log == pika_reading([frames])
-    assert log[0][2][SLOTS.index("message_id")] == "id"
+    assert log[0][2][SLOTS.index("message_id")] == (str, "id")
 
 
 def test_unregistered_consumers_and_forgotten_channels_go_to_pika() -> None:

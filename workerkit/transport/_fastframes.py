@@ -5,7 +5,8 @@ into objects (a Frame, a Deliver, a Header, a BasicProperties of fourteen fields
 copies its whole receive buffer after every frame to trim it, and routes the three through its
 channel's content assembler and consumer dispatch: most of the CPU a delivery costs. Here one
 loop walks the bytes with ``struct.unpack_from`` and builds the :class:`Message` directly,
-decoding only the properties a Message has (and none past the timestamp, the last of them).
+decoding only the properties a Message has (and none past the timestamp, the last of them), the
+headers with a table reader of its own for the kinds of value they mostly carry.
 
 Only deliveries to a consumer registered here take this path. Every other frame, and the frames
 of any other delivery, is handed to pika's own decoder unchanged and in order, so RPC replies,
@@ -20,7 +21,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from pika.data import decode_table
+from pika.compat import long
+from pika.data import decode_value
 from pika.exceptions import BodyTooLongError, InvalidFrameError
 
 from ..message import Message
@@ -33,6 +35,9 @@ ENABLED = True
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_I32 = struct.Struct(">i")
+_I64 = struct.Struct(">q")
 _CONTENT = struct.Struct(">HHQH")  # class, weight, body size, first property-flags word
 _ACK = struct.Struct(">BHIIQBB")
 _DELIVER_ID = struct.pack(">HH", 60, 60)  # Basic.Deliver: class 60, method 60
@@ -74,6 +79,50 @@ def _decoded(raw: bytes) -> Any:
         return raw
 
 
+def _table(data: bytes, at: int, names: dict[bytes, Any]) -> tuple[dict[Any, Any], int]:
+    """An AMQP field table, decoded as ``pika.data.decode_table`` decodes it, value types
+    included (pika's ``long`` for 64-bit integers: it re-encodes them as such).
+
+    The kinds of value headers mostly carry (long strings, 32- and 64-bit integers, booleans,
+    tables) are read here, any other by pika's ``decode_value``. pika tests a value's kind
+    against each of sixteen in turn and unpacks through format strings: one 64-bit header cost a
+    delivery about 4,600 instructions more than here (callgrind), five headers 2.6 us against
+    1.3 (timeit). Keys repeat from message to message: they are kept decoded in ``names``
+    (bounded), like the content types.
+    """
+    end = at + 4 + _U32.unpack_from(data, at)[0]
+    at += 4
+    table: dict[Any, Any] = {}
+    while at < end:
+        stop = at + 1 + data[at]
+        raw = data[at + 1 : stop]
+        key = names.get(raw)
+        if key is None:
+            key = _decoded(raw)
+            if len(names) < _NAMES:
+                names[raw] = key
+        kind = data[stop]
+        at = stop + 1
+        if kind == 0x53:  # S: long string
+            stop = at + 4 + _U32.unpack_from(data, at)[0]
+            table[key] = _decoded(data[at + 4 : stop])
+            at = stop
+        elif kind == 0x6C:  # l: 64-bit integer
+            table[key] = long(_I64.unpack_from(data, at)[0])
+            at += 8
+        elif kind == 0x49:  # I: 32-bit integer
+            table[key] = _I32.unpack_from(data, at)[0]
+            at += 4
+        elif kind == 0x74:  # t: boolean
+            table[key] = data[at] != 0
+            at += 1
+        elif kind == 0x46:  # F: table
+            table[key], at = _table(data, at, names)
+        else:
+            table[key], at = decode_value(data, stop)
+    return table, at
+
+
 def _short(data: bytes, at: int) -> tuple[str | bytes, int]:
     """An AMQP short string as pika decodes it: text, or the raw bytes when not UTF-8."""
     end = at + 1 + data[at]
@@ -108,7 +157,7 @@ class FrameReader:
         self.pending_size = 0
         self.need = _MIN_FRAME  # bytes the pending frame needs before it can be read
         self.frames = 0  # frames taken here (pika counts the ones it decodes)
-        # Exchange, routing key and content type names seen, decoded once (bounded).
+        # Exchange, routing key, content type and header names seen, decoded once (bounded).
         self._names: dict[bytes, str | bytes] = {}
 
     def register(self, channel_number: int, consumer_tag: str, on_message: OnMessage) -> None:
@@ -299,7 +348,7 @@ def _properties(  # noqa: C901 - one test per property flag, in wire order
     if flags & _CONTENT_ENCODING:
         message.content_encoding, at = _short(data, at)  # type: ignore[assignment]
     if flags & _HEADERS:
-        message.headers, at = decode_table(data, at)
+        message.headers, at = _table(data, at, names)
     if flags & _DELIVERY_MODE:
         at += 1
     if flags & _PRIORITY:
