@@ -98,9 +98,7 @@ def _table(data: bytes, at: int, names: dict[bytes, Any]) -> tuple[dict[Any, Any
         raw = data[at + 1 : stop]
         key = names.get(raw)
         if key is None:
-            key = _decoded(raw)
-            if len(names) < _NAMES:
-                names[raw] = key
+            key = _remembered(names, raw)
         kind = data[stop]
         at = stop + 1
         if kind == 0x53:  # S: long string
@@ -121,6 +119,14 @@ def _table(data: bytes, at: int, names: dict[bytes, Any]) -> tuple[dict[Any, Any
         else:
             table[key], at = decode_value(data, stop)
     return table, at
+
+
+def _remembered(names: dict[bytes, Any], raw: bytes) -> Any:
+    """A name not in ``names`` yet, decoded, and kept while there is room."""
+    name = _decoded(raw)
+    if len(names) < _NAMES:
+        names[raw] = name
+    return name
 
 
 def _short(data: bytes, at: int) -> tuple[str | bytes, int]:
@@ -331,7 +337,7 @@ def _after_flags(data: bytes, at: int) -> int:
     return at
 
 
-def _properties(  # noqa: C901 - one test per property flag, in wire order
+def _properties(
     message: Message, flags: int, data: bytes, at: int, names: dict[bytes, Any]
 ) -> None:
     """Set the properties Message has, in wire order, and stop after the timestamp."""
@@ -340,9 +346,7 @@ def _properties(  # noqa: C901 - one test per property flag, in wire order
         raw = data[at + 1 : end]
         value = names.get(raw)  # a handful of content types, over and over
         if value is None:
-            value = _decoded(raw)
-            if len(names) < _NAMES:
-                names[raw] = value
+            value = _remembered(names, raw)
         message.content_type = value
         at = end
     if flags & _CONTENT_ENCODING:
