@@ -13,12 +13,15 @@ The verdict (``judge``) is what the soak asserts, collected as a list of plain-E
   attempts) that reached the DLQ, or one that always fails / rejects that a handler finished,
   or a DLQ copy without workerkit's headers (reason, attempt, error type, queue), or a retry
   ladder with a missing attempt;
-* **duplicates** beyond at-least-once: a fault can make one extra copy of each message it
-  catches in flight (a redelivery of an unacked delivery, or a re-sent publish whose confirm
-  was lost), so a message may be handled (or dead-lettered) once more per fault near its life
-  and no more; and all extra copies together stay within the messages in flight at the faults
-  (``capacity``). A copy per retry cycle under an alarm (a retry copy whose publish timed out
-  is still delivered later, while the nacked original makes another) breaks the first bound.
+* **duplicates** beyond at-least-once: a fault can make one extra copy of a message it catches
+  in flight on each side it reaches: a redelivery of an unacked delivery (it reaches the
+  message's worker) and a re-sent publish whose confirm was lost (it reaches its publisher). A
+  node or proxy fault can do both to a message consumed before its confirm came back; a kill -9
+  reaches one worker, and an alarm counts once however long it lasts. So a message may be
+  handled (or dead-lettered) once more per side of each fault near its life and no more; and
+  all extra copies together stay within the messages in flight at the faults (``capacity``). A
+  copy per retry cycle under an alarm (a retry copy whose publish timed out is still delivered
+  later, while the nacked original makes another) breaks the first bound.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ class Fault:
     kind: str
     duration: float = 0.0  # for stall, stop_app and alarm
     target: int = 0  # worker index, for kill9
+
+    @property
+    def copies(self) -> int:
+        """Extra copies this fault can make of one message it catches in flight: a redelivery,
+        and a re-sent publish where it reaches the publishers too (the soak's proxy carries
+        publishers and workers alike)."""
+        return 1 if self.kind in (KILL9, ALARM) else 2
 
     def describe(self) -> str:
         extra = f" for {self.duration:.1f}s" if self.duration else ""
@@ -135,7 +145,9 @@ class Observed:
     finished: collections.Counter[str]
     dlq: dict[str, list[dict[str, Any]]]  # id -> headers of each DLQ copy
     runs: dict[str, list[tuple[int, str, float]]]  # id -> (attempt, verdict, time) per run
-    windows: list[tuple[float, float]]  # wall time (start, end) of each fault executed
+    # wall time (start, end) of each fault executed, and the extra copies it can make of one
+    # message (Fault.copies)
+    windows: list[tuple[float, float, int]]
     capacity: int  # total in-flight messages the executed faults could duplicate
     problems: list[str] = field(default_factory=list)
 
@@ -203,13 +215,14 @@ def copies(obs: Observed, mid: str) -> int:
     return obs.finished.get(mid, 0) + len(obs.dlq.get(mid, []))
 
 
-def faults_near(obs: Observed, mid: str) -> int:
-    """Faults whose window (plus FAULT_SLACK) overlaps the message's life: from its publish
-    attempt to its last handler run."""
+def faults_near(obs: Observed, mid: str) -> tuple[int, int]:
+    """The faults whose window (plus FAULT_SLACK) overlaps the message's life, from its publish
+    attempt to its last handler run, and the extra copies of it they can make together."""
     born = obs.attempted_at.get(mid, 0.0)
     times = [t for _, _, t in obs.runs.get(mid, [])]
     died = max(times, default=born)
-    return sum(1 for start, end in obs.windows if start <= died and born <= end + FAULT_SLACK)
+    near = [n for start, end, n in obs.windows if start <= died and born <= end + FAULT_SLACK]
+    return len(near), sum(near)
 
 
 def _duplicates(obs: Observed) -> list[str]:
@@ -220,12 +233,12 @@ def _duplicates(obs: Observed) -> list[str]:
         if extra <= 0:
             continue
         extra_total += extra
-        near = faults_near(obs, mid)
-        if extra > near:
+        near, bound = faults_near(obs, mid)
+        if extra > bound:
             runs = collections.Counter(attempt for attempt, _, _ in obs.runs.get(mid, []))
             problems.append(
                 f"{mid} handled or dead-lettered {copies(obs, mid)} times with {near} fault(s)"
-                f" near its life (bound: {near} extra); runs per attempt {dict(runs)}"
+                f" near its life (bound: {bound} extra); runs per attempt {dict(runs)}"
             )
     if extra_total > obs.capacity:
         problems.append(f"{extra_total} duplicates in all > in-flight bound {obs.capacity}")

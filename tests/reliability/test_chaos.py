@@ -144,7 +144,7 @@ class Chaos:
         self.broker = broker
         self.proxy = proxy
         self.start_worker = start_worker
-        self.windows: list[tuple[float, float]] = []
+        self.windows: list[tuple[float, float, int]] = []
         self.done: list[str] = []
         self._stopped = self._alarm = self._stalled = False
 
@@ -185,10 +185,10 @@ class Chaos:
                     started[fault] = time.time()
                     self._begin(fault)
                     if not fault.duration:
-                        self.windows.append((started[fault], time.time()))
+                        self.windows.append((started[fault], time.time(), fault.copies))
                 else:
                     self._end(fault)
-                    self.windows.append((started[fault], time.time()))
+                    self.windows.append((started[fault], time.time(), fault.copies))
                 took = time.monotonic() - t0 - at
                 what = "start" if begins else "end"
                 self.done.append(f"{what} {fault.describe()} (done {took:.1f}s after its time)")
@@ -327,8 +327,17 @@ def test_the_oracle_can_fail() -> None:
     assert "without running attempt(s) [2]" in " ".join(chaos.judge(observed(runs=skipped)))
     twice = collections.Counter({ok: 2})
     assert "0 fault(s) near" in " ".join(chaos.judge(observed(finished=twice)))
-    near = observed(finished=twice, windows=[(1.5, 1.6)], capacity=20)
+    near = observed(finished=twice, windows=[(1.5, 1.6, 1)], capacity=20)
     assert chaos.judge(near) == []  # one fault near: one extra copy is at-least-once
+    thrice = collections.Counter({ok: 3})
+    worker_side = observed(finished=thrice, windows=[(1.5, 1.6, 1)], capacity=20)
+    assert "bound: 1 extra" in " ".join(chaos.judge(worker_side))
+    # A node fault between the publish and its confirm, the handler's run and its ack: the
+    # publisher sends it again and the broker delivers the first copy again.
+    both_sides = observed(finished=thrice, windows=[(1.5, 1.6, 2)], capacity=20)
+    assert chaos.judge(both_sides) == []
+    assert chaos.judge(observed(finished=thrice, windows=[(1.5, 1.6, 2)], capacity=1)) != []
+    assert [chaos.Fault(1.0, kind).copies for kind in chaos.KINDS] == [1, 2, 2, 2, 2, 1]
 
 
 @pytest.mark.chaos
