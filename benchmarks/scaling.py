@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -101,14 +102,36 @@ def declare(url: str, queue: str, cpu_ms: float) -> None:
 
 def drain(url: str, queue: str, count: int, processes: int, cpu_ms: float) -> dict[str, Any]:
     """Time ``workerkit run --processes N --burst`` emptying a queue of ``count`` messages."""
-    group = subprocess.Popen(
-        [sys.executable, "-m", "workerkit", "run", APP, "--burst", "--processes", str(processes)],
-        cwd=ROOT,
-        env=group_env(url, queue, cpu_ms),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # The group's log goes to a file: a pipe nobody reads while it runs can fill and stall it.
+    argv = [sys.executable, "-m", "workerkit", "run", APP, "--burst", "--processes", str(processes)]
+    with tempfile.TemporaryFile("w+") as log:
+        env = group_env(url, queue, cpu_ms)
+        group = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            started, ended, code = _watch_drain(url, queue, count, group)
+        finally:
+            if group.poll() is None:  # the watch itself failed: no group outlives it
+                group.kill()
+                group.wait(10)
+        if ended is None or started is None or code != 0:
+            log.seek(0)
+            raise RuntimeError(f"the group did not drain the queue (exit {code}): {log.read()}")
+    # The first poll that saw messages taken is up to one poll late: count one poll in.
+    seconds = max(ended - started + 0.02, 1e-3)
+    return {
+        "processes": processes,
+        "count": count,
+        "seconds": round(seconds, 3),
+        "msg_per_s": round(count / seconds, 1),
+        "cpu_ms": cpu_ms,
+    }
+
+
+def _watch_drain(
+    url: str, queue: str, count: int, group: subprocess.Popen[bytes]
+) -> tuple[float | None, float | None, int]:
+    """When the group took its first message and when the queue was empty (None: never), and
+    the group's exit code."""
     started = ended = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -122,18 +145,7 @@ def drain(url: str, queue: str, count: int, processes: int, cpu_ms: float) -> di
         if group.poll() is not None:
             break
         time.sleep(0.02)
-    code = group.wait(120)
-    if ended is None or started is None or code != 0:
-        raise RuntimeError(f"the group did not drain the queue (exit {code}): {group.stderr}")
-    # The first poll that saw messages taken is up to one poll late: count one poll in.
-    seconds = max(ended - started + 0.02, 1e-3)
-    return {
-        "processes": processes,
-        "count": count,
-        "seconds": round(seconds, 3),
-        "msg_per_s": round(count / seconds, 1),
-        "cpu_ms": cpu_ms,
-    }
+    return started, ended, group.wait(120)
 
 
 def processes_case(

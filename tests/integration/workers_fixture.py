@@ -194,6 +194,9 @@ def kill_leftovers() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:  # else the GC reports it, unclosed, in some later test
+                pipe.close()
 
 
 def log_lines(logfile: Path, kind: str) -> list[str]:
