@@ -86,9 +86,9 @@ def _table(data: bytes, at: int, names: dict[bytes, Any]) -> tuple[dict[Any, Any
     The kinds of value headers mostly carry (long strings, 32- and 64-bit integers, booleans,
     tables) are read here, any other by pika's ``decode_value``. pika tests a value's kind
     against each of sixteen in turn and unpacks through format strings: one 64-bit header cost a
-    delivery about 4,600 instructions more than here (callgrind), five headers 2.6 us against
-    1.3 (timeit). Keys repeat from message to message: they are kept decoded in ``names``
-    (bounded), like the content types.
+    delivery about 13,000 instructions end to end, 8,000 here (callgrind, benchmarks/METRICS.md),
+    five headers 2.6 us against 1.3 (timeit). Keys repeat from message to message: they are
+    kept decoded in ``names`` (bounded), like the content types.
     """
     end = at + 4 + _U32.unpack_from(data, at)[0]
     at += 4
