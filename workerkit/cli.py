@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
@@ -204,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="Worker processes under one supervising parent (default: WORKERKIT_PROCESSES, 1).",
 )
 @click.option("--status-fd", type=int, hidden=True, help="Set by the supervisor for its children.")
+@click.option(
+    "--child-metrics",
+    is_flag=True,
+    hidden=True,
+    help="Set by a supervisor that serves /metrics: record them for it.",
+)
 def run(
     targets: tuple[str, ...],
     concurrency: int | None,
@@ -216,6 +223,7 @@ def run(
     health_host: str,
     processes: int | None,
     status_fd: int | None,
+    child_metrics: bool,
 ) -> None:
     """Run workers until SIGTERM/SIGINT, then drain in-flight handlers and exit 0.
 
@@ -227,7 +235,9 @@ def run(
     settings = settings_from(url)
     configure_logging((log_level or settings.log_level).upper(), log_format or settings.log_format)
     middleware = []
-    if health_port is not None:  # /metrics is served with the probes
+    # /metrics is served with the probes: by this process, or by the supervisor of its group
+    # from what its children record (prometheus_client's multiprocess files).
+    if health_port is not None or child_metrics:
         from .metrics import Metrics
 
         middleware.append(Metrics())
@@ -262,8 +272,14 @@ async def _run_with_health(
     if status_fd is not None:
         from .supervisor import report_to_supervisor
 
+        # A terminal's Ctrl-C reaches the whole group; the supervisor relays it as SIGTERM,
+        # which alone must start the drain (a second stop request would cut it short).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
         reporter = asyncio.ensure_future(
-            report_to_supervisor(status_fd, lambda: bool(runner.healthy), runner.stop)
+            report_to_supervisor(
+                status_fd, lambda: bool(runner.healthy), runner.stop, runner.is_ready
+            )
         )
     try:
         if port is None:

@@ -53,9 +53,10 @@ class Endpoint:
 
 def endpoint(settings: Settings, given: str | None = None) -> Endpoint:
     """The API for ``settings``: ``given`` (a command-line option), else
-    ``settings.management_url``, else derived from the AMQP URL. Credentials in the address
-    win; else the AMQP URL's (guest/guest when it has none)."""
-    amqp = urlsplit(settings.url.get_secret_value())
+    ``settings.management_url``, else derived from the AMQP URL (the first of a list: any node
+    of a cluster serves the whole cluster's API). Credentials in the address win; else the AMQP
+    URL's (guest/guest when it has none)."""
+    amqp = urlsplit(settings.urls[0])
     vhost = unquote(amqp.path[1:]) if len(amqp.path) > 1 else "/"
     auth = (unquote(amqp.username or "guest"), unquote(amqp.password or "guest"))
     if given is None and settings.management_url is not None:

@@ -207,7 +207,7 @@ class _SharedSeries:
         self.handler = _HANDLER_SECONDS.labels(queue)
         self.lag = _DELIVERY_LAG.labels(queue)
         self.outcomes: dict[str, Any] = {
-            outcome: _MESSAGES.labels(queue, outcome) for outcome in HANDLER_OUTCOMES[:5]
+            outcome: _MESSAGES.labels(queue, outcome) for outcome in HANDLER_OUTCOMES
         }
 
     def started(self) -> None:

@@ -30,6 +30,7 @@ from .reply import reply_mandatory
 from .retry import reconnecting
 from .runtime import LEASE, WorkerRuntime, byte_cap, window
 from .settings import Settings, load_settings
+from .signals import StopRequests
 from .topology import Topology
 from .transport import default_transport
 from .transport.base import Channel, Connection, Transport
@@ -98,6 +99,7 @@ class Runner:
         self._state = RunnerState.STOPPED
         self.reconnects = 0
         self.last_recovery: float | None = None
+        self._stop_requests = StopRequests()
 
     # -- public ------------------------------------------------------------------------------
 
@@ -449,7 +451,12 @@ class Runner:
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[signal.Signals]:
         installed = []
+        self._stop_requests = StopRequests()
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                # Ignored when we started (a background job; a supervised child, whose parent
+                # relays Ctrl-C as SIGTERM): the Unix convention is to leave it ignored.
+                continue
             try:
                 loop.add_signal_handler(sig, self._on_signal, sig)
                 installed.append(sig)
@@ -458,8 +465,12 @@ class Runner:
         return installed
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        if self._stop is not None and self._stop.is_set():
-            log.warning("received %s again; not waiting for running handlers", sig.name)
+        request = self._stop_requests.count(sig)
+        if request is None:
+            log.debug("received %s twice at once (a process-group signal); one request", sig.name)
+            return
+        if request > 1 or (self._stop is not None and self._stop.is_set()):
+            log.warning("received %s, a second stop; not waiting for running handlers", sig.name)
             for rt in self.runtimes:
                 rt.hurry()
             return

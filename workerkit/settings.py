@@ -300,6 +300,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{where}{exc}") from None
         return value
 
+    @field_validator("management_url")
+    @classmethod
+    def _check_management_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # "notaurl" would become http://localhost/notaurl and fall back to AMQP in silence.
+        if value is not None:
+            scheme, sep, rest = value.get_secret_value().partition("://")
+            if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+                raise ValueError("must be an http:// or https:// address (http://host:15672)")
+        return value
+
     @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
     @classmethod
     def _readable_file(cls, value: str | None) -> str | None:

@@ -13,21 +13,23 @@ The parent runs no handler and opens no AMQP connection. It starts N children, e
   ``shutdown_grace`` as usual, and the parent exits 0 once they all did. A child still running
   ``KILL_MARGIN`` seconds past the grace period is killed (exit 1). A second signal escalates:
   every child is killed at once (their unacked messages go back to the broker) and the exit is 1;
-* **reports health for the group**: each child writes one status byte (``1`` healthy, ``0`` not)
-  to a pipe every ``STATUS_INTERVAL`` seconds; the group is healthy only while every child is
-  alive and its last status, no older than ``STATUS_STALE`` seconds, is ``1``. A child whose pipe
-  breaks (the parent was killed) drains and exits on its own.
+* **reports health and readiness for the group**: each child writes one status digit to a pipe
+  every ``STATUS_INTERVAL`` seconds (:func:`status_digit`: healthy, ready, both or neither); the
+  group is healthy (``/health``) only while every child is alive and its last status, no older
+  than ``STATUS_STALE`` seconds, says healthy, and ready (``/ready``) only while every child
+  says ready the same way and the group is not draining. A child whose pipe breaks (the parent
+  was killed) drains and exits on its own.
 
 Metrics: the parent gives its children ``PROMETHEUS_MULTIPROC_DIR``, a fresh directory per run
-(removed at exit), so prometheus_client's multiprocess mode can merge every child's samples;
-the files of a child that exits are marked dead when prometheus_client is installed.
+(removed at exit), so prometheus_client's multiprocess mode can merge every child's samples,
+and, when it serves ``/metrics`` (``--health-port``), tells them to record them
+(``--child-metrics``); the files of a child that exits are marked dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import random
@@ -40,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .settings import Settings
+from .signals import StopRequests
 
 __all__ = ["Supervisor", "report_to_supervisor"]
 
@@ -64,6 +67,7 @@ class Child:
     proc: asyncio.subprocess.Process | None = None
     status_fd: int | None = None
     healthy: bool = False
+    ready: bool = False
     seen_at: float = 0.0
     ever_healthy: bool = False
     crashes: int = 0  # consecutive crashes since it was last healthy
@@ -90,22 +94,31 @@ class Supervisor:
         self.exit_code: int | None = None
         self._stop = asyncio.Event()
         self._changed = asyncio.Event()
-        self._signals = 0
+        self._stop_requests = StopRequests()
 
     # -- health --------------------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
         now = time.monotonic()
-        return all(
-            c.done
-            or (
-                c.proc is not None
-                and c.proc.returncode is None
-                and c.healthy
-                and now - c.seen_at < STATUS_STALE
-            )
-            for c in self.children
+        return all(c.done or (self._reporting(c, now) and c.healthy) for c in self.children)
+
+    @property
+    def ready(self) -> bool:
+        """Every child ready (consumers attached, publish path open) and the group not
+        draining: a load balancer stops sending at once, not when the children notice."""
+        if self._stop.is_set():
+            return False
+        now = time.monotonic()
+        return all(c.done or (self._reporting(c, now) and c.ready) for c in self.children)
+
+    @staticmethod
+    def _reporting(child: Child, now: float) -> bool:
+        """Alive, and its last status is recent (a hung child stops reporting)."""
+        return (
+            child.proc is not None
+            and child.proc.returncode is None
+            and now - child.seen_at < STATUS_STALE
         )
 
     # -- the loop ------------------------------------------------------------------------
@@ -224,7 +237,7 @@ class Supervisor:
         finally:
             os.close(write_fd)
         child.status_fd = read_fd
-        child.healthy = False
+        child.healthy = child.ready = False
         child.seen_at = time.monotonic()
         asyncio.get_running_loop().add_reader(read_fd, self._read_status, child)
         child.waiter = asyncio.ensure_future(child.proc.wait())
@@ -243,7 +256,7 @@ class Supervisor:
         if not data:  # the child closed its end: it is exiting
             self._close_pipe(child)
             return
-        child.healthy = data[-1:] == b"1"
+        child.healthy, child.ready = read_status_digit(data[-1:])
         child.seen_at = time.monotonic()
         if child.healthy and not child.ever_healthy:
             child.ever_healthy = True
@@ -255,13 +268,15 @@ class Supervisor:
                 asyncio.get_running_loop().remove_reader(child.status_fd)
             os.close(child.status_fd)
             child.status_fd = None
-        child.healthy = False
+        child.healthy = child.ready = False
 
     # -- stopping ------------------------------------------------------------------------
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        self._signals += 1
-        if self._signals == 1:
+        request = self._stop_requests.count(sig)
+        if request is None:
+            return  # the same signal twice at once: a process-group kill (see signals.py)
+        if request == 1:
             log.info("received %s; draining %d worker processes", sig.name, self._running())
             if self.exit_code is None:
                 self.exit_code = 0
@@ -309,12 +324,11 @@ class Supervisor:
         return code
 
     def _forget_metrics(self, pid: int) -> None:
-        try:  # an optional dependency (the metrics extra); by name, so mypy needs no stubs
-            multiprocess = importlib.import_module("prometheus_client.multiprocess")
-        except ImportError:
-            return
+        """A gone child's live gauges (in flight) leave the sum; its counters stay."""
+        from prometheus_client import multiprocess
+
         with contextlib.suppress(OSError):
-            multiprocess.mark_process_dead(pid, self.metrics_dir)
+            multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
 
 
 def _describe_exit(code: int) -> str:
@@ -336,19 +350,39 @@ def child_command(targets: Sequence[str], options: Mapping[str, object]) -> list
     return command
 
 
-async def report_to_supervisor(
-    fd: int, is_healthy: Callable[[], bool], stop: Callable[[], None]
-) -> None:
-    """In a child: write one health byte to ``fd`` every STATUS_INTERVAL seconds.
+def status_digit(healthy: bool, ready: bool) -> bytes:
+    """A child's status as one ASCII digit: ``0`` neither, ``1`` healthy, ``2`` ready,
+    ``3`` both."""
+    return b"0123"[healthy + 2 * ready :][:1]
 
-    ``is_healthy`` and ``stop`` are the runner's ``healthy`` getter and ``stop`` method. When the
-    pipe breaks the parent is gone (killed): the child drains and exits rather than run orphaned.
+
+def read_status_digit(digit: bytes) -> tuple[bool, bool]:
+    """(healthy, ready) from :func:`status_digit`; anything else is neither."""
+    value = digit[0] - 0x30 if len(digit) == 1 else -1
+    if not 0 <= value <= 3:
+        return False, False
+    return bool(value & 1), bool(value & 2)
+
+
+async def report_to_supervisor(
+    fd: int,
+    is_healthy: Callable[[], bool],
+    stop: Callable[[], None],
+    is_ready: Callable[[], bool] | None = None,
+) -> None:
+    """In a child: write its status (:func:`status_digit`) to ``fd`` every STATUS_INTERVAL
+    seconds.
+
+    ``is_healthy``, ``stop`` and ``is_ready`` are the runner's ``healthy`` getter, ``stop`` and
+    ``is_ready`` methods (without ``is_ready``, ready means healthy). When the pipe breaks the
+    parent is gone (killed): the child drains and exits rather than run orphaned.
     """
     os.set_blocking(fd, False)
+    ready = is_ready if is_ready is not None else is_healthy
     try:
         while True:
             try:
-                os.write(fd, b"1" if is_healthy() else b"0")
+                os.write(fd, status_digit(is_healthy(), ready()))
             except BlockingIOError:
                 pass  # the parent is slow to read; the next byte will do
             except (BrokenPipeError, OSError):
@@ -372,13 +406,16 @@ async def supervise(
     """``workerkit run --processes N``: the exit code of the group.
 
     Children get the parent's environment with the parent's URL (so ``--url`` reaches them
-    without appearing in their command line) and ``WORKERKIT_PROCESSES=1``.
+    without appearing in their command line) and ``WORKERKIT_PROCESSES=1``; with a health port,
+    ``--child-metrics`` so that they record what the parent's ``/metrics`` serves.
     """
     from .cli import health_endpoint
 
     env = dict(os.environ)
     env["WORKERKIT_URL"] = settings.url.get_secret_value()
     env["WORKERKIT_PROCESSES"] = "1"
+    if health_port is not None:
+        options = {**options, "--child-metrics": True}
     supervisor = Supervisor(
         child_command(targets, options), processes, grace=settings.shutdown_grace, env=env
     )
@@ -388,6 +425,7 @@ async def supervise(
         lambda: supervisor.healthy,
         health_host,
         health_port,
+        is_ready=lambda: supervisor.ready,
         metrics=lambda: render(supervisor.metrics_dir or None),
     ):
         return await supervisor.run()

@@ -68,19 +68,30 @@ class Group:
         command = [sys.executable, "-m", "workerkit", "run", "tests.scaleout.app"]
         command += ["--processes", str(processes), "--health-port", str(self.health_port)]
         command += ["--health-host", "127.0.0.1", *args]
+        # A session of its own: a test may signal the whole process group, as a terminal does.
         self.proc = subprocess.Popen(
-            command, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def health(self) -> int | None:
-        url = f"http://127.0.0.1:{self.health_port}/health"
+        return self.get("/health")[0]
+
+    def get(self, path: str) -> tuple[int | None, str]:
+        """(status, body) of ``GET path`` on the group's health port; (None, "") if refused."""
+        url = f"http://127.0.0.1:{self.health_port}{path}"
         try:
             with urllib.request.urlopen(url, timeout=2) as reply:
-                return int(reply.status)
+                return int(reply.status), reply.read().decode()
         except urllib.error.HTTPError as exc:
-            return int(exc.code)
+            with exc:
+                return int(exc.code), exc.read().decode()
         except OSError:
-            return None
+            return None, ""
 
     def wait_healthy(self, timeout: float = 60.0) -> None:
         wait_until(

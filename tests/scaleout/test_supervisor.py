@@ -64,6 +64,21 @@ def test_sigterm_drains_every_child_and_exits_0(
     assert len(done) < 20, "the drain stopped consuming instead of emptying the queue"
 
 
+def test_ctrl_c_to_the_process_group_drains_every_child(
+    broker_url: str, queue: str, group: Callable[..., Group]
+) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the parent and every child; the parent relays it as
+    SIGTERM. Taken as two stop requests, the children would abandon their handlers."""
+    g = group(broker_url, queue, 2, "--concurrency", "1")
+    g.wait_healthy()
+    publish_tasks(broker_url, "wkt", queue, bodies(2, 2.0))
+    wait_until(lambda: len({x.pid for x in g.lines() if x.kind == "start"}) == 2, 30, "2 handlers")
+    os.killpg(g.proc.pid, signal.SIGINT)
+    assert g.wait(30) == 0, g.log()
+    assert g.done() == {0, 1}, f"in-flight handlers were abandoned:\n{g.log()}"
+    assert "not waiting for running handlers" not in g.log()
+
+
 def test_a_second_signal_kills_the_children_at_once(
     broker_url: str, queue: str, group: Callable[..., Group]
 ) -> None:
@@ -121,6 +136,47 @@ def test_bad_targets_fail_in_the_parent_before_any_child(
     assert g.wait(30) == 2, g.log()
     assert "cannot import 'tests.scaleout.no_such_module'" in g.log()
     assert "started (pid" not in g.log()
+
+
+def _sample(text: str, series: str) -> float | None:
+    """The value of one exposition line ``series value``; None when the series is absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_the_group_serves_readiness_and_the_metrics_of_every_child(
+    broker_url: str, queue: str, group: Callable[..., Group]
+) -> None:
+    g = group(broker_url, queue, 2, "--concurrency", "2")
+    g.wait_healthy()
+    wait_until(lambda: g.get("/ready")[0] == 200, 15, "the group to be ready")
+    _, text = g.get("/metrics")
+    for outcome in ("acked", "retried", "dead_lettered", "rejected", "invalid"):
+        series = f'workerkit_messages_total{{outcome="{outcome}",queue="{queue}"}}'
+        assert _sample(text, series) == 0.0, f"{series} must exist from start-up:\n{text}"
+    for outcome in ("requeued", "given_back"):
+        series = f'workerkit_messages_total{{outcome="{outcome}",queue="{queue}"}}'
+        assert _sample(text, series) == 0.0, f"{series} must exist from start-up:\n{text}"
+
+    publish_tasks(broker_url, "wkt", queue, [*bodies(40, 0.0), b"not json"])
+    acked = f'workerkit_messages_total{{outcome="acked",queue="{queue}"}}'
+    wait_until(lambda: _sample(g.get("/metrics")[1], acked) == 40, 30, "40 acked in /metrics")
+    _, text = g.get("/metrics")
+    assert _sample(text, f'workerkit_messages_total{{outcome="invalid",queue="{queue}"}}') == 1
+    assert _sample(text, f'workerkit_handler_seconds_count{{queue="{queue}"}}') == 41
+    assert len({line.pid for line in g.lines()}) == 2, "both children handled some"
+
+    publish_tasks(broker_url, "wkt", queue, bodies(2, 3.0, start=100))
+    wait_until(lambda: {100, 101} <= {x.n for x in g.lines() if x.kind == "start"}, 30, "2 slow")
+    in_flight = f'workerkit_in_flight{{queue="{queue}"}}'
+    assert _sample(g.get("/metrics")[1], in_flight) == 2
+    g.signal(signal.SIGTERM)
+    wait_until(lambda: g.get("/ready")[0] == 503, 5, "/ready to say 503 while draining")
+    assert not {100, 101} <= g.done(), "the drain was still running when /ready said 503"
+    assert g.wait(30) == 0, g.log()
+    assert {100, 101} <= g.done()
 
 
 def test_group_health_is_503_while_one_child_is_down(

@@ -66,8 +66,9 @@ def test_deployments_run_real_workers_with_valid_settings_and_time_to_drain() ->
     assert secret["valueFrom"]["secretKeyRef"]["name"] == "workerkit-broker"
     port = int(command[command.index("--health-port") + 1])
     assert container["ports"][0]["containerPort"] == port
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/health"
+    # The supervisor of WORKERKIT_PROCESSES children serves both (tests/scaleout).
+    for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+        assert container[probe]["httpGet"]["path"] == path
         assert container[probe]["httpGet"]["port"] == container["ports"][0]["name"]
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 120, (

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from workerkit import Settings
+from workerkit import ConfigurationError, Settings
 from workerkit.drift import ManagementView
 from workerkit.management import Endpoint, endpoint, unusable
 
@@ -35,6 +35,19 @@ def test_a_given_address_wins_and_is_trusted_as_given() -> None:
     # The command-line option (topology --check --management-url) comes before the setting.
     assert endpoint(settings, "http://other:15672").base == "http://other:15672"
     assert endpoint(settings, "http://other:15672").auth == ("u", "p")
+
+
+def test_a_list_of_broker_urls_derives_the_address_from_the_first() -> None:
+    urls = "amqp://u:p@h1:5673/vh,amqp://u:p@h2:5674/vh"
+    assert endpoint(_settings(urls)) == Endpoint("http://h1:15672", ("u", "p"), "vh", 5673)
+    given = endpoint(_settings(urls, "http://mgmt:15672"))
+    assert (given.vhost, given.auth) == ("vh", ("u", "p"))
+
+
+@pytest.mark.parametrize("bad", ["notaurl", "amqp://h:15672", "http://", "mgmt:15672"])
+def test_a_management_url_that_is_no_http_address_is_a_configuration_error(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"WORKERKIT_MANAGEMENT_URL.*http://"):
+        _settings("amqp://h/", bad)
 
 
 def _serving(overview: dict[str, Any] | None, status: int = 200) -> httpx.AsyncClient:

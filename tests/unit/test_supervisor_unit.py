@@ -8,7 +8,15 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from workerkit.supervisor import STATUS_STALE, Child, Supervisor, _describe_exit, child_command
+from workerkit.supervisor import (
+    STATUS_STALE,
+    Child,
+    Supervisor,
+    _describe_exit,
+    child_command,
+    read_status_digit,
+    status_digit,
+)
 
 
 def test_child_command_runs_the_same_targets_as_one_process_with_the_given_options() -> None:
@@ -34,9 +42,9 @@ def test_exits_are_described_by_code_or_signal() -> None:
     assert _describe_exit(-200) == "was killed by signal 200"
 
 
-def _alive(healthy: bool, seen_ago: float) -> Child:
+def _alive(healthy: bool, seen_ago: float, ready: bool = False) -> Child:
     proc: Any = SimpleNamespace(returncode=None)
-    return Child(0, proc=proc, healthy=healthy, seen_at=time.monotonic() - seen_ago)
+    return Child(0, proc=proc, healthy=healthy, ready=ready, seen_at=time.monotonic() - seen_ago)
 
 
 def test_group_is_healthy_only_while_every_child_reports_healthy_recently() -> None:
@@ -52,3 +60,26 @@ def test_group_is_healthy_only_while_every_child_reports_healthy_recently() -> N
     assert not sup.healthy
     sup.children[1] = Child(1, done=True)  # finished its burst
     assert sup.healthy
+
+
+def test_a_status_digit_carries_health_and_readiness_and_nothing_else_reads_as_either() -> None:
+    for healthy in (False, True):
+        for ready in (False, True):
+            assert read_status_digit(status_digit(healthy, ready)) == (healthy, ready)
+    assert status_digit(True, False) == b"1"  # what a child wrote before readiness existed
+    for junk in (b"", b"4", b"/", b"x", b"11"):
+        assert read_status_digit(junk) == (False, False)
+
+
+def test_group_is_ready_only_while_every_child_is_ready_and_it_is_not_draining() -> None:
+    sup = Supervisor(["true"], 2, grace=1.0, env={})
+    sup.children = [_alive(True, 0.1, ready=True), _alive(True, 0.1, ready=True)]
+    assert sup.ready
+    sup.children[1] = _alive(True, 0.1, ready=False)  # consuming, but e.g. publish path closed
+    assert sup.healthy and not sup.ready
+    sup.children[1] = _alive(True, STATUS_STALE + 1, ready=True)  # hung
+    assert not sup.ready
+    sup.children[1] = Child(1, done=True)
+    assert sup.ready
+    sup._on_signal(signal.SIGTERM)  # draining: not ready at once, before any child notices
+    assert not sup.ready
