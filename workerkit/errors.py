@@ -138,7 +138,12 @@ class RetryLater(Exception):
 
     def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
         super().__init__(reason)
-        if delay is not None and not (math.isfinite(delay) and delay >= 0):
-            raise ValueError(f"RetryLater delay must be a finite number >= 0, got {delay!r}")
+        from .retry import MAX_DELAY  # (retry.py imports this module)
+
+        if delay is not None and not (math.isfinite(delay) and 0 <= delay <= MAX_DELAY):
+            raise ValueError(
+                f"RetryLater delay must be a finite number from 0 to {MAX_DELAY}s (about 310"
+                f" days, the longest delay the broker-side layout holds), got {delay!r}"
+            )
         self.delay = delay
         self.reason = reason

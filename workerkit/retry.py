@@ -18,6 +18,9 @@ import tenacity
 from .errors import AccessRefused, ConfigurationError, Reject, RetryLater, TopologyError
 
 __all__ = [
+    "LEVELS",
+    "MAX_DELAY",
+    "UNIT_MS",
     "Ack",
     "AnyThreadRetrying",
     "DeadLetter",
@@ -52,6 +55,13 @@ Decision = Ack | Retry | DeadLetter
 ACK = Ack()
 
 
+# The broker-side delay layout (topology.py): LEVELS levels of UNIT_MS-millisecond units, so the
+# longest delay it holds is MAX_DELAY seconds, about 310 days. A longer one would be cut short.
+LEVELS = 28
+UNIT_MS = 100
+MAX_DELAY = (2**LEVELS - 1) * UNIT_MS / 1000
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How a failed message is retried.
@@ -76,6 +86,8 @@ class RetryPolicy:
             problems.append("max_attempts must be >= 1")
         if self.delay < 0 or self.max_delay < 0:
             problems.append("delay and max_delay must be >= 0")
+        if self.max_delay > MAX_DELAY:
+            problems.append(f"max_delay must be at most {MAX_DELAY}s (about 310 days)")
         if self.backoff < 1:
             problems.append("backoff must be >= 1")
         if not 0 <= self.jitter <= 1:
@@ -117,7 +129,7 @@ class RetryPolicy:
             if attempt >= self.max_attempts:
                 return DeadLetter("exhausted")
             delay = error.delay
-            if delay is None or not 0 <= delay < math.inf:  # None, or NaN/inf/negative slipped in
+            if delay is None or not 0 <= delay <= MAX_DELAY:  # None, or a bad one slipped in
                 delay = self.delay_for(attempt, rand)
             return Retry(delay=delay, attempt=attempt + 1)
         if isinstance(error, self.never_retry) or not self._retries(error):

@@ -40,6 +40,9 @@ __all__ = ["Runner", "RunnerState", "exit_past_stuck_handlers", "run"]
 
 log = logging.getLogger("workerkit.runner")
 
+# Seconds between two declarations of one worker's layout after unroutable copies.
+REDECLARE_EVERY = 1.0
+
 
 class RunnerState(str, enum.Enum):
     """Where a :class:`Runner` is in its life (``Runner.state``)."""
@@ -100,6 +103,8 @@ class Runner:
         self.reconnects = 0
         self.last_recovery: float | None = None
         self._stop_requests = StopRequests()
+        self._redeclaring = asyncio.Lock()
+        self._redeclared: dict[type[Worker], float] = {}
 
     # -- public ------------------------------------------------------------------------------
 
@@ -150,6 +155,7 @@ class Runner:
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
         self._repair = asyncio.Event()
+        self._redeclaring = asyncio.Lock()
         self.ready = asyncio.Event()
         self._state = RunnerState.STARTING
         loop = asyncio.get_running_loop()
@@ -207,6 +213,35 @@ class Runner:
         """Confirmed publish of a reply on the publish channel (see ``reply.py``)."""
         channel = await self._open_publish_channel()
         await channel.publish(reply, mandatory=reply_mandatory(reply.routing_key), timeout=timeout)
+
+    async def redeclare(self, worker: type[Worker]) -> None:
+        """Declare a worker's queues, bindings and the delay layout again, when one of its
+        copies came back unroutable: an operator deleted its DLQ, a binding or a delay
+        exchange while it ran. Once per ``REDECLARE_EVERY`` seconds per worker: a storm of
+        failures makes one declaration, not one per copy."""
+        now = time.monotonic()
+        async with self._redeclaring:
+            if now < self._redeclared.get(worker, float("-inf")) + REDECLARE_EVERY:
+                return
+            self._redeclared[worker] = time.monotonic()
+            conn = self._publish_conn
+            if conn is None or not conn.is_open:
+                return  # the reconnect declares everything anyway
+            try:
+                channel = await conn.channel()
+                try:
+                    await self._topology.declare(channel, [worker])
+                finally:
+                    await channel.close()
+            except WorkerkitError as exc:
+                log.error("could not declare %s's queues again: %s", worker.describe(), exc)
+                return
+        log.warning(
+            "a copy of a %s message was unroutable: declared its queue %s, its dead-letter"
+            " queue and the delay layout again (deleted while it ran?)",
+            worker.describe(),
+            worker.queue,
+        )
 
     async def _open_publish_channel(self) -> Channel:
         """The publish channel, reopened if the broker closed it (one reopen for all slots)."""

@@ -57,7 +57,7 @@ from .decision import (
     decide,
     outcome_of,
 )
-from .errors import DecodeError, HandlerTimeout, InvalidMessage, WorkerkitError
+from .errors import DecodeError, HandlerTimeout, InvalidMessage, Unroutable, WorkerkitError
 from .idempotency import Claim
 from .message import (
     BROKER_DEATH_HEADERS,
@@ -132,6 +132,11 @@ class Host(Protocol):
 
     async def publish_reply(self, reply: Outgoing, timeout: float) -> None:
         """Confirmed publish of a reply to a request (see ``reply.py``)."""
+        ...
+
+    async def redeclare(self, worker: type[Worker]) -> None:
+        """Declare ``worker``'s queues, bindings and the delay layout again (a copy came back
+        unroutable: something it needs was deleted while the worker ran)."""
         ...
 
     def consumer_lost(self, error: Exception) -> None:
@@ -738,7 +743,6 @@ class WorkerRuntime:
     ) -> None:
         """Publish the copy a decision calls for and wait for its confirm, then ack."""
         copy = self._copy(message, decision, error)
-        self._log_copy(message, decision, error)
         # Wait for the confirm as long as the delivery may be held: under a memory alarm a copy
         # that timed out sooner would still be delivered later, and the original given back
         # with it would double the message on every timeout.
@@ -756,11 +760,17 @@ class WorkerRuntime:
                     exc,
                     extra={**self.log_extra, "message_id": message.message_id},
                 )
+                if isinstance(exc, Unroutable):
+                    # The DLQ, the queue's retry binding or a delay exchange was deleted by
+                    # hand. Given back as it is, the message would fail forever (a nack with
+                    # requeue counts toward no delivery limit on RabbitMQ 4.3).
+                    await self.host.redeclare(self.cls)
                 after = decide(Happened.COPY_FAILED, self.policy, error=exc)
                 pending = self._carry_out(message, tracker, after, exc, arrived)
                 if pending is not None:
                     await pending
                 return
+            self._log_copy(message, decision, error)  # once it is true: the copy is confirmed
             if message.reply_to and isinstance(decision, DeadLetter):
                 # The caller learns now, not at its timeout; retries in between say nothing.
                 await self._answer_error(message, decision, error)

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
+from .retry import MAX_DELAY
 
 __all__ = ["Settings", "load_settings", "redact_url", "split_urls"]
 
@@ -237,6 +238,7 @@ class Settings(BaseSettings):
     retry_max_delay: float = Field(
         default=300.0,
         ge=0,
+        le=MAX_DELAY,
         description="Default RetryPolicy: the longest delay between attempts, in seconds.",
     )
     delivery_limit: int = Field(

@@ -57,8 +57,9 @@ async def running(runner: Runner, timeout: float = 20.0) -> AsyncIterator[asynci
         await asyncio.wait_for(task, timeout + runner.settings.shutdown_grace)
 
 
-async def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+async def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until it returns something true (a non-empty list will do); fail
+    after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not condition():

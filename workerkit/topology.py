@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 from .errors import TopologyError
 from .message import Header
+from .retry import LEVELS, MAX_DELAY, UNIT_MS
 from .settings import Settings
 from .transport.specs import ExchangeSpec, QueueSpec
 from .worker import Worker
@@ -57,10 +58,9 @@ __all__ = [
     "delay_units",
 ]
 
-LEVELS = 28  # 2**28 units of 100 ms: delays up to about 310 days
-UNIT_MS = 100
+# LEVELS levels of UNIT_MS units: delays up to MAX_DELAY, about 310 days (defined with the
+# retry policy, which must not ask for more).
 MAX_UNITS: int = 2**LEVELS - 1
-MAX_DELAY = MAX_UNITS * UNIT_MS / 1000  # seconds: about 310 days
 
 RETRY = "r"
 SCHEDULED = "p"

@@ -12,14 +12,25 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pika
 import pytest
 
-from workerkit import Message, Publisher, RetryLater, RetryPolicy, Runner, Settings, Worker
+from workerkit import (
+    Message,
+    Publisher,
+    Reject,
+    RetryLater,
+    RetryPolicy,
+    Runner,
+    Settings,
+    Worker,
+)
 from workerkit.message import Header
 from workerkit.testing import running, wait_for
 
 from .workers_fixture import (
     consumer_count,
+    delete_queues,
     get_all,
     log_lines,
     publish_raw,
@@ -121,6 +132,41 @@ async def test_exhausted_messages_reach_the_dlq_with_what_an_operator_needs(
     # (A quorum queue adds x-delivery-count on every delivery; x-death would be a leak.)
     assert not [k for k in h if "death" in k], "broker death headers leaked into the DLQ"
     assert d.body == b'{"n":1}' and d.properties.message_id == "doomed-1"
+
+
+async def test_a_dlq_deleted_while_the_worker_runs_is_declared_again(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str]
+) -> None:
+    """A dead-letter copy with nowhere to go is not given back forever: on RabbitMQ 4.3 a nack
+    with requeue counts toward no delivery limit, so that looped for good (issue found by a
+    new-user check). The runner declares the worker's layout again and the copy goes through."""
+    q = unique("nodlq")
+    cleanup.append(q)
+    calls = 0
+
+    class Rejects(Worker):
+        queue = q
+
+        async def handle(self, body: dict[str, Any]) -> None:
+            nonlocal calls
+            calls += 1
+            raise Reject("bad")
+
+    async with running(Runner([Rejects], settings=settings)):
+        await asyncio.to_thread(delete_queues, _url(settings), f"{q}.dlq")
+        await _publish(settings, q, {"n": 1}, message_id="nodlq-1")
+
+        def dead_lettered() -> bool:
+            try:
+                return ready_count(_url(settings), f"{q}.dlq") >= 1
+            except pika.exceptions.ChannelClosedByBroker:  # not declared again yet
+                return False
+
+        await wait_for(dead_lettered, 15, "the DLQ to be declared again and take the copy")
+        (dead,) = await asyncio.to_thread(get_all, _url(settings), f"{q}.dlq")
+    assert dead.headers[Header.REASON] == "rejected"
+    assert dead.properties.message_id == "nodlq-1"
+    assert calls == 2, "handled once, given back with the copy unroutable, handled again"
 
 
 async def test_retry_later_waits_the_requested_delay_without_head_of_line_blocking(

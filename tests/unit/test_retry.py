@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from workerkit import ConfigurationError, Reject, RetryLater, RetryPolicy
+from workerkit import ConfigurationError, Reject, RetryLater, RetryPolicy, Settings
 from workerkit.errors import AccessRefused, ConnectionFailed, HandlerTimeout, TopologyError
-from workerkit.retry import Ack, DeadLetter, Retry, reconnecting
+from workerkit.retry import MAX_DELAY, Ack, DeadLetter, Retry, reconnecting
 
 
 def zero() -> float:
@@ -93,6 +93,15 @@ def test_retry_later_refuses_negative_delay() -> None:
         RetryLater(delay=-1)
 
 
+def test_retry_later_refuses_a_delay_the_layout_cannot_hold() -> None:
+    """The broker-side layout holds up to MAX_DELAY: a longer copy was due sooner than logged."""
+    assert RetryPolicy().decide(RetryLater(MAX_DELAY), 1) == Retry(delay=MAX_DELAY, attempt=2)
+    with pytest.raises(ValueError, match="310 days"):
+        RetryLater(delay=MAX_DELAY + 1)
+    with pytest.raises(ConfigurationError, match="WORKERKIT_RETRY_MAX_DELAY"):
+        Settings(retry_max_delay=MAX_DELAY + 1)
+
+
 class Transient(Exception):
     pass
 
@@ -122,6 +131,7 @@ def test_never_retry_wins_over_retry_on() -> None:
         {"max_attempts": 0},
         {"delay": -1},
         {"max_delay": -1},
+        {"max_delay": MAX_DELAY + 1},  # the delay layout would cut it short
         {"backoff": 0.5},
         {"jitter": 1.5},
         {"retry_on": Exception},
