@@ -325,11 +325,14 @@ async def health_endpoint(
 
 
 def parse_body(text: str) -> object:
-    """JSON if ``text`` parses as JSON, else the text itself."""
+    """JSON if ``text`` parses as JSON, else the text itself (sent as text/plain)."""
     try:
-        return orjson.loads(text)
+        value = orjson.loads(text)
     except orjson.JSONDecodeError:
         return text
+    if isinstance(value, str):  # '"an order"' is a JSON string: as a str it would go as text
+        return orjson.Fragment(text.strip().encode())
+    return value
 
 
 def parse_headers(pairs: Sequence[str]) -> dict[str, str]:

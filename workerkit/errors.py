@@ -37,6 +37,14 @@ from typing import Any
 class WorkerkitError(Exception):
     """Base class of every error raised by workerkit."""
 
+    #: Set on the error ``publish_many`` raises: how many items, from the first, it sent before
+    #: it stopped (None on any other error). Items from there on were never sent.
+    sent: int | None = None
+    #: Set with ``sent``: the positions, among the items sent, that the broker did not confirm
+    #: (the failed ones). Every other item sent was confirmed, those after the failure included:
+    #: up to 1,000 were on their way when it came.
+    unconfirmed: tuple[int, ...] = ()
+
 
 class ConfigurationError(WorkerkitError, ValueError):
     """Settings, a Worker class or a CLI target is invalid; start-up stops."""

@@ -464,27 +464,38 @@ class _Core:
             return ids
         # The first goes alone: it connects (and declares the delay exchanges), so the rest all
         # take the connected path and leave in order.
-        message = self.message(first[0], first[1], delay=delay)
-        if self.middleware:
-            with observed_publish(self.middleware, message):
+        try:
+            message = self.message(first[0], first[1], delay=delay)
+        except WorkerkitError as exc:  # cannot be sent (InvalidMessage)
+            raise _stopped(exc, 0, {}) from None
+        try:
+            if self.middleware:
+                with observed_publish(self.middleware, message):
+                    await self.publish(message, limit)
+            else:
                 await self.publish(message, limit)
-        else:
-            await self.publish(message, limit)
+        except WorkerkitError as exc:
+            raise _stopped(exc, 1, {0: exc}) from None
         ids.append(message.message_id)
         window = _Window(WINDOW)
         try:
             for routing_key, body in pairs:
                 await window.room()
-                if window.error is not None:
+                if window.errors:
                     break
                 message = self.message(routing_key, body, delay=delay)
                 window.taken()
-                self.submit(message, limit, self._answered(message, window.answered))
+                self.submit(message, limit, self._answered(message, window.answer_for(len(ids))))
                 ids.append(message.message_id)
+        except WorkerkitError as exc:  # an item that cannot be sent (InvalidMessage)
+            await window.drained()
+            # The first error by position: a publish before this item may have failed too.
+            earliest = window.errors[min(window.errors)] if window.errors else exc
+            raise _stopped(earliest, len(ids), window.errors) from None
         finally:
             await window.drained()
-        if window.error is not None:
-            raise window.error
+        if window.errors:
+            raise _stopped(window.errors[min(window.errors)], len(ids), window.errors)
         return ids
 
 
@@ -597,26 +608,37 @@ class _Request:
             callback(*outcome)
 
 
+def _stopped(error: BaseException, sent: int, errors: Mapping[int, BaseException]) -> BaseException:
+    """``error``, the one ``publish_many`` raises, told what was sent and what failed."""
+    if isinstance(error, WorkerkitError):
+        error.sent = sent
+        error.unconfirmed = tuple(sorted(errors))
+    return error
+
+
 class _Window:
-    """Publishes in flight, at most ``size``; remembers the first error."""
+    """Publishes in flight, at most ``size``; remembers which ones failed, by position."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.flying = 0
-        self.error: BaseException | None = None
+        self.errors: dict[int, BaseException] = {}
         self._changed = asyncio.Event()
 
     def taken(self) -> None:
         self.flying += 1
 
-    def answered(self, error: BaseException | None) -> None:
-        self.flying -= 1
-        if error is not None and self.error is None:
-            self.error = error
-        self._changed.set()
+    def answer_for(self, position: int) -> OnPublished:
+        def answered(error: BaseException | None) -> None:
+            self.flying -= 1
+            if error is not None:
+                self.errors[position] = error
+            self._changed.set()
+
+        return answered
 
     async def room(self) -> None:
-        while self.flying >= self.size and self.error is None:
+        while self.flying >= self.size and not self.errors:
             self._changed.clear()
             await self._changed.wait()
 
@@ -725,9 +747,12 @@ class AsyncPublisher:
         """Publish ``(routing_key, body)`` pairs in order with many confirms in flight; returns
         their ids.
 
-        Stops at the first error and raises it once the publishes in flight are answered: the
-        messages before it may be confirmed, none after it is sent (publishing them again is
-        safe under at-least-once delivery). ``items`` may be any iterable, read as it goes.
+        Stops sending at the first error and raises it (the first by position) once the
+        publishes in flight are answered. Up to 1,000 items after the failed one were on their
+        way by then and are confirmed as usual. The error says which: ``error.sent`` items, from
+        the first, were sent, and of those ``error.unconfirmed`` (positions) were not
+        confirmed; to carry on, send those again and the items from ``error.sent`` on.
+        ``items`` may be any iterable, read as it goes.
         """
         return await self._core.publish_many(items, delay=delay, limit=self._core.limit(timeout))
 

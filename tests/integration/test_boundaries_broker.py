@@ -15,7 +15,7 @@ import pika
 import pika.data
 import pytest
 
-from workerkit import AsyncPublisher, InvalidMessage, Publisher, Settings
+from workerkit import AsyncPublisher, InvalidMessage, Publisher, Settings, Unroutable
 from workerkit import dlq as dlq_tools
 from workerkit.errors import PublishError
 from workerkit.message import Message, Outgoing, Properties
@@ -172,10 +172,38 @@ async def test_publish_many_stops_at_its_first_error(settings: Settings, queue: 
             yield (queue if n != 5 else "x" * 300), {"n": n}
 
     async with AsyncPublisher(settings=settings) as publisher:
-        with pytest.raises(InvalidMessage):
+        with pytest.raises(InvalidMessage) as raised:
             await publisher.publish_many(items())
+    assert (raised.value.sent, raised.value.unconfirmed) == (5, ())
     assert pulled == list(range(6))
     assert sorted(orjson_n(body) for _p, body in _get_all(settings, queue)) == list(range(5))
+
+
+@pytest.mark.parametrize("bad", [0, 5, 50])
+async def test_publish_many_says_which_items_the_broker_confirmed(
+    settings: Settings, queue: str, unique: Callable[[str], str], bad: int
+) -> None:
+    """An unroutable item is known only when its answer comes, and items after it are on their
+    way by then: the error tells what was sent and what was not confirmed, so that the caller
+    can send exactly the rest (a new-user check found the docs promised nothing after it)."""
+    nobody = unique("nobody")
+    items: list[tuple[str, object]] = [
+        (nobody if n == bad else queue, {"n": n}) for n in range(bad + 101)
+    ]
+    async with AsyncPublisher(settings=settings) as publisher:
+        with pytest.raises(Unroutable) as raised:
+            await publisher.publish_many(items)
+    error = raised.value
+    assert error.sent is not None and bad < error.sent <= len(items)
+    assert error.unconfirmed == (bad,)
+    delivered = sorted(orjson_n(body) for _p, body in _get_all(settings, queue))
+    confirmed = [n for n in range(error.sent) if n not in error.unconfirmed]
+    assert delivered == confirmed
+    # What the docs tell a caller to send again completes the batch, without duplicates.
+    again = [items[i] for i in error.unconfirmed if i != bad] + items[error.sent :]
+    with Publisher(settings=settings) as sync:
+        sync.publish_many(again)
+    assert len(_get_all(settings, queue)) == len(again)  # the rest, once each
 
 
 def orjson_n(body: bytes) -> int:

@@ -25,7 +25,7 @@ from workerkit.cli import (
 )
 from workerkit.errors import ConfigurationError
 from workerkit.health import serve_health
-from workerkit.message import Header, Message
+from workerkit.message import Header, Message, encode_body
 from workerkit.settings import Settings
 
 WORKERS_SOURCE = """
@@ -166,6 +166,9 @@ def test_parse_body_and_headers() -> None:
     assert parse_body('{"a": [1, 2]}') == {"a": [1, 2]}
     assert parse_body("42") == 42
     assert parse_body("hello world") == "hello world"
+    # A JSON string is JSON, not text: sent as text it was no valid body for a JSON handler.
+    assert encode_body(parse_body('"an order"')) == (b'"an order"', "application/json")
+    assert encode_body(parse_body("hello world")) == (b"hello world", "text/plain")
     assert parse_headers(["a=1", "b=x=y", "c="]) == {"a": "1", "b": "x=y", "c": ""}
 
 
