@@ -1124,9 +1124,13 @@ class WorkerRuntime:
     # -- the watchdog ------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Cancel handlers past their deadline; give back deliveries that waited too long."""
+        """Cancel handlers past their deadline; give back deliveries that waited too long.
+
+        Until torn down (``_tear_down`` cancels it): a handler past its time limit while the
+        worker drains is timed out and retried as at any other time, not left to run out the
+        grace period."""
         interval = min(1.0, max(0.05, min(self.timeout, self.max_wait) / 10))
-        while not self.stopping:
+        while True:
             await asyncio.sleep(interval)
             now = self.tick = _clock()
             self.wall_offset = _wall() - now

@@ -304,6 +304,38 @@ async def test_deliveries_are_given_back_before_the_consumer_timeout(
     assert max(held) < consumer_timeout, max(held)
 
 
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_handler_past_its_time_limit_while_draining_is_timed_out(
+    broker: MemoryBroker, publisher: AsyncPublisher, kind: str
+) -> None:
+    """The time limit holds during a drain too: the handler's outcome must not depend on
+    whether a deploy happened, and a stuck handler must not hold shutdown for the whole grace
+    period (found by a new-user check: the watchdog stopped with the consumer)."""
+    queue = qname(f"drain-timeout-{kind}")
+    started = threading.Event()
+
+    async def handle_async(self: Any, body: bytes) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    def handle_sync(self: Any, body: bytes) -> None:
+        started.set()
+        time.sleep(2)  # a thread cannot be cancelled; past its 0.3 s limit all the same
+
+    handle = handle_async if kind == "async" else handle_sync
+    cls = worker(queue, handle, handler_timeout=0.3, retry=RetryPolicy.none())
+    runner, _ = in_memory([cls], broker=broker, settings=settings(shutdown_grace=20.0))
+    task = asyncio.create_task(runner.run())
+    await runner.wait_ready(5)
+    await publisher.publish(queue, b"x")
+    await wait_for(started.is_set, 5, "the handler to start")
+    runner.stop()  # a deploy's SIGTERM, within the handler's 0.3 s
+    await asyncio.wait_for(task, 10)  # well inside the 20 s grace period
+    (dead,) = broker.messages(f"{queue}.dlq")
+    assert dead.headers[Header.ERROR_TYPE] == "workerkit.errors.HandlerTimeout"
+    assert broker.messages(queue) == []
+
+
 # -- issue 9 item 13 ------
 
 
