@@ -852,8 +852,9 @@ def _check_calling_thread() -> None:
     if running is not None and running in _async_only:
         raise PublishError(
             "Publisher blocks its caller, and this thread runs the worker's event loop: in an"
-            " async handler use AsyncPublisher (await publisher.publish(...)), or make the"
-            " handler a plain def (it then runs in a thread)"
+            " async handler (or an async test running workers on its loop) use AsyncPublisher"
+            " (await publisher.publish(...)), or make the handler a plain def (it then runs in"
+            " a thread)"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import re
 from typing import Any, Literal
@@ -281,6 +282,11 @@ class Settings(BaseSettings):
         unknown = [key for key in unknown if not key.upper().startswith(_NOT_SETTINGS)]
         if unknown:
             raise ValueError(f"unknown setting(s) in the environment or .env: {', '.join(unknown)}")
+        if isinstance(data, dict):
+            # `WORKERKIT_PREFETCH=` (an env file's way to say "not set") leaves a setting whose
+            # default is unset unset; an empty value for any other setting is still an error.
+            optional = {name for name, field in cls.model_fields.items() if field.default is None}
+            data = {k: v for k, v in data.items() if not (v == "" and k in optional)}
         return data
 
     @field_validator("log_level", mode="before")
@@ -322,6 +328,11 @@ class Settings(BaseSettings):
         return value
 
     def __init__(self, *args: Any, **values: Any) -> None:
+        # extra="ignore" is for other programs' keys in .env; a keyword is ours, and a typo in
+        # one (Settings(prefech=3)) must not vanish.
+        unknown = [name for name in values if name not in type(self).model_fields]
+        if unknown:
+            raise ConfigurationError(_unknown_keywords(unknown, list(type(self).model_fields)))
         # One readable ConfigurationError (a WorkerkitError), not pydantic's ValidationError.
         try:
             super().__init__(*args, **values)
@@ -347,6 +358,14 @@ def load_settings(settings: Settings | None = None, url: str | None = None) -> S
     if url is not None:
         return type(base)(**{**base.model_dump(), "url": SecretStr(url)})
     return base
+
+
+def _unknown_keywords(unknown: list[str], known: list[str]) -> str:
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        described.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return f"invalid settings: unknown setting(s) {', '.join(described)}"
 
 
 def _describe(exc: ValidationError) -> str:

@@ -215,6 +215,13 @@ class BrokerHarness:
     def join(self, timeout: float = 10.0, *, raise_errors: bool = False) -> None:
         """Block until every message has been handled (see :meth:`join_async`); from sync tests
         whose workers run in :meth:`run`'s ``with`` block."""
+        if _running_loop() is not None:
+            # An async test: blocking here stalls its loop, where `async with run()` runs the
+            # workers, and the wait would end in a misleading "still busy".
+            raise RuntimeError(
+                "join() blocks, and this thread runs an event loop (an async test): use"
+                " `await workerkit_broker.join_async()`"
+            )
         self._loop_thread().call(self.join_async(timeout, raise_errors=raise_errors))
 
     async def join_async(self, timeout: float = 10.0, *, raise_errors: bool = False) -> None:

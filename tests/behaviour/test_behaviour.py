@@ -77,6 +77,34 @@ async def test_events_fan_out_and_tasks_reach_one_queue(
     assert got == {"receipts": [1, 2], "stock": [1], "audit": [1]}
 
 
+@pytest.mark.parametrize("header", ["CC", "BCC"])
+async def test_cc_and_bcc_headers_route_copies_and_bcc_is_not_seen(
+    workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher, header: str
+) -> None:
+    """RabbitMQ's sender-selected distribution (docs/boundaries.md): the in-memory broker
+    ignored it, so a test passed there and failed on RabbitMQ (a new-user check)."""
+    seen: list[tuple[str, int, list[str]]] = []
+
+    class A(Worker):
+        queue = name("cc-a")
+
+        async def handle(self, body: dict[str, int], message: Message) -> None:
+            seen.append(("A", body["n"], sorted(k for k in message.headers if k in ("CC", "BCC"))))
+
+    class B(Worker):
+        queue = name("cc-b")
+
+        async def handle(self, body: dict[str, int], message: Message) -> None:
+            seen.append(("B", body["n"], sorted(k for k in message.headers if k in ("CC", "BCC"))))
+
+    async with workerkit_broker.run(A, B):
+        copy_to = [workerkit_broker.queue_name(B)]
+        await async_publisher.publish(A.queue, {"n": 1}, headers={header: copy_to})
+        await workerkit_broker.join_async(raise_errors=True)
+    kept = [] if header == "BCC" else ["CC"]
+    assert sorted(seen) == [("A", 1, kept), ("B", 1, kept)]
+
+
 async def test_a_message_no_queue_takes_is_unroutable(
     workerkit_broker: BrokerHarness, async_publisher: AsyncPublisher
 ) -> None:
@@ -389,6 +417,22 @@ async def test_join_says_what_is_still_busy_when_it_times_out(
             await workerkit_broker.join_async(timeout=0.5)
         release.set()
         await workerkit_broker.join_async()
+
+
+async def test_a_blocking_join_in_an_async_test_says_to_await_join_async(
+    workerkit_broker: BrokerHarness,
+) -> None:
+    """It would block the loop the workers run on and end in a misleading "still busy"."""
+
+    class Idle(Worker):
+        queue = name("idle")
+
+        async def handle(self, body: bytes) -> None:
+            pass
+
+    async with workerkit_broker.run(Idle):
+        with pytest.raises(RuntimeError, match=r"await workerkit_broker\.join_async\(\)"):
+            workerkit_broker.join()
 
 
 def test_the_worker_registry_is_left_as_it_was(workerkit_broker: BrokerHarness) -> None:

@@ -58,6 +58,33 @@ def test_unknown_workerkit_key_in_dotenv_is_an_error(tmp_path: Path) -> None:
         load_settings()
 
 
+def test_the_env_example_uncommented_is_every_default(tmp_path: Path) -> None:
+    """config/.env.example says every line shows the default: uncommented, it must load as
+    such. Its unset settings are empty values, which mean "not set" for those settings."""
+    example = (Path(__file__).resolve().parents[2] / "config/.env.example").read_text()
+    (tmp_path / ".env").write_text(example.replace("# WORKERKIT_", "WORKERKIT_"))
+    assert load_settings() == Settings.model_construct()
+
+
+def test_an_empty_value_is_refused_where_the_setting_has_a_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORKERKIT_PREFETCH", "")
+    assert load_settings().prefetch is None  # unset by default: empty is unset
+    monkeypatch.setenv("WORKERKIT_CONCURRENCY", "")
+    with pytest.raises(ConfigurationError, match="WORKERKIT_CONCURRENCY"):
+        load_settings()
+    monkeypatch.delenv("WORKERKIT_CONCURRENCY")
+    monkeypatch.setenv("WORKERKIT_URL", "")  # never a silent localhost
+    with pytest.raises(ConfigurationError, match="WORKERKIT_URL: is empty"):
+        load_settings()
+
+
+def test_a_misspelled_keyword_is_refused_with_the_likely_name() -> None:
+    with pytest.raises(ConfigurationError, match=r"prefech \(did you mean prefetch\?\)"):
+        Settings(prefech=3)
+
+
 def test_url_argument_overrides_and_keeps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKERKIT_EXCHANGE", "events")
     settings = load_settings(url=URL)

@@ -382,9 +382,29 @@ class MemoryBroker:
             asyncio.get_running_loop().call_soon(consumer.on_message, message)
             return 1
         queues = self.route(envelope.exchange, envelope.routing_key)
+        headers = envelope.headers
+        if "CC" in headers or "BCC" in headers:
+            queues = self._sender_selected(envelope, queues)
         for queue in queues:
             self._enqueue(queue, envelope.copy())
         return len(queues)
+
+    def _sender_selected(self, envelope: _Envelope, queues: list[_Queue]) -> list[_Queue]:
+        """RabbitMQ's sender-selected distribution: the routing keys of the ``CC`` and ``BCC``
+        headers route copies on the same exchange, each queue once; ``BCC`` is removed before
+        any queue sees it."""
+        found = {queue.name: queue for queue in queues}
+        headers = envelope.headers
+        for name in ("CC", "BCC"):
+            keys = headers.get(name)
+            if isinstance(keys, list):
+                for key in keys:
+                    if isinstance(key, str | bytes):
+                        key = key if isinstance(key, str) else key.decode("utf-8", "replace")
+                        for queue in self.route(envelope.exchange, key):
+                            found.setdefault(queue.name, queue)
+        headers.pop("BCC", None)
+        return list(found.values())
 
     # -- queues ------------------------------------------------------------------------------
 
