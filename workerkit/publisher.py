@@ -436,6 +436,12 @@ class _Core:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             await connection.close()
+        # Tidying of failed connections (_close_later): finished, or cancelled, not left pending
+        # for the interpreter to report at exit ("Task was destroyed but it is pending").
+        if self._tasks:
+            _done, pending = await asyncio.wait(list(self._tasks), timeout=1.0)
+            for task in pending:
+                task.cancel()
 
     def _answered(self, message: Outgoing, on_done: OnPublished) -> OnPublished:
         """``on_done``, preceded by the publish hooks' ``after_publish`` when there are any."""

@@ -5,8 +5,12 @@ A proxy in front of the private broker counts the TCP connections each client op
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from broker import PrivateBroker
@@ -88,3 +92,30 @@ def test_publisher_with_wrong_password_raises_access_refused_at_once(proxy: Prox
     finally:
         publisher.close()
     assert proxy.accepted == 1, f"{proxy.accepted} connection attempts for one publish"
+
+
+def test_a_publisher_without_permissions_fails_cleanly_without_naming_the_user(
+    proxy: Proxy, user: Callable[[str | None], str], tmp_path: Path
+) -> None:
+    """A script's module-level Publisher, never closed, refused the configure permission: one
+    AccessRefused without the user's name (the broker quotes it), and nothing left pending for
+    the interpreter to report at exit ("Task was destroyed but it is pending")."""
+    name = user("^$")
+    script = tmp_path / "publish.py"
+    script.write_text(
+        "import workerkit\n"
+        f"settings = workerkit.Settings(url={proxy.url(name, 'pw')!r}, exchange={EXCHANGE!r})\n"
+        "publisher = workerkit.Publisher(settings=settings)\n"
+        "try:\n"
+        "    publisher.publish('anything', {'n': 1})\n"
+        "except workerkit.AccessRefused as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKERKIT_")}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "refused: " in done.stdout, output
+    assert "permission refused" in output and name not in output, output
+    assert "Task was destroyed" not in output and "Traceback" not in output, output

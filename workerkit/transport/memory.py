@@ -802,7 +802,7 @@ class MemoryChannel:
             result = await asyncio.wait_for(asyncio.shield(outcome), timeout)
         except asyncio.TimeoutError:
             raise PublishTimeout(
-                f"no confirm from the broker within {timeout}s (the broker has blocked this"
+                f"no confirm from the broker within {timeout:.1f}s (the broker has blocked this"
                 " connection: alarm)"
             ) from None
         if isinstance(result, WorkerkitError):

@@ -90,10 +90,10 @@ def _broker_refusal(exc: BaseException, prefix: str) -> WorkerkitError | None:
     if isinstance(exc, px.ProbableAccessDeniedError):
         return AccessRefused(f"{prefix}access to the virtual host was refused{_broker_words(exc)}")
     if isinstance(exc, px.ConnectionClosedByBroker) and exc.reply_code in (403, 530):
-        return AccessRefused(f"{prefix}{exc.reply_text}")
+        return AccessRefused(f"{prefix}{_without_user(exc.reply_text)}")
     if isinstance(exc, px.ChannelClosedByBroker):
         if exc.reply_code == 403:
-            return AccessRefused(f"{prefix}permission refused: {exc.reply_text}")
+            return AccessRefused(f"{prefix}permission refused: {_without_user(exc.reply_text)}")
         if exc.reply_code in (404, 405, 406):
             return TopologyError(f"{prefix}{_explain_precondition(exc.reply_text)}")
         return ConnectionFailed(f"{prefix}channel closed by the broker: {exc.reply_text}")
@@ -115,6 +115,12 @@ def _network_failure(exc: BaseException, prefix: str) -> WorkerkitError | None:
     if isinstance(exc, OSError):
         return ConnectionFailed(f"{prefix}{exc.strerror or exc}")
     return None
+
+
+def _without_user(text: str) -> str:
+    """The broker's words without the user name ("... refused for user 'app'"): the URL's user
+    and password never appear in an error, and logs keep errors."""
+    return re.sub(r"(for user) '[^']*'", r"\1 '***'", text)
 
 
 def _broker_words(exc: BaseException) -> str:
@@ -699,7 +705,7 @@ class PikaChannel:
             entry = self._unconfirmed.pop(seq)
             self._returned.discard(seq)
             entry.on_done(
-                PublishTimeout(f"no confirm from the broker within {entry.timeout}s{blocked}")
+                PublishTimeout(f"no confirm from the broker within {entry.timeout:.1f}s{blocked}")
             )
         self._close_if_retired()
         self._sweeping = bool(self._unconfirmed)
