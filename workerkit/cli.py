@@ -485,6 +485,15 @@ def dlq_group() -> None:
     """Inspect, replay and purge dead-letter queues (QUEUE is the work queue; QUEUE.dlq works)."""
 
 
+@dlq_group.command(name="count")
+@click.argument("queue")
+@url_option
+def dlq_count(queue: str, url: str | None) -> None:
+    """How many messages wait in the DLQ: one number on stdout (for scripts)."""
+    settings = settings_from(url)
+    click.echo(run_async(lambda: dlq.count(queue, settings=settings)))
+
+
 @dlq_group.command(name="list")
 @click.argument("queue")
 @click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
@@ -574,7 +583,8 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
                 f"refusing to purge {waiting} message(s) from {name} without confirmation:"
                 " stdin is not a terminal; pass --yes"
             )
-        click.confirm(f"Delete {waiting} message(s) from {name}? This cannot be undone", abort=True)
+        if not click.confirm(f"Delete {waiting} message(s) from {name}? This cannot be undone"):
+            raise CliError(f"not purged: {name} keeps its {waiting} message(s)")
     from .progress import spinner
 
     with spinner(f"purging {name}"):  # one broker operation: nothing to count meanwhile

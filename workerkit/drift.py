@@ -305,6 +305,17 @@ async def run_check(
             await view.close()
 
 
+def _confirmed(question: str) -> bool:
+    """A yes on a terminal; no terminal (a pipe, cron) is a no, not click's bare "Aborted!"."""
+    import sys
+
+    import click
+
+    if sys.stdin is None or not sys.stdin.isatty():
+        return False
+    return click.confirm(question, default=False)
+
+
 def check_command(
     settings: Settings,
     workers: Sequence[type[Worker]],
@@ -331,7 +342,12 @@ def check_command(
                 "--prune: stale bindings cannot be seen without the management API", err=True
             )
         return 1 if report.drifted else 0
-    if not yes and not click.confirm(f"remove {len(report.stale)} stale binding(s)?"):
+    if not yes and not _confirmed(f"remove {len(report.stale)} stale binding(s)?"):
+        click.echo(
+            f"workerkit: error: not pruned: {len(report.stale)} stale binding(s) kept (answer y"
+            " on a terminal, or pass --yes)",
+            err=True,
+        )
         return 1
     with reported():
         removed = asyncio.run(prune(settings, report.stale))

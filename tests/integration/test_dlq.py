@@ -268,6 +268,8 @@ async def test_purge_asks_first_and_refuses_without_a_terminal(
     await _fill_dlq(settings, _worker(q, Switch()), 4)
     url = settings.url.get_secret_value()
 
+    counted = await _cli(settings, "dlq", "count", q)
+    assert (counted.exit_code, counted.stdout) == (0, "4\n")
     refused = await _cli(settings, "dlq", "purge", q, input="y\n")
     assert refused.exit_code == 1
     assert "stdin is not a terminal; pass --yes" in refused.stderr
@@ -275,11 +277,13 @@ async def test_purge_asks_first_and_refuses_without_a_terminal(
 
     answer_no = await asyncio.to_thread(_purge_on_a_terminal, settings, q, "n")
     assert answer_no[0] == 1 and "Delete 4 message(s)" in answer_no[1]
+    assert "workerkit: error: not purged" in answer_no[1] and "Aborted" not in answer_no[1]
     assert await asyncio.to_thread(ready_count, url, f"{q}.dlq") == 4
 
     answer_yes = await asyncio.to_thread(_purge_on_a_terminal, settings, q, "y")
     assert answer_yes[0] == 0 and f"purged 4 message(s) from {q}.dlq" in answer_yes[1]
     assert await asyncio.to_thread(ready_count, url, f"{q}.dlq") == 0
+    assert (await _cli(settings, "dlq", "count", f"{q}.dlq")).stdout == "0\n"
 
     await _fill_dlq(settings, _worker(f"{q}x", Switch()), 0)  # a second, empty DLQ
     cleanup.append(f"{q}x")
