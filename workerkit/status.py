@@ -366,16 +366,28 @@ def _watch(
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(forever(emit))
         return
+    def screen(status: Status | None, error: Exception | None) -> str:
+        stamp = time.strftime("%H:%M:%S")
+        body = format_status(status) if status else [f"error: {error}"]
+        return "\n".join(
+            [f"workerkit status at {stamp} (every {interval:g}s, Ctrl-C stops)", *body]
+        )
+
     console = Console()
+    if not console.is_terminal:
+        # A pipe or a file (a log, `| tee`): rich's live display shows nothing until it stops;
+        # each refresh is printed whole instead, with a blank line between them.
+        def append(status: Status | None, error: Exception | None) -> None:
+            click.echo(screen(status, error) + "\n")
+            sys.stdout.flush()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(forever(append))
+        return
     with Live(Text("collecting..."), console=console, auto_refresh=False) as live:
 
         def render(status: Status | None, error: Exception | None) -> None:
-            stamp = time.strftime("%H:%M:%S")
-            body = format_status(status) if status else [f"error: {error}"]
-            text = "\n".join(
-                [f"workerkit status at {stamp} (every {interval:g}s, Ctrl-C stops)", *body]
-            )
-            live.update(Text(text), refresh=True)
+            live.update(Text(screen(status, error)), refresh=True)
 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(forever(render))

@@ -6,6 +6,7 @@ without plugins (tests/reliability/test_status_fallback.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -162,21 +163,46 @@ def test_watch_json_prints_one_document_per_refresh(
     app: tuple[str, str], settings: Settings, tmp_path: Path
 ) -> None:
     module, queue = app
-    proc = subprocess.Popen(
-        [str(WORKERKIT), "status", module, "--watch", "--json", "--interval", "0.5"],
-        cwd=tmp_path,
-        env={**os.environ},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with _watching(module, tmp_path, "--json") as proc:
         assert proc.stdout is not None
         first, second = proc.stdout.readline(), proc.stdout.readline()
         assert orjson.loads(first)["queues"][0]["queue"] == queue
         assert orjson.loads(second)["version"] == 1
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+
+def test_watch_into_a_pipe_prints_each_refresh_whole(
+    app: tuple[str, str], settings: Settings, tmp_path: Path
+) -> None:
+    """Not a terminal (a log file, `| tee`): rich's in-place display printed nothing until
+    Ctrl-C; each refresh is printed as it comes instead."""
+    module, queue = app
+    with _watching(module, tmp_path) as proc:
+        assert proc.stdout is not None
+        screens = 0
+        while screens < 2:
+            line = proc.stdout.readline()
+            assert line, "the output ended before two refreshes"
+            if line.startswith(b"workerkit status at "):
+                screens += 1
+            elif screens == 1:
+                assert b"\x1b[" not in line, "no terminal control codes into a pipe"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+
+
+@contextlib.contextmanager
+def _watching(module: str, cwd: Path, *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``workerkit status MODULE --watch`` into a pipe (readline on it has the test's own
+    per-test timeout as its deadline); killed if the test did not stop it."""
+    command = [str(WORKERKIT), "status", module, "--watch", "--interval", "0.5", *options]
+    with subprocess.Popen(
+        command, cwd=cwd, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
