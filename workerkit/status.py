@@ -366,6 +366,7 @@ def _watch(
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(forever(emit))
         return
+
     def screen(status: Status | None, error: Exception | None) -> str:
         stamp = time.strftime("%H:%M:%S")
         body = format_status(status) if status else [f"error: {error}"]

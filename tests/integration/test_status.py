@@ -180,7 +180,7 @@ def test_watch_into_a_pipe_prints_each_refresh_whole(
     module, queue = app
     with _watching(module, tmp_path) as proc:
         assert proc.stdout is not None
-        screens = 0
+        screens, rows = 0, 0
         while screens < 2:
             line = proc.stdout.readline()
             assert line, "the output ended before two refreshes"
@@ -188,6 +188,8 @@ def test_watch_into_a_pipe_prints_each_refresh_whole(
                 screens += 1
             elif screens == 1:
                 assert b"\x1b[" not in line, "no terminal control codes into a pipe"
+                rows += queue.encode() in line
+        assert rows >= 1, "the first refresh shows the worker's queue"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
 
