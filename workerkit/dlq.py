@@ -140,23 +140,41 @@ def work_queue_of(queue: str) -> str:
 # -- reading -----------------------------------------------------------------------------------
 
 
-def dead_letter_from(message: Message) -> DeadLetter:
-    """Interpret a message read from a DLQ."""
+def dead_letter_from(message: Message, queue: str = "") -> DeadLetter:
+    """Interpret a message read from a DLQ (``queue``, else the message's own queue)."""
+    queue = queue or message.queue
     headers = _str_keys(message.headers)
     attempts = headers.get(Header.ATTEMPT)
+    exchange = _text(headers.get(Header.ORIGINAL_EXCHANGE)) or _text(
+        headers.get("x-first-death-exchange")
+    )
+    # A scheduled message no queue took when it came due, in <exchange>.unroutable: the broker
+    # dead-lettered it out of a delay queue ("expired"), under the layout's routing key.
+    scheduled = (
+        Topology.scheduled_target(_first_death_routing_key(headers) or "")
+        if queue.endswith(UNROUTABLE_SUFFIX)
+        else None
+    )
+    routing_key: str | None
+    if scheduled is not None:
+        reason, routing_key = "unroutable", scheduled
+        exchange = queue.removesuffix(UNROUTABLE_SUFFIX)  # the exchange it was published to
+    else:
+        reason = _reason(headers)
+        routing_key = _text(headers.get(Header.ORIGINAL_ROUTING_KEY)) or _first_death_routing_key(
+            headers
+        )
     return DeadLetter(
         id=message_key(message),
-        reason=_reason(headers),
+        reason=reason,
         error_type=_text(headers.get(Header.ERROR_TYPE)),
         error_message=_text(headers.get(Header.ERROR_MESSAGE)),
         traceback=_text(headers.get(Header.TRACEBACK)),
         attempts=int(attempts) if isinstance(attempts, int) else None,
         first_failure=_text(headers.get(Header.FIRST_FAILURE)) or _death_time(headers, first=True),
         failed_at=_text(headers.get(Header.LAST_FAILURE)) or _death_time(headers, first=False),
-        original_exchange=_text(headers.get(Header.ORIGINAL_EXCHANGE))
-        or _text(headers.get("x-first-death-exchange")),
-        original_routing_key=_text(headers.get(Header.ORIGINAL_ROUTING_KEY))
-        or _first_death_routing_key(headers),
+        original_exchange=exchange,
+        original_routing_key=routing_key,
         body=message.body,
         content_type=message.content_type,
         headers=headers,
@@ -419,7 +437,7 @@ async def list_dead(
             # ones returned before, so returning only a prefix would rotate the queue.
             async for message in reader.read(present):
                 if limit is None or len(found) < limit:
-                    found.append(dead_letter_from(message))
+                    found.append(dead_letter_from(message, dlq))
             return found
         finally:
             await reader.give_back()

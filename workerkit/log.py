@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["configure_logging", "log_context"]
+__all__ = ["JsonFormatter", "PlainFormatter", "configure_logging", "log_context"]
 
 _CONTEXT = ("worker", "queue", "message_id", "attempt", "reason", "delay")
 
@@ -32,6 +32,10 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class PlainFormatter(logging.Formatter):
+    """One line per record: UTC time, level, logger, message, then ``[key=value ...]`` of its
+    context (workerkit's fields and :data:`log_context`). Give it to your own handlers for
+    your loggers' lines to carry the same context."""
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         context = " ".join(f"{key}={value}" for key, value in _fields(record).items())
@@ -43,6 +47,8 @@ class PlainFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record, with its context fields (as :class:`PlainFormatter`)."""
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": round(record.created, 3),

@@ -153,6 +153,17 @@ class Topology:
             )
         return self.exchange, routing_key.split(".", 1 + LEVELS)[-1]
 
+    @staticmethod
+    def scheduled_target(routing_key: str) -> str | None:
+        """The routing key a scheduled publish (``delay=``) was given, from its delay route
+        (``p.<28 bits>.<key>``); None for any other routing key."""
+        parts = routing_key.split(".", 1 + LEVELS)
+        if len(parts) != 2 + LEVELS or parts[0] != SCHEDULED:
+            return None
+        if not all(bit in ("0", "1") for bit in parts[1:-1]):
+            return None
+        return parts[-1]
+
     def retry_route(self, queue: str, seconds: float) -> tuple[str, str]:
         return self.delayed_route(RETRY, queue, seconds)
 

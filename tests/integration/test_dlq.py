@@ -417,3 +417,33 @@ async def test_a_copy_refused_mid_window_leaves_its_original_and_the_rest_in_ord
     await _wait_ready(url, f"{q}.dlq", 295)
     assert [d.id for d in await dlq.list_dead(q, settings=settings)] == ids[5:]
     assert [got.body for got in await asyncio.to_thread(get_all, url, q)] == bodies[:5]
+
+
+async def test_a_scheduled_message_no_queue_took_is_listed_as_unroutable_with_its_own_key(
+    settings: Settings, unique: Callable[[str], str]
+) -> None:
+    """It lands in <exchange>.unroutable out of a delay queue; the listing said "expired" and
+    showed the delay layout's routing key (a new-user check)."""
+    from workerkit import AsyncPublisher
+
+    key, unroutable = unique("nobody") + ".due", f"{settings.exchange}.unroutable"
+    async with AsyncPublisher(settings=settings) as publisher:
+        sent = await publisher.publish(key, {"n": 1}, delay=0.1)
+
+    async def ours() -> list[dlq.DeadLetter]:
+        found = await dlq.list_dead(unroutable, settings=settings)
+        return [dead for dead in found if dead.message_id == sent]
+
+    deadline = asyncio.get_running_loop().time() + 15
+    while not (found := await ours()):
+        assert asyncio.get_running_loop().time() < deadline, f"{sent} never reached {unroutable}"
+        await asyncio.sleep(0.1)
+    (dead,) = found
+    assert (dead.reason, dead.original_exchange, dead.original_routing_key) == (
+        "unroutable",
+        settings.exchange,
+        key,
+    )
+    listed = await _cli(settings, "dlq", "list", unroutable)
+    assert f"{sent}" in listed.stdout and "unroutable" in listed.stdout
+    await dlq.purge(unroutable, settings=settings)  # no other test reads it

@@ -52,3 +52,17 @@ def test_json_line_is_one_object_with_the_context(
         "m-1",
         2,
     )
+
+
+def test_your_own_logger_carries_the_log_context_through_workerkit_formatters() -> None:
+    """docs/observability.md: a handler with workerkit's formatter on your own logger."""
+    from workerkit.log import JsonFormatter, PlainFormatter, log_context
+
+    record = logging.LogRecord("myapp.timing", logging.INFO, __file__, 1, "took %ss", (1.2,), None)
+    token = log_context.set({"tenant": "acme"})
+    try:
+        plain, as_json = PlainFormatter().format(record), JsonFormatter().format(record)
+    finally:
+        log_context.reset(token)
+    assert plain.endswith("myapp.timing: took 1.2s [tenant=acme]")
+    assert orjson.loads(as_json)["tenant"] == "acme"

@@ -7,6 +7,7 @@ DESIGN.md, the README and the docs.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import types
@@ -157,3 +158,11 @@ def test_importing_workerkit_does_not_load_a_client_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_docs_design_lists_every_public_name() -> None:
+    """docs/design.md's "Public names" is what a reader trusts; it once missed two errors."""
+    text = (PACKAGE.parent / "docs/design.md").read_text()
+    section = text.split("## Public names", 1)[1].split("Modules meant for direct use", 1)[0]
+    listed = set(re.findall(r"`(\w+)`", section))
+    assert listed == set(workerkit.__all__)
