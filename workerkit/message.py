@@ -514,9 +514,19 @@ def _body(message: Message, max_body_size: int) -> bytes:
 
 def _json_content(message: Message) -> None:
     ctype = message.content_type
-    if ctype is not None and ctype != JSON and not ctype.startswith("application/json"):
+    if ctype is not None and ctype != JSON and not is_json_type(ctype):
         # Pickle and friends are never deserialised: the body goes to the DLQ instead.
         raise DecodeError(f"content type {ctype!r} is not JSON")
+
+
+def is_json_type(content_type: str) -> bool:
+    """``application/json``, a ``+json`` type (RFC 6839: ``application/vnd.api+json``,
+    ``application/problem+json``) or the older ``text/json``, parameters (``; charset=utf-8``)
+    and letter case aside."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in (JSON, "text/json") or (
+        media.startswith("application/") and media.endswith("+json")
+    )
 
 
 def decoder_for(annotation: Any, max_body_size: int) -> Decoder:
@@ -536,7 +546,7 @@ def _text_decoder(max_body_size: int) -> Decoder:
     def decode_str(message: Message) -> str:
         body = _body(message, max_body_size)
         ctype = message.content_type
-        if ctype is not None and not (ctype.startswith("text/") or ctype.startswith(JSON)):
+        if ctype is not None and not (ctype.startswith("text/") or is_json_type(ctype)):
             raise DecodeError(f"content type {ctype!r} is not text")
         try:
             return body.decode("utf-8")

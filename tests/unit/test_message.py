@@ -122,6 +122,21 @@ def test_json_with_charset_parameter_is_json() -> None:
     assert decoder_for(dict, LIMIT)(msg(b"{}", "application/json; charset=utf-8")) == {}
 
 
+JSON_TYPES = ["application/vnd.api+json", "application/problem+json", "text/json", "Application/JSON"]
+
+
+@pytest.mark.parametrize("ctype", JSON_TYPES)
+def test_json_media_types_are_json(ctype: str) -> None:
+    """RFC 6839's +json types and the older text/json were dead-lettered as "not JSON"."""
+    assert decoder_for(dict, LIMIT)(msg(b'{"a": 1}', ctype)) == {"a": 1}
+
+
+@pytest.mark.parametrize("ctype", ["application/x-python-pickle", "application/jsonx", "text/x"])
+def test_other_media_types_are_not_json(ctype: str) -> None:
+    with pytest.raises(DecodeError, match="is not JSON"):
+        decoder_for(dict, LIMIT)(msg(b'{"a": 1}', ctype))
+
+
 def test_missing_content_type_is_accepted_as_json() -> None:
     # Messages from other producers often carry no content type at all.
     assert decoder_for(dict, LIMIT)(msg(b'{"x": 1}', None)) == {"x": 1}
