@@ -122,7 +122,12 @@ def test_json_with_charset_parameter_is_json() -> None:
     assert decoder_for(dict, LIMIT)(msg(b"{}", "application/json; charset=utf-8")) == {}
 
 
-JSON_TYPES = ["application/vnd.api+json", "application/problem+json", "text/json", "Application/JSON"]
+JSON_TYPES = [
+    "application/vnd.api+json",
+    "application/problem+json",
+    "text/json",
+    "Application/JSON",
+]
 
 
 @pytest.mark.parametrize("ctype", JSON_TYPES)
