@@ -55,7 +55,7 @@ class Drift:
 
 @dataclass
 class Report:
-    method: str  # "management API", "AMQP only" or "memory broker"
+    method: str  # "management API", "AMQP alone" or "memory broker"
     checked: list[str] = field(default_factory=list)  # queue names
     drifts: list[Drift] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)  # what this method cannot see
@@ -222,7 +222,7 @@ class AmqpView:
     """What AMQP alone can tell: whether a queue exists and whether the broker accepts the code's
     arguments for it (the broker names the first argument that differs). No bindings."""
 
-    method = "AMQP only (no management API)"
+    method = "AMQP alone (no management API)"
     sees_bindings = False
 
     def __init__(self, settings: Settings, transport: Transport | None = None) -> None:

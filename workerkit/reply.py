@@ -16,7 +16,8 @@ Over RabbitMQ's direct reply-to (no reply queue is declared per call)::
               error: an empty body; headers workerkit-error-type (the exception's qualified
                      name, or workerkit's own reason for an invalid body), workerkit-error-message,
                      workerkit-request-id (the request's message id) and workerkit-reason
-                     (rejected, exhausted, delivery-limit, invalid)
+                     (rejected, exhausted, delivery-limit, invalid; invalid-reply when the
+                     handler returned a value that cannot be sent: the request was handled)
 
 Nothing here does I/O: the runtime sends what :func:`reply_to_request` builds, a caller turns
 what it receives back into a value (or :class:`~workerkit.errors.RemoteError`) with
@@ -33,6 +34,7 @@ from .message import BINARY, JSON, Header, Message, Outgoing, Properties, decode
 __all__ = [
     "DIRECT_REPLY_TO",
     "ERROR",
+    "INVALID_REPLY",
     "OK",
     "REPLY_HEADER",
     "REQUEST_ID_HEADER",
@@ -48,6 +50,8 @@ REPLY_HEADER = "workerkit-reply"
 REQUEST_ID_HEADER = "workerkit-request-id"
 OK = "ok"
 ERROR = "error"
+#: The reason of an error reply whose handler ran but returned a value that cannot be encoded.
+INVALID_REPLY = "invalid-reply"
 
 # Replies are small and never pass the DLQ tooling; the cap only bounds what a caller decodes.
 DEFAULT_MAX_REPLY = 128 * 1024 * 1024

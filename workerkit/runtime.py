@@ -68,7 +68,7 @@ from .message import (
     new_message_id,
 )
 from .middleware import Middleware, bound_hooks, call_hooks, hook_failed, run_hooks
-from .reply import error_reply, reply_to_request
+from .reply import INVALID_REPLY, error_reply, reply_to_request
 from .retry import RetryPolicy
 from .settings import Settings
 from .stats import FIRST_HANDLER_BUCKET, HANDLER_BUCKETS, LAG_BUCKETS, PUBLISHED_AT_HEADER, Timings
@@ -1023,7 +1023,8 @@ class WorkerRuntime:
         try:
             reply = reply_to_request(message, value)
         except InvalidMessage as exc:  # the value cannot be encoded: the caller hears why
-            reply = error_reply(message, _qualified(exc), _short(str(exc), MAX_ERROR_MESSAGE), "")
+            why = _short(str(exc), MAX_ERROR_MESSAGE)
+            reply = error_reply(message, _qualified(exc), why, INVALID_REPLY)
         await self._send_reply(message, reply)
 
     async def _answer_error(

@@ -162,8 +162,9 @@ async def test_return_values_answer_requests(
 
         reply, _, _ = await caller.call(q, orjson.dumps({"kind": "set", "sku": "B2"}))
         assert reply is not None
-        with pytest.raises(RemoteError, match="cannot encode"):
+        with pytest.raises(RemoteError, match="cannot encode") as raised:
             decode_reply(reply)
+        assert raised.value.reason == "invalid-reply"
     assert handled == ["model", "none", "dict", "text", "bytes", "set"]
     # Requests were acked like any message: nothing left behind.
     assert await asyncio.to_thread(ready_count, settings.url.get_secret_value(), q) == 0
