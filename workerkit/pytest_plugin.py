@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from .errors import AccessRefused
 from .publisher import AsyncPublisher, Publisher
 from .settings import Settings, redact_url
 from .testing import BrokerHarness, LoopThread, delete_layout
@@ -123,7 +124,9 @@ def _wait_amqp(url: str, deadline_s: float = 60.0) -> None:
         try:
             asyncio.run(_handshake(settings))
             return
-        except Exception as exc:  # still booting, or wrong credentials: say which at the end
+        except AccessRefused as exc:  # waiting cannot fix credentials or permissions
+            raise RuntimeError(f"{redact_url(url)} refused the connection: {exc}") from None
+        except Exception as exc:  # still booting: say why at the end
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"no AMQP handshake with {redact_url(url)} within {deadline_s}s: {exc}"
@@ -144,11 +147,14 @@ def _no_broker(config: pytest.Config, why: str) -> None:
     skip = config.getoption("--workerkit-skip-without-broker") or config.getini(
         "workerkit_skip_without_broker"
     )
-    message = (
-        f"workerkit: no RabbitMQ for this test ({why}). Set WORKERKIT_TEST_URL=amqp://..., run"
-        " a broker on localhost:5672, or install Docker and testcontainers"
-        " (pip install 'workerkit[test]')"
-    )
+    if why.startswith("WORKERKIT_TEST_URL"):
+        advice = "Check WORKERKIT_TEST_URL (its broker, credentials and vhost)"
+    else:
+        advice = (
+            "Set WORKERKIT_TEST_URL=amqp://..., run a broker on localhost:5672, or install"
+            " Docker and testcontainers (pip install 'workerkit[testing]')"
+        )
+    message = f"workerkit: no RabbitMQ for this test ({why}). {advice}"
     if skip:
         pytest.skip(message)
     pytest.fail(message, pytrace=False)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,17 @@ def test_no_broker_fails_with_a_clear_message_unless_skips_are_asked(project: Pa
     )
     assert skipped.returncode == 0, skipped.stdout + skipped.stderr
     assert "3 skipped" in skipped.stdout
+
+
+def test_refused_credentials_fail_at_once_naming_the_cause(project: Path, broker_url: str) -> None:
+    """Waiting cannot fix a wrong password: no wait for workerkit_broker_wait, and no advice to
+    set a variable that is set (a new-user check found both)."""
+    (project / "pytest.ini").write_text("[pytest]\npythonpath = .\nworkerkit_broker_wait = 60\n")
+    wrong = broker_url.replace("guest:guest@", "guest:wrong@")
+    assert wrong != broker_url
+    began = time.monotonic()
+    failed = pytest_in(project, "tests", "--workerkit-broker=rabbitmq", url=wrong)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert time.monotonic() - began < 45, "it waited out workerkit_broker_wait (60 s)"
+    assert "refused the connection" in failed.stdout and "Check WORKERKIT_TEST_URL" in failed.stdout
+    assert "wrong" not in failed.stdout, "the password must not be shown"
