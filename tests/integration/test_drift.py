@@ -71,7 +71,7 @@ async def test_amqp_only_finds_the_argument_drift_and_says_it_cannot_see_binding
         [DriftWorker],
         management_url="http://127.0.0.1:1",  # nothing listens there
     )
-    assert why is not None and report.method.startswith("AMQP only")
+    assert why is not None and report.method.startswith("AMQP alone")
     [drift] = report.drifts
     assert drift.kind == "argument" and drift.queue == QUEUE
     assert "x-delivery-limit" in drift.detail
