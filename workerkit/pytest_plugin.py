@@ -39,7 +39,7 @@ __all__ = ["BROKERS", "LOCAL_URL"]
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 BROKERS = ("memory", "rabbitmq", "both")
-RABBITMQ_IMAGE = "rabbitmq:3.12-management"
+RABBITMQ_IMAGE = "rabbitmq:4.3-management"  # a supported release (docs/brokers.md)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

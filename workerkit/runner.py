@@ -539,14 +539,20 @@ class Runner:
             if wanted <= prefetch:
                 continue
             asked = self.prefetch or cls.prefetch or self.settings.prefetch or cls.batch_size
+            batches = (
+                f"; batches of at most {prefetch} instead of batch_size {cls.batch_size}"
+                if cls.batch_size and cls.batch_size > prefetch
+                else ""
+            )
             log.log(
                 logging.WARNING if asked else logging.INFO,
-                "%s: prefetch %d instead of %d: max_in_flight_bytes %d allows %d deliveries of"
+                "%s: prefetch %d instead of %d%s: max_in_flight_bytes %d allows %d deliveries of"
                 " up to max_body_size %d bytes; lower max_body_size to what the messages need"
                 " to prefetch more",
                 cls.describe(),
                 prefetch,
                 wanted,
+                batches,
                 self.settings.max_in_flight_bytes,
                 cap,
                 self.settings.max_body_size,

@@ -186,7 +186,8 @@ class Settings(BaseSettings):
         default=10,
         ge=0,
         le=3600,
-        description="AMQP heartbeat in seconds; a silently dead connection is found in 2-3x this.",
+        description="AMQP heartbeat in seconds; a silently dead connection is found within one"
+        " to two times heartbeat + 5 s (at most about 30 s at 10).",
     )
     connect_timeout: float = Field(default=10.0, gt=0, description="Seconds to open a connection.")
     publish_timeout: float = Field(

@@ -50,6 +50,19 @@ def test_the_budget_caps_the_prefetch_at_budget_over_max_body_size() -> None:
     assert window(batch, tight, None, None) == (4, 2)
 
 
+def test_a_capped_batch_worker_is_told_its_batches_are_smaller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A batch_size of 100 with the default budget fills batches of 16 at most: say so, in the
+    start-up warning, rather than leave the user to wonder (found by a docs review)."""
+    runner, _ = in_memory([worker(batch_size=100)], settings=Settings())
+    with caplog.at_level("INFO", logger="workerkit.runner"):
+        runner._say_memory_caps()
+    [record] = [r for r in caplog.records if "instead of" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "batches of at most 16 instead of batch_size 100" in record.getMessage()
+
+
 @pytest.mark.parametrize("size", [1, 1000, 131064, 131065, 3 * 131064 + 17, 2 * MiB])
 def test_body_frames_are_pikas_frames_built_once(size: int) -> None:
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
