@@ -578,7 +578,7 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
         if waiting == 0:
             click.echo(f"{name} is already empty")
             return
-        if not _interactive():
+        if not interactive():
             raise CliError(
                 f"refusing to purge {waiting} message(s) from {name} without confirmation:"
                 " stdin is not a terminal; pass --yes"
@@ -592,7 +592,8 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
     click.echo(f"purged {purged} message(s) from {name}")
 
 
-def _interactive() -> bool:
+def interactive() -> bool:
+    """stdin is a terminal: a question can be asked (a pipe or cron cannot answer one)."""
     return sys.stdin is not None and sys.stdin.isatty()
 
 

@@ -307,13 +307,11 @@ async def run_check(
 
 def _confirmed(question: str) -> bool:
     """A yes on a terminal; no terminal (a pipe, cron) is a no, not click's bare "Aborted!"."""
-    import sys
-
     import click
 
-    if sys.stdin is None or not sys.stdin.isatty():
-        return False
-    return click.confirm(question, default=False)
+    from .cli import interactive
+
+    return interactive() and click.confirm(question, default=False)
 
 
 def check_command(
