@@ -1205,7 +1205,10 @@ class WorkerRuntime:
     ) -> None:
         extra = {**self.log_extra, "message_id": message.message_id, "attempt": message.attempt}
         what = f"{type(error).__name__}: {_short(str(error), 200)}"
-        if isinstance(decision, Retry):
+        if isinstance(decision, Retry) and isinstance(error, ClaimedElsewhere):
+            # Not a failure: the handler did not run, and no attempt is counted.
+            log.info("%s; looking again in %.1fs", error, decision.delay, extra=extra)
+        elif isinstance(decision, Retry):
             log.warning("handler failed (%s); retrying in %.1fs", what, decision.delay, extra=extra)
         elif isinstance(decision, DeadLetter):
             log.error("dead-lettered (%s): %s", decision.reason, what, extra=extra)

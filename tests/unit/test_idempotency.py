@@ -84,7 +84,8 @@ async def test_duplicates_run_once_and_failures_release_the_claim(is_async: bool
     assert store.entries[f"workerkit:idem:{name}:m-a"][0] == "done"
 
 
-async def test_a_busy_claim_is_retried_once_it_expires() -> None:
+async def test_a_busy_claim_is_retried_once_it_expires(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="workerkit")
     name = qname("busy")
     store = MemoryStore()
     ran: list[int] = []
@@ -108,6 +109,11 @@ async def test_a_busy_claim_is_retried_once_it_expires() -> None:
         await wait_for(lambda: rt.processed == 1, 10, "the retry after the claim expired")
     assert ran == [1]  # looking again is not an attempt: the handler never ran before
     assert rt.retried >= 1
+    # Said as what it is, at INFO: not a handler failure (which is a WARNING).
+    lines = [r for r in caplog.records if "claimed by another delivery" in r.getMessage()]
+    assert lines and all(r.levelname == "INFO" for r in lines), caplog.text
+    assert "looking again in" in lines[0].getMessage()
+    assert not [r for r in caplog.records if "handler failed" in r.getMessage()], caplog.text
 
 
 def test_idempotent_needs_a_store() -> None:
