@@ -26,7 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import tenacity
 
@@ -54,6 +54,9 @@ from .worker import MAX_ROUTED_NAME
 __all__ = ["AsyncPublisher", "Publisher", "allow_sync_publishes_on", "refuse_sync_publishes_on"]
 
 log = logging.getLogger("workerkit.publisher")
+
+#: What ``request(..., reply_type=T)`` returns: a reply validated into ``T``.
+_R = TypeVar("_R")
 
 # publish_many keeps at most this many confirms outstanding at once.
 WINDOW = 1000
@@ -762,13 +765,41 @@ class AsyncPublisher:
         """
         return await self._core.publish_many(items, delay=delay, limit=self._core.limit(timeout))
 
+    @overload
     async def request(
         self,
         routing_key: str,
         body: object,
         *,
         timeout: float | None = None,
-        reply_type: Any = None,
+        reply_type: type[_R],
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+    ) -> _R: ...
+
+    @overload
+    async def request(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        timeout: float | None = None,
+        reply_type: object = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+    ) -> Any: ...
+
+    async def request(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        timeout: float | None = None,
+        reply_type: object = None,
         headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
         expiration: float | None = None,
@@ -973,13 +1004,41 @@ class Publisher:
         ids: list[str] = shared.call(start, None)
         return ids
 
+    @overload
     def request(
         self,
         routing_key: str,
         body: object,
         *,
         timeout: float | None = None,
-        reply_type: Any = None,
+        reply_type: type[_R],
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+    ) -> _R: ...
+
+    @overload
+    def request(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        timeout: float | None = None,
+        reply_type: object = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        expiration: float | None = None,
+        priority: int | None = None,
+    ) -> Any: ...
+
+    def request(
+        self,
+        routing_key: str,
+        body: object,
+        *,
+        timeout: float | None = None,
+        reply_type: object = None,
         headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
         expiration: float | None = None,

@@ -114,8 +114,8 @@ def decode_reply(
     Without ``reply_type``: ``None`` for an empty reply, Python values for JSON, ``str`` for
     text, ``bytes`` for anything else. With it, the body is decoded and validated exactly as a
     handler annotated with ``reply_type`` would receive it (a pydantic model, ``dict``,
-    ``list[int]``...); a body that does not fit raises :class:`~workerkit.errors.DecodeError`.
-    An empty (``None``) reply is ``None`` whatever ``reply_type`` says.
+    ``list[int]``...); a body that does not fit raises :class:`~workerkit.errors.DecodeError`,
+    and so does an empty (``None``) reply unless ``reply_type`` admits ``None``.
     """
     headers = reply.headers
     status = _text(headers.get(REPLY_HEADER))
@@ -129,7 +129,9 @@ def decode_reply(
     if status is not None and status != OK:
         raise DecodeError(f"not a workerkit reply: {REPLY_HEADER} is {status!r}")
     if not reply.body and not reply.content_type:
-        return None
+        if reply_type is None or reply_type is Any or reply_type is object:
+            return None
+        return _empty_as(reply, reply_type)
     if reply_type is not None:
         return decoder_for(reply_type, max_body_size)(reply)
     ctype = reply.content_type or BINARY
@@ -138,6 +140,24 @@ def decode_reply(
     if ctype.startswith("text/"):
         return decoder_for(str, max_body_size)(reply)
     return decoder_for(bytes, max_body_size)(reply)
+
+
+def _empty_as(reply: Message, reply_type: Any) -> Any:
+    """An empty reply (the handler returned ``None``) for a caller that asked for ``reply_type``:
+    ``None`` when that type admits it (``Quote | None``), else :class:`DecodeError`: the caller
+    gets what it asked for or a typed error, never a ``None`` its type does not allow."""
+    if reply_type is Message:
+        return reply
+    from pydantic import TypeAdapter, ValidationError
+
+    try:
+        return TypeAdapter(reply_type).validate_python(None)
+    except ValidationError:
+        name = getattr(reply_type, "__name__", None) or repr(reply_type)
+        raise DecodeError(
+            f"empty reply (the handler returned None) where a {name} was asked for; ask for"
+            f" {name} | None to accept it"
+        ) from None
 
 
 def _text(value: Any) -> str | None:

@@ -56,6 +56,7 @@ def request_command(
     1 the worker gave up (RemoteError) or the request was not published (unroutable, broker
     unreachable), 4 credentials refused or connection lost while waiting, 5 no reply in time.
     """
+    from .message import Message, decoder_for
     from .publisher import Publisher
 
     settings = settings_from(url)
@@ -68,8 +69,10 @@ def request_command(
                 payload,
                 timeout=timeout,
                 headers=parsed_headers or None,
-                reply_type=bytes if raw else None,
+                reply_type=Message if raw else None,
             )
+            if isinstance(value, Message):  # --raw: the body as sent (decompressed), or nothing
+                value = decoder_for(bytes, settings.max_body_size)(value) or None
         except RemoteError as exc:
             raise CliError(f"the worker gave up on the request: {exc}") from None
         except RequestTimeout as exc:

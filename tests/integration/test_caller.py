@@ -71,6 +71,8 @@ def _pricing(q: str) -> type[Worker]:
                 await asyncio.sleep(body["seconds"])
             if kind == "text":
                 return "plain"
+            if kind == "none":
+                return None
             return {"sku": body["sku"], "price": len(body["sku"]) * 10}
 
     return Pricing
@@ -86,6 +88,12 @@ async def test_async_request_reply_typed_and_untyped(
         quote = await pub.request(q, {"sku": "ABC"}, timeout=5, reply_type=Quote)
         assert quote == Quote(sku="ABC", price=30)
         assert await pub.request(q, {"kind": "text", "sku": "x"}, timeout=5) == "plain"
+        # An empty reply: None where the type admits it, a DecodeError where it does not.
+        none = {"kind": "none", "sku": "n"}
+        assert await pub.request(q, none, timeout=5) is None
+        assert await pub.request(q, none, timeout=5, reply_type=Quote | None) is None
+        with pytest.raises(DecodeError, match="empty reply"):
+            await pub.request(q, none, timeout=5, reply_type=Quote)
         with pytest.raises(DecodeError):
             await pub.request(q, {"kind": "text", "sku": "x"}, timeout=5, reply_type=Quote)
         # many tasks at once share the one reply consumer, each gets its own answer
@@ -265,6 +273,9 @@ async def test_cli_request_prints_the_reply_with_documented_exit_codes(
         assert done.stdout == '{\n  "sku": "A1",\n  "price": 20\n}\n'
         done = await _invoke(settings, "request", q, '{"sku": "A1"}', "--raw")
         assert done.exit_code == 0 and done.stdout == '{"sku":"A1","price":20}'
+        for raw in ((), ("--raw",)):  # an empty reply (the handler returned None): nothing
+            done = await _invoke(settings, "request", q, '{"kind": "none", "sku": "N"}', *raw)
+            assert done.exit_code == 0 and done.stdout == "", done.output
         done = await _invoke(settings, "request", q, '{"kind": "reject", "sku": "Q"}')
         assert done.exit_code == 1
         assert "workerkit: error: the worker gave up on the request" in done.stderr

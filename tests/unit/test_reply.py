@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from pydantic import BaseModel
@@ -70,7 +70,18 @@ def test_reply_type_validates() -> None:
     bad = reply_to_request(REQUEST, {"sku": "A"})
     with pytest.raises(DecodeError, match="price"):
         decode_reply(_delivered(bad), Quote)
-    assert decode_reply(_delivered(reply_to_request(REQUEST, None)), Quote) is None
+    # An empty reply (the handler returned None) is None only for a type that admits it: a
+    # caller typed as getting a Quote gets one or a typed error.
+    empty = _delivered(reply_to_request(REQUEST, None))
+    with pytest.raises(DecodeError, match=r"empty reply .* Quote was asked for"):
+        decode_reply(empty, Quote)
+    with pytest.raises(DecodeError, match="empty reply"):
+        decode_reply(empty, int)
+    assert decode_reply(empty, Quote | None) is None
+    assert decode_reply(empty, Optional[Quote]) is None  # noqa: UP045 (the older spelling)
+    assert decode_reply(empty, Any) is None
+    assert decode_reply(empty) is None
+    assert decode_reply(empty, Message) is empty
 
 
 def test_error_replies_raise_remote_error() -> None:
