@@ -1,4 +1,5 @@
-"""The README's "Testing your workers" example is run as written, on both brokers."""
+"""The README's "Testing your workers" example is run as written, on both brokers, with the
+pytest configuration docs/testing.md gives and warnings as errors."""
 
 from __future__ import annotations
 
@@ -19,13 +20,30 @@ def readme_example() -> str:
     return match.group(1)
 
 
+def config_from_testing_md() -> str:
+    text = (ROOT / "docs" / "testing.md").read_text()
+    match = re.search(r"```toml\n(# pyproject.toml\n.*?)```", text, re.DOTALL)
+    assert match, "docs/testing.md shows no pyproject.toml block"
+    return match.group(1)
+
+
 def test_the_readme_example_passes_on_both_brokers(tmp_path: Path, broker_url: str) -> None:
     (tmp_path / "test_readme_example.py").write_text(readme_example())
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "pyproject.toml").write_text(config_from_testing_md())
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKERKIT_")}
     env.update(WORKERKIT_TEST_URL=broker_url, PYTHONPATH=str(ROOT))
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--workerkit-broker=both"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "error",
+            "--workerkit-broker=both",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
