@@ -7,7 +7,7 @@ import difflib
 import os
 import re
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -71,36 +71,58 @@ def check_url(raw: str) -> None:
     scheme, sep, rest = raw.partition("://")
     if not sep or scheme.lower() not in ("amqp", "amqps"):
         raise ValueError("must start with amqp:// or amqps://")
-    if "@" in rest:
-        userinfo, _, after = rest.rpartition("@")
-        if re.search(r"[/?#\[\]]", userinfo):
-            raise ValueError(
-                "the user or password holds a raw '/', '?', '#', '[' or ']' (percent-encode"
-                " it: '#' is %23) and the URL would not parse as intended"
-            )
-        if ":" not in userinfo:
-            raise ValueError("names a user but no password (amqp://user:password@host/)")
-        if "@" in userinfo:
-            raise ValueError("the user or password holds a raw '@' (percent-encode it as %40)")
-    else:
-        after = rest
+    after = _without_userinfo(rest)
     if "#" in after:
         raise ValueError("has a '#' fragment, which AMQP URLs do not use")
+    # A second host given without its scheme (amqp://a:5672,b:5672 or amqp://a/,b/) is a list
+    # typed wrong, not a port or a virtual host named ",b": refuse it as that.
+    host, _, vhost = after.partition("?")[0].partition("/")
+    if "," in host:
+        raise ValueError(
+            "has a ',' in its host: each URL of a list starts with amqp:// or amqps://"
+        )
+    if "," in vhost:
+        raise ValueError(
+            "has a ',' in its virtual host: each URL of a list starts with amqp:// or amqps://"
+            " (a comma that belongs to the name is %2C)"
+        )
     try:
         parts = urlsplit(f"{scheme}://{after}")
     except ValueError:
         raise ValueError("has a host that does not parse") from None
+    _check_host(parts)
+    _check_query(parts.query)
+
+
+def _without_userinfo(rest: str) -> str:
+    """What follows ``user:password@``, once that parses as it reads."""
+    if "@" not in rest:
+        return rest
+    userinfo, _, after = rest.rpartition("@")
+    if re.search(r"[/?#\[\]]", userinfo):
+        raise ValueError(
+            "the user or password holds a raw '/', '?', '#', '[' or ']' (percent-encode"
+            " it: '#' is %23) and the URL would not parse as intended"
+        )
+    if ":" not in userinfo:
+        raise ValueError("names a user but no password (amqp://user:password@host/)")
+    if "@" in userinfo:
+        raise ValueError("the user or password holds a raw '@' (percent-encode it as %40)")
+    return after
+
+
+def _check_host(parts: SplitResult) -> None:
     try:
-        parts.port  # noqa: B018 - a port that is not a number raises here
+        parts.port  # noqa: B018 - a port that is not a number, or out of range, raises here
     except ValueError:
+        port = parts.netloc.rpartition(":")[2]
+        if port.isdigit():
+            raise ValueError(f"has a port ({port}) outside 1-65535") from None
         raise ValueError("has a port that is not a number") from None
     if not parts.hostname:
         raise ValueError("names no host")
-    if "," in parts.hostname:
-        raise ValueError(
-            "has a ',' in its host: each URL of a list starts with amqp:// or amqps://"
-        )
-    _check_query(parts.query)
+    if re.search(r"\s", parts.hostname):
+        raise ValueError("has white space in its host")
 
 
 def _check_query(query: str) -> None:

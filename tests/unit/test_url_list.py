@@ -43,6 +43,8 @@ def test_a_raw_comma_in_a_password_never_leaks_half_of_it() -> None:
         (f"amqp://bob@b/,{A}", "URL 1 of 2 names a user but no password"),
         (f"{A},{B},amqp://h:port/", "URL 3 of 3 has a port that is not a number"),
         (" , ", "WORKERKIT_URL: is empty"),
+        (f"{A},amqp://h:99999/", "URL 2 of 2 has a port (99999) outside 1-65535"),
+        (f"{A},amqp://ho st/", "URL 2 of 2 has white space in its host"),
     ],
 )
 def test_a_bad_url_in_a_list_is_named_by_position_without_secrets(url: str, words: str) -> None:
@@ -77,6 +79,24 @@ def test_a_raw_comma_in_a_password_is_part_of_the_password_not_a_separator() -> 
     assert Settings(url=f"{url},{B}").urls == [url, B]
 
 
-def test_hosts_listed_without_a_scheme_each_are_refused() -> None:
-    with pytest.raises(ConfigurationError, match="each URL of a list starts with amqp://"):
-        Settings(url="amqp://guest:s3cret@node-a,node-b/")
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:s3cret@node-a,node-b/",
+        # With ports, the second host read as part of the first one's port.
+        "amqp://guest:s3cret@127.0.0.1:39623,127.0.0.1:5672",
+        # With slashes, the second host read as the first one's virtual host ",127.0.0.1:5672/".
+        "amqp://guest:s3cret@127.0.0.1:39623/,127.0.0.1:5672/",
+        "amqp://guest:s3cret@node-a/,node-b",
+    ],
+)
+def test_hosts_listed_without_a_scheme_each_are_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="each URL of a list starts with amqp://") as info:
+        Settings(url=url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_comma_in_a_virtual_host_name_is_percent_encoded() -> None:
+    assert Settings(url="amqp://guest:guest@node-a/team%2Cone").urls == [
+        "amqp://guest:guest@node-a/team%2Cone"
+    ]
