@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import DecodeError, RemoteError
+from .errors import DecodeError, MessageTooLarge, RemoteError
 from .message import BINARY, JSON, Header, Message, Outgoing, Properties, decoder_for, encode_body
 
 __all__ = [
@@ -67,9 +67,20 @@ def encode_reply(value: object) -> tuple[bytes, str | None]:
     return encode_body(value)
 
 
-def reply_to_request(request: Message, value: object) -> Outgoing:
-    """The ``ok`` reply answering ``request`` (which must have ``reply_to``) with ``value``."""
+def reply_to_request(
+    request: Message, value: object, max_body_size: int = DEFAULT_MAX_REPLY
+) -> Outgoing:
+    """The ``ok`` reply answering ``request`` (which must have ``reply_to``) with ``value``.
+
+    Raises :class:`~workerkit.errors.MessageTooLarge` for a body above ``max_body_size``, as a
+    publish would: sent anyway, a body above the broker's own limit closes the worker's publish
+    channel, and every reply on its way with it (RabbitMQ 4.x: 16 MiB).
+    """
     body, content_type = encode_reply(value)
+    if len(body) > max_body_size:
+        raise MessageTooLarge(
+            f"reply body is {len(body)} bytes, above max_body_size={max_body_size}"
+        )
     return _reply(request, body, content_type, {REPLY_HEADER: OK})
 
 

@@ -207,6 +207,7 @@ class WorkerRuntime:
         self.ack_batching = settings.ack_batching
         handler = cls._handler
         self.decode = decoder_for(handler.body_type, settings.max_body_size)
+        self.max_body_size = settings.max_body_size
         self.wants_message = handler.wants_message
         self.is_async = handler.is_async
         self.pool = (
@@ -1021,8 +1022,8 @@ class WorkerRuntime:
     async def _answer(self, message: Message, value: Any) -> None:
         """Reply to a request with the handler's return value."""
         try:
-            reply = reply_to_request(message, value)
-        except InvalidMessage as exc:  # the value cannot be encoded: the caller hears why
+            reply = reply_to_request(message, value, self.max_body_size)
+        except InvalidMessage as exc:  # cannot be encoded, or too large: the caller hears why
             why = _short(str(exc), MAX_ERROR_MESSAGE)
             reply = error_reply(message, _qualified(exc), why, INVALID_REPLY)
         await self._send_reply(message, reply)

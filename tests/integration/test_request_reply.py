@@ -35,6 +35,8 @@ from .workers_fixture import get_all, ready_count
 
 pytestmark = pytest.mark.integration
 
+MIB = 1024 * 1024
+
 
 class Quote(BaseModel):
     sku: str
@@ -139,9 +141,12 @@ async def test_return_values_answer_requests(
                 return b"\x00\xff"
             if kind == "set":
                 return {1, 2}  # cannot be encoded: the caller hears why
+            if kind == "big":
+                return "x" * (2 * MIB)  # above the worker's max_body_size: the caller hears why
             return {"sku": body["sku"], "list": [1, 2]}
 
-    async with running(_runner(settings, Pricing)):
+    small = settings.model_copy(update={"max_body_size": MIB})
+    async with running(_runner(small, Pricing)):
         reply, _, _ = await caller.call(q, orjson.dumps({"kind": "model", "sku": "A1"}))
         assert reply is not None
         assert decode_reply(reply, Quote) == Quote(sku="A1", price=42)
@@ -165,7 +170,18 @@ async def test_return_values_answer_requests(
         with pytest.raises(RemoteError, match="cannot encode") as raised:
             decode_reply(reply)
         assert raised.value.reason == "invalid-reply"
-    assert handled == ["model", "none", "dict", "text", "bytes", "set"]
+
+        # Too large to send: an error reply at once, not a wait until the caller's timeout (on
+        # RabbitMQ 4.x a body above 16 MiB closed the publish channel and the replies on it).
+        reply, _, _ = await caller.call(q, orjson.dumps({"kind": "big", "sku": "B2"}))
+        assert reply is not None and not reply.body
+        with pytest.raises(RemoteError, match="above max_body_size=1048576") as raised:
+            decode_reply(reply)
+        assert raised.value.reason == "invalid-reply"
+        assert raised.value.type == "workerkit.errors.MessageTooLarge"
+        reply, _, _ = await caller.call(q, orjson.dumps({"kind": "dict", "sku": "C3"}))
+        assert reply is not None and decode_reply(reply) == {"sku": "C3", "list": [1, 2]}
+    assert handled == ["model", "none", "dict", "text", "bytes", "set", "big", "dict"]
     # Requests were acked like any message: nothing left behind.
     assert await asyncio.to_thread(ready_count, settings.url.get_secret_value(), q) == 0
 
