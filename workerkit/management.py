@@ -90,6 +90,12 @@ async def unusable(http: httpx.AsyncClient, where: Endpoint) -> str | None:
         reply = await http.get(where.api("/overview"))
         reply.raise_for_status()
         overview = reply.json()
+        # The AMQP URL's virtual host must be this broker's: else every queue would read as
+        # missing (drift, empty status) where AMQP would say the vhost is refused (exit 4).
+        vhost = await http.get(where.api(f"/vhosts/{where.vhost_path}"))
+        if vhost.status_code == 404:
+            return f"it has no virtual host {where.vhost!r}"
+        vhost.raise_for_status()
     except (httpx.HTTPError, ValueError) as exc:
         return describe(exc)
     if where.amqp_port is None:

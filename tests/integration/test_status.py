@@ -150,6 +150,22 @@ def test_status_shows_depths_from_the_management_api(
     assert f"2 dead letter(s): {queue}.dlq (2)" in err
 
 
+@pytest.mark.parametrize("command", ["status", "topology"])
+def test_a_vhost_the_api_does_not_have_is_refused_not_read_as_empty(
+    app: tuple[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """The API answers for the broker, the URL names a vhost it does not have: not an empty
+    status or "missing queue" drift (exit 0 or 1), but what AMQP says, exit 4."""
+    module, _queue = app
+    url = settings.url.get_secret_value().rstrip("/") + "/no-such-vhost"
+    if not os.environ.get("WORKERKIT_MANAGEMENT_URL"):  # given, as a monitoring host would
+        monkeypatch.setenv("WORKERKIT_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
+    args = [module, "--url", url] if command == "status" else [module, "--check", "--url", url]
+    result = CliRunner().invoke(cli, [command, *args])
+    assert result.exit_code == 4, result.output
+    assert "access to the virtual host was refused" in result.stderr.splitlines()[-1]
+
+
 def test_check_passes_when_every_dlq_is_empty(app: tuple[str, str], settings: Settings) -> None:
     module, _queue = app
     from workerkit.cli import load_targets
