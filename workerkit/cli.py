@@ -406,6 +406,13 @@ def topology(
 ) -> None:
     """Declare the exchanges and queues of TARGET workers (idempotent) and list them."""
     settings = settings_from(url)
+    if management_url is not None:
+        from .settings import check_management_url
+
+        try:
+            check_management_url(management_url)
+        except ValueError as exc:
+            raise CliError(f"--management-url: {exc}", EXIT_CONFIG) from None
     with reported():
         workers = load_targets(targets)
     if check or prune:

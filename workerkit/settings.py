@@ -94,6 +94,22 @@ def check_url(raw: str) -> None:
     _check_query(parts.query)
 
 
+def check_management_url(raw: str) -> None:
+    """Raise ValueError (never naming the password) unless ``raw`` is an http(s) address that
+    parses as it reads (``http://user:password@host:15672``)."""
+    scheme, sep, rest = raw.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        raise ValueError("must be an http:// or https:// address (http://host:15672)")
+    after = _without_userinfo(rest)
+    if "#" in after:
+        raise ValueError("has a '#' fragment")
+    try:
+        parts = urlsplit(f"{scheme}://{after}")
+    except ValueError:
+        raise ValueError("has a host that does not parse") from None
+    _check_host(parts)
+
+
 def _without_userinfo(rest: str) -> str:
     """What follows ``user:password@``, once that parses as it reads."""
     if "@" not in rest:
@@ -336,9 +352,7 @@ class Settings(BaseSettings):
     def _check_management_url(cls, value: SecretStr | None) -> SecretStr | None:
         # "notaurl" would become http://localhost/notaurl and fall back to AMQP in silence.
         if value is not None:
-            scheme, sep, rest = value.get_secret_value().partition("://")
-            if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
-                raise ValueError("must be an http:// or https:// address (http://host:15672)")
+            check_management_url(value.get_secret_value())
         return value
 
     @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")

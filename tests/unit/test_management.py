@@ -50,9 +50,46 @@ def test_a_management_url_that_is_no_http_address_is_a_configuration_error(bad: 
         _settings("amqp://h/", bad)
 
 
-def _serving(overview: dict[str, Any] | None, status: int = 200) -> httpx.AsyncClient:
+@pytest.mark.parametrize(
+    ("bad", "words"),
+    [
+        # A raw '#' in the password: urlsplit read "s3cret" as the port, and status printed a
+        # traceback ending in "Port could not be cast to integer value as 's3cret'".
+        ("http://guest:s3cret#PW@127.0.0.1:15672", "percent-encode"),
+        ("http://127.0.0.1:abc", "port that is not a number"),
+        ("http://127.0.0.1:99999", "outside 1-65535"),
+        ("http://user@mgmt:15672", "no password"),
+    ],
+)
+def test_a_management_url_that_does_not_parse_as_it_reads_is_refused(bad: str, words: str) -> None:
+    with pytest.raises(ConfigurationError, match="WORKERKIT_MANAGEMENT_URL") as info:
+        _settings("amqp://h/", bad)
+    assert words in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_topology_management_url_option_is_checked_the_same_way() -> None:
+    from click.testing import CliRunner
+
+    from workerkit.cli import cli
+
+    bad = "http://guest:s3cret#PW@127.0.0.1:15672"
+    result = CliRunner().invoke(
+        cli, ["topology", "workers.receipts", "--check", "--management-url", bad]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("workerkit: error: --management-url: ")
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+
+
+def _serving(
+    overview: dict[str, Any] | None, status: int = 200, vhosts: tuple[str, ...] = ("/",)
+) -> httpx.AsyncClient:
     def answer(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == "/api/overview"
+        path = request.url.raw_path.decode()
+        if path.startswith("/api/vhosts/"):
+            name = httpx.URL(path).path.removeprefix("/api/vhosts/")
+            return httpx.Response(200 if name in vhosts else 404, json={"name": name})
+        assert path == "/api/overview"
         return httpx.Response(status, json=overview)
 
     return httpx.AsyncClient(transport=httpx.MockTransport(answer))
@@ -80,6 +117,14 @@ async def test_a_derived_address_is_trusted_only_if_it_lists_our_amqp_port() -> 
 async def test_a_given_address_is_not_second_guessed() -> None:
     given = Endpoint("http://127.0.0.1:15672", ("guest", "guest"), "/")
     assert await unusable(_serving(_listeners(5672)), given) is None
+
+
+async def test_an_api_without_the_urls_vhost_is_not_used() -> None:
+    """Read through it, every queue would be missing: an empty status, false drift."""
+    why = await unusable(_serving(_listeners(41234), vhosts=("other",)), OURS)
+    assert why == "it has no virtual host '/'"
+    vh = Endpoint("http://127.0.0.1:15672", ("guest", "guest"), "a/b")
+    assert await unusable(_serving(_listeners(5672), vhosts=("a/b",)), vh) is None
 
 
 @pytest.mark.parametrize(
