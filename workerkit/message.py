@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
@@ -246,13 +246,46 @@ def encode_body(body: object) -> tuple[bytes, str]:
     if isinstance(body, str):
         return body.encode("utf-8"), TEXT
     if isinstance(body, BaseModel):
-        return body.model_dump_json().encode("utf-8"), JSON
-    try:
-        return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), JSON
-    except TypeError as exc:
-        raise InvalidMessage(
-            f"cannot encode body of type {type(body).__name__} as JSON: {exc}"
-        ) from None
+        payload = body.model_dump_json().encode("utf-8")
+    else:
+        try:
+            payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError as exc:
+            raise InvalidMessage(
+                f"cannot encode body of type {type(body).__name__} as JSON: {exc}"
+            ) from None
+    # JSON has no NaN or infinity: both encoders write them as null, which would change the
+    # data in silence. Only a body with a null can hold one (one byte search, in C).
+    if b"null" in payload:
+        where = _non_finite(body.model_dump() if isinstance(body, BaseModel) else body, "body")
+        if where is not None:
+            raise InvalidMessage(f"{where} is not a finite number: JSON has no NaN or infinity")
+    return payload, JSON
+
+
+def _non_finite(value: object, where: str) -> str | None:
+    """Where in a JSON value a NaN or an infinity is (``body['a'][2]``), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{where}[{key!r}]")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _non_finite(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    elif is_dataclass(value) and not isinstance(value, type):
+        return _non_finite(vars(value), where)
+    elif getattr(getattr(value, "dtype", None), "kind", "") in ("f", "c"):  # numpy, floats
+        import numpy
+
+        array: Any = value
+        if not numpy.isfinite(array).all():
+            return where
+    return None
 
 
 # The version (4) and RFC 4122 variant bits of a random UUID, as uuid.UUID(version=4) sets them.

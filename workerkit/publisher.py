@@ -142,7 +142,12 @@ class _Core:
         )
         if delay is None:
             return message
-        if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
+        if not (
+            isinstance(delay, int | float)
+            and not isinstance(delay, bool)  # delay=True is no number of seconds
+            and math.isfinite(delay)
+            and delay >= 0
+        ):
             raise InvalidMessage(f"delay must be a finite number of seconds >= 0, got {delay!r}")
         if delay > MAX_DELAY:
             raise InvalidMessage(f"delay {delay}s is above the longest delay, {MAX_DELAY:.0f}s")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
+import re
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from workerkit import ConfigurationError, InvalidMessage, Settings
 from workerkit.dlq import _fresh_copy, dead_letter_from, dlq_of, message_key
@@ -126,7 +129,7 @@ def test_retry_later_refuses_non_finite_delays(delay: float) -> None:
         RetryLater(delay=delay)
 
 
-@pytest.mark.parametrize("delay", [math.inf, math.nan, -1.0])
+@pytest.mark.parametrize("delay", [math.inf, math.nan, -1.0, True])
 def test_publish_refuses_non_finite_delays(delay: float) -> None:
     from workerkit import AsyncPublisher
 
@@ -282,3 +285,44 @@ async def test_a_running_runner_refuses_sync_publishes_on_its_loop() -> None:
     finally:
         publisher.close()
         Worker.registry.pop(Quiet.queue, None)
+
+
+# -- NaN and infinity in a JSON body -----------------------------------------------------------
+
+
+class _Reading(BaseModel):
+    value: float
+
+
+@dataclasses.dataclass
+class _Sample:
+    value: float
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"v": math.inf}, "body['v']"),
+        ({"a": [1.0, {"b": -math.inf}]}, "body['a'][1]['b']"),
+        ([0.5, math.nan], "body[1]"),
+        (_Reading(value=math.nan), "body['value']"),
+        (_Sample(value=math.inf), "body['value']"),
+    ],
+)
+def test_a_body_with_nan_or_infinity_is_refused_not_sent_as_null(body: object, where: str) -> None:
+    """JSON has neither: both encoders wrote them as null, changing the data in silence."""
+    from workerkit.message import encode_body
+
+    with pytest.raises(InvalidMessage, match=re.escape(f"{where} is not a finite number")):
+        encode_body(body)
+    with pytest.raises(InvalidMessage, match="not a finite number"):
+        build_outgoing("ex", "k", body, max_body_size=LIMIT)
+
+
+def test_nulls_and_finite_floats_still_encode() -> None:
+    from workerkit.message import encode_body
+
+    assert encode_body({"none": None, "f": [1.5, -0.0, 1e308]}) == (
+        b'{"none":null,"f":[1.5,-0.0,1e+308]}',
+        "application/json",
+    )
