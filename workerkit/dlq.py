@@ -193,10 +193,15 @@ def _str_keys(headers: Mapping[Any, Any]) -> dict[str, Any]:
 
 def message_key(message: Message) -> str:
     """The message id, or (when a publisher set none) a stable hash of body and headers."""
-    if message.message_id:
-        return message.message_id
-    stable = {k: v for k, v in _str_keys(message.headers).items() if k not in _VOLATILE_HEADERS}
-    digest = hashlib.sha256(message.body)
+    return message.message_id or content_key(message.body, message.headers)
+
+
+def content_key(body: bytes, headers: Mapping[Any, Any]) -> str:
+    """``h-<hash>`` of a body and its headers (less the broker's delivery counts): the id the DLQ
+    tools show for a dead letter without a message id, and that a request's error reply
+    names (runtime: computed from the dead-letter copy it sent)."""
+    stable = {k: v for k, v in _str_keys(headers).items() if k not in _VOLATILE_HEADERS}
+    digest = hashlib.sha256(body)
     digest.update(orjson.dumps(stable, default=str, option=orjson.OPT_SORT_KEYS))
     return "h-" + digest.hexdigest()[:16]
 

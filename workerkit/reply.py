@@ -84,14 +84,17 @@ def reply_to_request(
     return _reply(request, body, content_type, {REPLY_HEADER: OK})
 
 
-def error_reply(request: Message, error_type: str, message: str, reason: str) -> Outgoing:
-    """The ``error`` reply telling the caller of ``request`` that it will not be answered."""
+def error_reply(
+    request: Message, error_type: str, message: str, reason: str, request_id: str | None = None
+) -> Outgoing:
+    """The ``error`` reply telling the caller of ``request`` that it will not be answered.
+    ``request_id``: the request's message id, else the id its dead letter is listed by."""
     headers = {
         REPLY_HEADER: ERROR,
         Header.ERROR_TYPE: error_type,
         Header.ERROR_MESSAGE: message,
         Header.REASON: reason,
-        REQUEST_ID_HEADER: request.message_id or "",
+        REQUEST_ID_HEADER: request_id or request.message_id or "",
     }
     return _reply(request, b"", None, headers)
 

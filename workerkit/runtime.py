@@ -57,6 +57,7 @@ from .decision import (
     decide,
     outcome_of,
 )
+from .dlq import content_key
 from .errors import DecodeError, HandlerTimeout, InvalidMessage, Unroutable, WorkerkitError
 from .idempotency import Claim
 from .message import (
@@ -774,7 +775,7 @@ class WorkerRuntime:
             self._log_copy(message, decision, error)  # once it is true: the copy is confirmed
             if message.reply_to and isinstance(decision, DeadLetter):
                 # The caller learns now, not at its timeout; retries in between say nothing.
-                await self._answer_error(message, decision, error)
+                await self._answer_error(message, decision, error, copy)
             tracker.done(message.delivery_tag)
             self._finished(message, outcome_of(decision))
             if recount and self.channel is not None:
@@ -1029,14 +1030,20 @@ class WorkerRuntime:
         await self._send_reply(message, reply)
 
     async def _answer_error(
-        self, message: Message, decision: DeadLetter, error: BaseException | None
+        self,
+        message: Message,
+        decision: DeadLetter,
+        error: BaseException | None,
+        dead: Outgoing | None = None,
     ) -> None:
-        """Tell a request's caller that it will not be answered (rejected, exhausted...)."""
+        """Tell a request's caller that it will not be answered (rejected, exhausted...); a
+        request without a message id is named as the DLQ tools list its dead letter ``dead``."""
         reply = error_reply(
             message,
             _qualified(error) if error is not None else "unknown",
             _short(str(error), MAX_ERROR_MESSAGE) if error is not None else "",
             decision.reason,
+            None if message.message_id or dead is None else content_key(dead.body, dead.headers),
         )
         await self._send_reply(message, reply)
 

@@ -67,9 +67,14 @@ class DirectCaller:
         )
 
     def _call(
-        self, routing_key: str, body: bytes, content_type: str | None, timeout: float
+        self,
+        routing_key: str,
+        body: bytes,
+        content_type: str | None,
+        timeout: float,
+        with_id: bool = True,
     ) -> tuple[Message | None, float, str]:
-        corr, message_id = uuid.uuid4().hex, uuid.uuid4().hex
+        corr, message_id = uuid.uuid4().hex, uuid.uuid4().hex if with_id else None
         started = time.monotonic()
         self.ch.basic_publish(
             self.exchange,
@@ -84,7 +89,7 @@ class DirectCaller:
         )
         while corr not in self.replies and time.monotonic() - started < timeout:
             self.conn.process_data_events(time_limit=0.05)
-        return self.replies.pop(corr, None), time.monotonic() - started, message_id
+        return self.replies.pop(corr, None), time.monotonic() - started, message_id or ""
 
     async def call(
         self,
@@ -93,10 +98,11 @@ class DirectCaller:
         *,
         content_type: str | None = "application/json",
         timeout: float = 15.0,
+        with_id: bool = True,
     ) -> tuple[Message | None, float, str]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.pool, self._call, routing_key, body, content_type, timeout
+            self.pool, self._call, routing_key, body, content_type, timeout, with_id
         )
 
     def close(self) -> None:
@@ -339,3 +345,36 @@ async def test_messages_without_reply_to_send_nothing_and_a_gone_caller_is_count
     assert rt.replies_sent == 1
     assert rt.retried == 0 and rt.dead_lettered == 0
     assert await asyncio.to_thread(ready_count, url, q) == 0
+
+
+async def test_a_request_without_a_message_id_is_named_as_its_dead_letter_is_listed(
+    settings: Settings, unique: Callable[[str], str], cleanup: list[str], caller: DirectCaller
+) -> None:
+    """Another client's request with no message id: the error reply's request id is the
+    ``h-<hash>`` id `workerkit dlq list` shows for its dead letter (it was empty)."""
+    from workerkit import dlq
+
+    q = unique("noid")
+    cleanup.extend([q, f"{q}.dlq"])
+
+    class Strict(Worker):
+        queue = q
+        retry = RetryPolicy(max_attempts=2, delay=0.05, jitter=0.0)
+
+        async def handle(self, body: dict[str, Any]) -> None:
+            if body["kind"] == "reject":
+                raise Reject("unknown sku")
+            raise ConnectionError("backend down")  # exhausted after 2 attempts
+
+    ids = []
+    async with running(_runner(settings, Strict)):
+        for kind in ("reject", "exhausted"):
+            reply, _, sent_id = await caller.call(q, orjson.dumps({"kind": kind}), with_id=False)
+            assert reply is not None and sent_id == ""
+            with pytest.raises(RemoteError) as raised:
+                decode_reply(reply)
+            assert raised.value.request_id.startswith("h-"), raised.value
+            ids.append(raised.value.request_id)
+    listed = await dlq.list_dead(q, settings=settings)
+    assert [d.id for d in listed] == ids
+    assert [d.reason for d in listed] == ["rejected", "exhausted"]
