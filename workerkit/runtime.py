@@ -322,6 +322,10 @@ class WorkerRuntime:
         loop = asyncio.get_running_loop()
         self.channel = channel
         self.tracker = AckTracker(channel, loop, self.ack_batching, hold=self.prefetch // 2)
+        # Deliveries are stamped with the watchdog's tick, and they come as soon as the consume
+        # is on: before the first tick (the worker still starting) the stamp must be now, not 0,
+        # or a backlog still waiting at that tick looks as old as the machine and is given back.
+        self.tick = _clock()
         tag = await channel.consume(self.queue, self.on_message, self.on_cancelled)
         self.consumer_tag = tag
         await channel.queue_state(self.queue)  # a round trip: the broker has seen the consume

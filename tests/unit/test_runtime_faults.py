@@ -304,6 +304,36 @@ async def test_deliveries_are_given_back_before_the_consumer_timeout(
     assert max(held) < consumer_timeout, max(held)
 
 
+async def test_a_backlog_taken_at_start_is_not_given_back_as_waited_too_long(
+    broker: MemoryBroker, publisher: AsyncPublisher
+) -> None:
+    """Deliveries that arrive while the worker starts (a backlog) are stamped with the time
+    they arrived: before the watchdog's first tick that read 0, so at that tick every one still
+    waiting looked as old as the machine's uptime and was given back ("waited over 14s")."""
+    queue = qname("backlog")
+    handled: list[int] = []
+
+    async def handle(self: Any, body: dict[str, Any]) -> None:
+        await asyncio.sleep(0.6)
+        handled.append(body["n"])
+
+    async def setup(self: Any) -> None:
+        await asyncio.sleep(0.2)  # consuming already: the backlog arrives meanwhile
+
+    cls = worker(queue, handle, concurrency=1, prefetch=5, handler_timeout=5.0, setup=setup)
+    s = settings(broker_consumer_timeout=20.0)  # may wait locally for 14 s
+    assert time.monotonic() > 20.0, "the clock starts at boot; this machine is older than 20 s"
+    async with running(in_memory([cls], broker=broker, settings=s)[0]):
+        pass  # the queue is declared
+    for n in range(5):
+        await publisher.publish(queue, {"n": n})
+    runner, _ = in_memory([cls], broker=broker, settings=s)
+    async with running(runner):
+        await wait_for(lambda: len(handled) >= 3, 20, "3 handled, the watchdog ticking between")
+        assert runner.runtimes[0].given_back == 0
+    assert handled == [0, 1, 2, 3, 4][: len(handled)]
+
+
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_a_handler_past_its_time_limit_while_draining_is_timed_out(
     broker: MemoryBroker, publisher: AsyncPublisher, kind: str
