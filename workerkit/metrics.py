@@ -213,16 +213,58 @@ class _SharedSeries:
     def started(self) -> None:
         self.in_flight.inc()
 
-    def finished(self, message: Message, outcome: str, duration: float) -> None:
+    def finished(self, message: Message, duration: float) -> None:
         self.in_flight.dec()
         lag = lag_of(message, time.time() - duration)
         if lag is not None:
             self.lag.observe(lag)
-        child = self.outcomes.get(outcome)
-        if child is None:
-            child = self.outcomes[outcome] = _MESSAGES.labels(self.queue, outcome)
-        child.inc()
         self.handler.observe(duration)
+
+
+#: How often (seconds) a process in multi-process mode copies its outcome counts to its files.
+SYNC_EVERY = 0.5
+
+
+class _OutcomeSync:
+    """Multi-process mode: copies every watched runtime's outcome counts into the file-backed
+    counters, every :data:`SYNC_EVERY` seconds (a thread) and when a worker stops.
+
+    Not counted in ``after_handle``: a delivery given back before any handler took it (it
+    waited too long for a slot) has no hook call, and the runtime's counts have every outcome.
+    One writer per process, so nothing is counted twice."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # id(outcomes) -> (the live counts, queue, what the files hold already)
+        self._watched: dict[int, tuple[Any, str, dict[str, int]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def watch(self, stats: WorkerStats) -> None:
+        with self._lock:
+            key = id(stats.outcomes)
+            self._watched.setdefault(key, (stats.outcomes, stats.queue or "unknown", {}))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="workerkit-metrics-sync", daemon=True
+                )
+                self._thread.start()
+
+    def sync(self) -> None:
+        with self._lock:
+            for outcomes, queue, written in self._watched.values():
+                for outcome, count in dict(outcomes).items():  # a copy, taken whole (GIL)
+                    delta = count - written.get(outcome.value, 0)
+                    if delta > 0:
+                        _MESSAGES.labels(queue, outcome.value).inc(delta)
+                        written[outcome.value] = count
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(SYNC_EVERY)
+            self.sync()
+
+
+_SYNC = _OutcomeSync()
 
 
 if _multiprocess():
@@ -266,6 +308,11 @@ class Metrics(Middleware):
             _COLLECTOR.watch(stats)
         else:
             self._series(stats.queue)  # the series exist from the start, at 0
+            _SYNC.watch(stats)
+
+    def on_worker_stop(self, worker: Worker) -> None:
+        if _COLLECTOR is None:
+            _SYNC.sync()  # the last outcomes into the files before the process exits
 
     def on_reconnected(self, seconds: float) -> None:
         RECONNECTS.inc()
@@ -285,7 +332,7 @@ class Metrics(Middleware):
         self._series(message.queue).started()
 
     def _after_shared(self, message: Message, outcome: str, duration: float) -> None:
-        self._series(message.queue).finished(message, outcome, duration)
+        self._series(message.queue).finished(message, duration)  # outcomes: _OutcomeSync
 
     def before_publish(self, outgoing: Outgoing) -> None:
         outgoing.headers.setdefault(PUBLISHED_AT_HEADER, int(time.time() * 1000))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -177,6 +178,31 @@ def test_the_group_serves_readiness_and_the_metrics_of_every_child(
     assert not {100, 101} <= g.done(), "the drain was still running when /ready said 503"
     assert g.wait(30) == 0, g.log()
     assert {100, 101} <= g.done()
+
+
+def test_the_group_counts_deliveries_given_back_before_a_handler_took_them(
+    broker_url: str, queue: str, group: Callable[..., Group]
+) -> None:
+    """A delivery that waited too long for a slot is given back without a handler call, so no
+    hook sees it: in multi-process mode it was missing from the group's given_back count."""
+    # consumer_timeout 4 s, handler_timeout 3 s: a delivery may wait 0.8 s for a slot.
+    env = {"WORKERKIT_BROKER_CONSUMER_TIMEOUT": "4", "WORKERKIT_HANDLER_TIMEOUT": "3"}
+    g = group(broker_url, queue, 2, "--concurrency", "1", "--prefetch", "4", **env)
+    g.wait_healthy()
+    wait_until(lambda: g.get("/ready")[0] == 200, 15, "the group to be ready")
+    publish_tasks(broker_url, "wkt", queue, bodies(12, 1.0))
+    series = f'workerkit_messages_total{{outcome="given_back",queue="{queue}"}}'
+
+    def logged() -> int:
+        return sum(int(n) for n in re.findall(r"gave back (\d+) deliveries", g.log()))
+
+    wait_until(lambda: logged() > 0, 30, "a child to give deliveries back")
+    wait_until(lambda: set(range(12)) <= g.done(), 60, "every task handled in the end")
+    wait_until(
+        lambda: _sample(g.get("/metrics")[1], series) == logged(), 5, "/metrics to count them"
+    )
+    g.signal(signal.SIGTERM)
+    assert g.wait(30) == 0, g.log()
 
 
 def test_group_health_is_503_while_one_child_is_down(

@@ -11,16 +11,27 @@ from pathlib import Path
 
 CHILD = textwrap.dedent(
     """
+    from types import SimpleNamespace
+
+    from workerkit.decision import Outcome
     from workerkit.message import Message
     from workerkit.metrics import Metrics, multiprocess_mode
 
     assert multiprocess_mode()
     metrics = Metrics()
+    # The runtime's own counts (WorkerStats): outcomes are copied from them into the files.
+    outcomes = {outcome: 0 for outcome in Outcome}
+    stats = SimpleNamespace(queue="mp", in_flight=0, outcomes=outcomes, timings=None)
+    metrics.on_worker_stats(None, stats)
     message = Message(b"x", queue="mp", timestamp=1)
     metrics.before_handle(message)
+    outcomes[Outcome.ACKED] += 1
     metrics.after_handle(message, "acked", 0.01)
+    # Given back before a handler took it: no hook call, counted all the same.
+    outcomes[Outcome.GIVEN_BACK] += 1
     held = Message(b"y", queue="mp", timestamp=1)
     metrics.before_handle(held)  # still in flight when the process ends
+    metrics.on_worker_stop(None)  # the worker stops: its last counts are written
     print("ok")
     """
 )
@@ -53,6 +64,7 @@ def test_render_aggregates_every_child_and_drops_dead_gauges(tmp_path: Path) -> 
     )
     assert alive.returncode == 0, alive.stderr
     assert 'workerkit_messages_total{outcome="acked",queue="mp"} 2.0' in alive.stdout
+    assert 'workerkit_messages_total{outcome="given_back",queue="mp"} 2.0' in alive.stdout
     assert 'workerkit_handler_seconds_count{queue="mp"} 2.0' in alive.stdout
     # Without mark_process_dead the in-flight gauges of exited children still count...
     assert 'workerkit_in_flight{queue="mp"} 2.0' in alive.stdout
