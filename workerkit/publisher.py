@@ -259,8 +259,14 @@ class _Core:
             raise  # credentials or permissions: retrying cannot help, and it is not a timeout
         except (ConnectionFailed, asyncio.TimeoutError) as exc:
             cause = self._last_error or exc
-            words = f": {cause}" if str(cause) else ": the broker did not answer"
+            words = f": {cause}" if str(cause) else f": {self._silence()}"
             raise PublishTimeout(f"could not {what} within {limit}s{words}") from None
+
+    def _silence(self) -> str:
+        """Why a deadline passed with no error to name: no connection yet, or no answer on one."""
+        if self._channel is None:
+            return "no connection to the broker yet (it did not answer the connect in time)"
+        return "the broker did not answer"
 
     async def _connect_retrying(self, deadline: float, delays: bool, replies: bool) -> None:
         async for attempt in self._retrying(deadline):
@@ -429,7 +435,12 @@ class _Core:
             request.answer(RequestTimeout(f"no reply within {limit}s"), None)
             return
         cause = self._last_error
-        words = f": {cause}" if cause is not None else ": the broker did not confirm it"
+        if cause is not None:
+            words = f": {cause}"
+        elif self._channel is None:
+            words = f": {self._silence()}"
+        else:
+            words = ": the broker did not confirm it"
         request.answer(
             PublishTimeout(f"could not publish the request within {limit}s{words}"), None
         )

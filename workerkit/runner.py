@@ -28,7 +28,7 @@ from .middleware import Middleware, call_hooks, check_middleware
 from .publisher import allow_sync_publishes_on, refuse_sync_publishes_on
 from .reply import reply_mandatory
 from .retry import reconnecting
-from .runtime import LEASE, WorkerRuntime, byte_cap, window
+from .runtime import LEASE, SettleGate, WorkerRuntime, byte_cap, window
 from .settings import Settings, load_settings
 from .signals import StopRequests
 from .topology import Topology
@@ -164,6 +164,7 @@ class Runner:
         self._say_memory_caps()
         installed = self._install_signals(loop) if self.handle_signals else []
         try:
+            gate = SettleGate()  # one for all: any worker's handler can kill the process
             self.runtimes = [
                 WorkerRuntime(
                     cls,
@@ -172,6 +173,7 @@ class Runner:
                     prefetch=self.prefetch,
                     concurrency=self.concurrency,
                     middleware=self.middleware,
+                    gate=gate,
                 )
                 for cls in self.worker_classes
             ]
@@ -259,7 +261,8 @@ class Runner:
         await self.publish_copy(message, self.settings.publish_timeout)
 
     def consumer_lost(self, error: Exception) -> None:
-        self.connection_lost(error)
+        # The connection may be fine; every consumer is set up again all the same.
+        self.connection_lost(error, what="consumer lost")
 
     def slot_died(self) -> None:
         if self._repair is not None:
@@ -267,13 +270,13 @@ class Runner:
 
     # -- connection management ---------------------------------------------------------------
 
-    def connection_lost(self, error: Exception) -> None:
+    def connection_lost(self, error: Exception, what: str = "connection lost") -> None:
         if self._stop is not None and self._stop.is_set():
             return
         for rt in self.runtimes:
             if rt.consuming or rt.tracker is not None:
                 rt.detach()
-        log.warning("connection lost: %s", error)
+        log.warning("%s: %s", what, error)
         if self._lost is not None:
             self._lost.set()
         if self._state is RunnerState.CONSUMING:

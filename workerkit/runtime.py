@@ -170,6 +170,48 @@ def _uncancel(task: asyncio.Task[None]) -> None:
         uncancel()
 
 
+#: How often (seconds) a classic queue's redelivery looks again whether every handler of the
+#: process has finished (SettleGate.quiet): a rare path, after a crash or a lost connection.
+QUIET_POLL = 0.01
+#: How long (seconds) it waits for that at most: a poison message kills its process as it
+#: starts, and a long handler still running from before a lost connection must not hold the
+#: count (and the delivery, toward the broker's consumer_timeout) for its whole time limit.
+QUIET_MAX = 2.0
+
+
+class SettleGate:
+    """A classic queue's redeliveries being counted: a copy (recounted, or dead-lettered at the
+    delivery limit) is published and confirmed, then the original acked. A handler that killed
+    the process between the two would bring back both, one more copy per crash: a poison
+    message multiplied, or dead-lettered twice. So while one is counted no handler starts, and
+    it starts only once none runs, in any worker of the runner (any of them kills the process).
+    """
+
+    __slots__ = ("count", "open", "runtimes")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.open = asyncio.Event()
+        self.open.set()
+        self.runtimes: list[WorkerRuntime] = []
+
+    def step(self, step: int) -> None:
+        self.count += step
+        if self.count:
+            self.open.clear()
+        else:
+            self.open.set()
+
+    async def quiet(self) -> None:
+        """Until no handler runs (or waits for a thread) in any of the gate's workers, or
+        :data:`QUIET_MAX` seconds have passed."""
+        deadline = _clock() + QUIET_MAX
+        while any(slot.deadline for rt in self.runtimes for slot in rt.slots):
+            if _clock() >= deadline:
+                return
+            await asyncio.sleep(QUIET_POLL)
+
+
 class WorkerRuntime:
     """One worker class at run time: its instance, decoder, slots, channel and acks."""
 
@@ -182,6 +224,7 @@ class WorkerRuntime:
         prefetch: int | None = None,
         concurrency: int | None = None,
         middleware: tuple[Middleware, ...] = (),
+        gate: SettleGate | None = None,
     ) -> None:
         self.cls = cls
         self.host = host
@@ -265,11 +308,10 @@ class WorkerRuntime:
         self.claim_ttl = self.timeout + CLAIM_MARGIN
         self.duplicates = 0
         self._hurry = asyncio.Event()
-        # Classic queues: redelivered originals whose counted copy is published but whose ack
-        # may not be on the wire yet. No handler starts meanwhile (see _recount).
-        self.settling = 0
-        self.settled = asyncio.Event()
-        self.settled.set()
+        # Classic queues: no handler starts while a counted copy's original may not be acked
+        # on the wire yet, in this worker or (the runner's gate) any other of the process.
+        self.gate = gate if gate is not None else SettleGate()
+        self.gate.runtimes.append(self)
 
     # -- counters and health -----------------------------------------------------------------
 
@@ -352,7 +394,12 @@ class WorkerRuntime:
     def on_cancelled(self) -> None:
         log.warning("the consumer is gone (cancelled or its channel closed)", extra=self.log_extra)
         self.consuming = False
-        self.host.consumer_lost(WorkerkitError(f"consumer of {self.queue!r} cancelled"))
+        self.host.consumer_lost(
+            WorkerkitError(
+                f"{self.queue!r}: cancelled by the broker or its channel closed (a deleted"
+                " queue?); setting every consumer up again"
+            )
+        )
 
     async def stop_consuming(self) -> None:
         self.stopping = True
@@ -535,8 +582,8 @@ class WorkerRuntime:
         if message.redelivered and self.classic:
             await self._redelivered(message, tracker, arrived)
             return
-        if self.settling:
-            await self.settled.wait()
+        if self.gate.count:
+            await self.gate.open.wait()
             began = _clock()  # the time limit starts now
         if message.exchange != self.exchange:
             self._restore_route(message)
@@ -633,7 +680,9 @@ class WorkerRuntime:
         return decide(what, self.policy, attempt=message.attempt, error=error)
 
     async def _redelivered(self, message: Message, tracker: AckTracker, arrived: float) -> None:
-        """Classic queue: count a redelivery (the broker does not) before anything runs."""
+        """Classic queue: count a redelivery (the broker does not) before anything runs, with
+        no handler of the process running until the original's ack is on the wire
+        (:class:`SettleGate`)."""
         deliveries = _deliveries(message) + 1
         counted = decide(
             Happened.REDELIVERED,
@@ -642,9 +691,18 @@ class WorkerRuntime:
             delivery_limit=self.delivery_limit,
         )
         crashed = RuntimeError(f"delivered {deliveries - 1} times without an ack (crashed?)")
-        pending = self._carry_out(message, tracker, counted, crashed, arrived)
-        if pending is not None:
-            await pending
+        gate = self.gate
+        gate.step(+1)
+        try:
+            await gate.quiet()  # a handler that kills the process now leaves no copy behind
+            pending = self._carry_out(message, tracker, counted, crashed, arrived)
+            if pending is not None:
+                await pending
+            if self.channel is not None:
+                tracker.flush()  # the ack handed to the socket before any handler starts
+                await self.channel.flush()
+        finally:
+            gate.step(-1)
 
     def _cancelled(
         self, slot: Slot, exc: asyncio.CancelledError
@@ -753,51 +811,31 @@ class WorkerRuntime:
         # that timed out sooner would still be delivered later, and the original given back
         # with it would double the message on every timeout.
         timeout = max(self.publish_timeout, arrived + self.lease - self.tick)
-        recount = isinstance(decision, Recount)
-        if recount:
-            self._settling(+1)
         try:
-            try:
-                await self.host.publish_copy(copy, timeout)
-            except WorkerkitError as exc:
-                log.error(
-                    "could not publish the %s copy (%s); giving the original back",
-                    outcome_of(decision).value,
-                    exc,
-                    extra={**self.log_extra, "message_id": message.message_id},
-                )
-                if isinstance(exc, Unroutable):
-                    # The DLQ, the queue's retry binding or a delay exchange was deleted by
-                    # hand. Given back as it is, the message would fail forever (a nack with
-                    # requeue counts toward no delivery limit on RabbitMQ 4.3).
-                    await self.host.redeclare(self.cls)
-                after = decide(Happened.COPY_FAILED, self.policy, error=exc)
-                pending = self._carry_out(message, tracker, after, exc, arrived)
-                if pending is not None:
-                    await pending
-                return
-            self._log_copy(message, decision, error)  # once it is true: the copy is confirmed
-            if message.reply_to and isinstance(decision, DeadLetter):
-                # The caller learns now, not at its timeout; retries in between say nothing.
-                await self._answer_error(message, decision, error, copy)
-            tracker.done(message.delivery_tag)
-            self._finished(message, outcome_of(decision))
-            if recount and self.channel is not None:
-                # The copy can reach another slot before the original's ack is sent. If that
-                # handler then kills the process, both come back and the message doubles on
-                # every crash; so handlers wait until the ack is handed to the socket.
-                tracker.flush()
-                await self.channel.flush()
-        finally:
-            if recount:
-                self._settling(-1)
-
-    def _settling(self, step: int) -> None:
-        self.settling += step
-        if self.settling:
-            self.settled.clear()
-        else:
-            self.settled.set()
+            await self.host.publish_copy(copy, timeout)
+        except WorkerkitError as exc:
+            log.error(
+                "could not publish the %s copy (%s); giving the original back",
+                outcome_of(decision).value,
+                exc,
+                extra={**self.log_extra, "message_id": message.message_id},
+            )
+            if isinstance(exc, Unroutable):
+                # The DLQ, the queue's retry binding or a delay exchange was deleted by
+                # hand. Given back as it is, the message would fail forever (a nack with
+                # requeue counts toward no delivery limit on RabbitMQ 4.3).
+                await self.host.redeclare(self.cls)
+            after = decide(Happened.COPY_FAILED, self.policy, error=exc)
+            pending = self._carry_out(message, tracker, after, exc, arrived)
+            if pending is not None:
+                await pending
+            return
+        self._log_copy(message, decision, error)  # once it is true: the copy is confirmed
+        if message.reply_to and isinstance(decision, DeadLetter):
+            # The caller learns now, not at its timeout; retries in between say nothing.
+            await self._answer_error(message, decision, error, copy)
+        tracker.done(message.delivery_tag)
+        self._finished(message, outcome_of(decision))
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -881,8 +919,8 @@ class WorkerRuntime:
         ok, bodies = await self._admit(batch, arrived, tracker, settled)
         if not ok:
             return
-        if self.settling:
-            await self.settled.wait()
+        if self.gate.count:
+            await self.gate.open.wait()
         messages = [message for message, _ in ok]
         what, error, failures = Happened.HANDLED, None, {}
         slot.deadline = _clock() + self.timeout

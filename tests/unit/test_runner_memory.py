@@ -523,7 +523,9 @@ async def test_scheduled_publish_arrives_after_its_delay(
     assert 0.5 <= arrived[0] - sent < 2.0
 
 
-async def test_cancelled_consumer_is_recovered(broker: MemoryBroker) -> None:
+async def test_cancelled_consumer_is_recovered(
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
     queue = qname("cancelled")
     seen: list[bytes] = []
 
@@ -539,6 +541,10 @@ async def test_cancelled_consumer_is_recovered(broker: MemoryBroker) -> None:
         assert broker.consumer_count(queue) == 1  # the queue was declared again
         await pub.publish(queue, b"still here")
         await wait_for(lambda: seen == [b"still here"], 5)
+    # Said as what happened, not as a lost connection.
+    lost = [r.getMessage() for r in caplog.records if "consumer lost" in r.getMessage()]
+    assert lost and f"{queue!r}: cancelled by the broker" in lost[0], caplog.text
+    assert not [r for r in caplog.records if "connection lost" in r.getMessage()], caplog.text
 
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])

@@ -32,3 +32,68 @@ def test_a_queue_that_exists_with_other_arguments_is_a_topology_error() -> None:
     )
     error = translate(px.ChannelClosedByBroker(406, text))
     assert isinstance(error, TopologyError) and "queue_type" in str(error)
+
+
+@pytest.mark.parametrize("server", ["closes", "silent"])
+async def test_a_port_that_does_not_speak_amqp_is_said_so(server: str) -> None:
+    """An HTTP port or a proxy: the error was pika's own words (IncompatibleProtocolError:
+    StreamLostError, or ConnectionOpenAborted ... prev_state=PROTOCOL ...)."""
+    import asyncio
+
+    from workerkit import Settings
+    from workerkit.errors import ConnectionFailed
+    from workerkit.transport import default_transport
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(8)  # the AMQP protocol header
+        if server == "closes":
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            writer.close()
+        else:
+            held.append(writer)  # says nothing back
+
+    listening = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    settings = Settings(url=f"amqp://guest:guest@127.0.0.1:{port}/", connect_timeout=1.0)
+    try:
+        words = "does not speak AMQP" if server == "closes" else "no AMQP answer in time"
+        with pytest.raises(ConnectionFailed, match=words) as info:
+            await default_transport().connect(settings, name="t", on_lost=lambda _e: None)
+        assert "pika" not in str(info.value) and "prev_state" not in str(info.value)
+    finally:
+        for writer in held:
+            writer.close()
+        listening.close()
+        await listening.wait_closed()
+
+
+async def test_a_deadline_before_any_connection_says_so() -> None:
+    """A server that never answers, a timeout below the connect timeout: not "the broker did
+    not confirm it" (nothing was sent), but that there was no connection yet."""
+    import asyncio
+
+    from workerkit import AsyncPublisher, Settings
+    from workerkit.errors import PublishTimeout
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    listening = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listening.sockets[0].getsockname()[1]
+    settings = Settings(url=f"amqp://guest:guest@127.0.0.1:{port}/", connect_timeout=10.0)
+    pub = AsyncPublisher(settings=settings)  # not `async with`: that connects first
+    try:
+        with pytest.raises(PublishTimeout, match="no connection to the broker yet"):
+            await pub.publish("k", {}, timeout=0.5)
+        with pytest.raises(PublishTimeout, match=r"request within 0\.5s: no connection"):
+            await pub.request("k", {}, timeout=0.5)
+    finally:
+        await pub.close()
+        for writer in held:
+            writer.close()
+        listening.close()
+        await listening.wait_closed()

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import pika
 import pika.exceptions as px
 from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils.connection_workflow import AMQPConnectorStackTimeout
 from pika.channel import Channel as PikaRawChannel
 from pika.spec import Basic, BasicProperties
 
@@ -57,15 +58,33 @@ def translate(exc: BaseException, *, what: str = "") -> WorkerkitError:
     """The workerkit error for a pika (or socket) exception. The one translation seam."""
     if isinstance(exc, WorkerkitError):
         return exc
+    prefix = f"{what}: " if what else ""
+    if isinstance(exc, px.IncompatibleProtocolError):  # before unwrapping: it says so itself
+        return ConnectionFailed(
+            f"{prefix}the server does not speak AMQP: is that the broker's AMQP port (5672;"
+            " 5671 with amqps://)?"
+        )
+    if _no_amqp_answer(exc):
+        return ConnectionFailed(
+            f"{prefix}no AMQP answer in time: not the broker's AMQP port (5672; 5671 with"
+            " amqps://), or a broker too busy to answer"
+        )
     inner = _wrapped(exc)
     if inner is not None:
         return translate(inner, what=what)
-    prefix = f"{what}: " if what else ""
     return (
         _broker_refusal(exc, prefix)
         or _network_failure(exc, prefix)
         or ConnectionFailed(f"{prefix}{type(exc).__name__}: {exc}".rstrip(": "))
     )
+
+
+def _no_amqp_answer(exc: BaseException) -> bool:
+    """A server that took the connection and said nothing back to the AMQP header before the
+    connect timeout (pika's words differ by where the timeout found it)."""
+    if isinstance(exc, px.ConnectionOpenAborted):
+        return "setting up AMQP" in str(exc)
+    return isinstance(exc, AMQPConnectorStackTimeout) and "AMQP handshake" in str(exc)
 
 
 def _wrapped(exc: BaseException) -> BaseException | None:
