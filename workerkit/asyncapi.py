@@ -270,4 +270,12 @@ def render(doc: dict[str, Any], *, yaml: bool = False) -> str:
         from .errors import ConfigurationError
 
         raise ConfigurationError("--yaml needs PyYAML: pip install pyyaml") from None
-    return str(pyyaml.safe_dump(doc, sort_keys=False))
+
+    class Plain(pyyaml.SafeDumper):
+        """No &id001 anchors and *id001 aliases for objects the document shares: spelled out,
+        as in the JSON, so the YAML reads (and diffs) the same way."""
+
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return str(pyyaml.dump(doc, Dumper=Plain, sort_keys=False))

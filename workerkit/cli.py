@@ -324,6 +324,18 @@ async def health_endpoint(
 # -- publish -----------------------------------------------------------------------------------
 
 
+def read_body(body: str) -> object:
+    """The BODY argument as sent: ``-`` reads stdin, and stdin that is not UTF-8 text (an image,
+    a protobuf) goes as bytes, application/octet-stream; else :func:`parse_body`."""
+    if body != "-":
+        return parse_body(body)
+    data = sys.stdin.buffer.read()
+    try:
+        return parse_body(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return data
+
+
 def parse_body(text: str) -> object:
     """JSON if ``text`` parses as JSON, else the text itself (sent as text/plain)."""
     try:
@@ -369,7 +381,7 @@ def publish(
     from .publisher import Publisher
 
     settings = settings_from(url)
-    payload = parse_body(sys.stdin.read() if body == "-" else body)
+    payload = read_body(body)
     parsed_headers = parse_headers(headers)
     with reported(), Publisher(settings=settings) as publisher:
         try:

@@ -55,7 +55,7 @@ class Drift:
 
 @dataclass
 class Report:
-    method: str  # "management API", "AMQP alone" or "memory broker"
+    method: str  # "through the management API", "over AMQP alone..." or "on the memory broker"
     checked: list[str] = field(default_factory=list)  # queue names
     drifts: list[Drift] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)  # what this method cannot see
@@ -65,7 +65,7 @@ class Report:
         return bool(self.drifts)
 
     def lines(self) -> list[str]:
-        out = [f"checked {len(self.checked)} queue(s) through the {self.method}"]
+        out = [f"checked {len(self.checked)} queue(s) {self.method}"]
         out += [d.line() for d in self.drifts]
         out += [f"? not checked: {what}" for what in self.not_checked]
         out.append("drift found" if self.drifts else "no drift")
@@ -186,7 +186,7 @@ async def _connect(settings: Settings, transport: Transport | None) -> Any:
 class ManagementView:
     """Reads queues and bindings from RabbitMQ's management API (exact)."""
 
-    method = "management API"
+    method = "through the management API"
     sees_bindings = True
 
     def __init__(self, where: management.Endpoint, client: Any = None) -> None:
@@ -222,7 +222,7 @@ class AmqpView:
     """What AMQP alone can tell: whether a queue exists and whether the broker accepts the code's
     arguments for it (the broker names the first argument that differs). No bindings."""
 
-    method = "AMQP alone (no management API)"
+    method = "over AMQP alone (no management API)"
     sees_bindings = False
 
     def __init__(self, settings: Settings, transport: Transport | None = None) -> None:
@@ -251,7 +251,7 @@ class AmqpView:
 class MemoryView:
     """Reads a :class:`MemoryBroker` directly (exact)."""
 
-    method = "memory broker"
+    method = "on the memory broker"
     sees_bindings = True
 
     def __init__(self, broker: MemoryBroker) -> None:

@@ -17,8 +17,8 @@ import orjson
 from .cli import (
     EXIT_CONFIG,
     CliError,
-    parse_body,
     parse_headers,
+    read_body,
     reported,
     settings_from,
     url_option,
@@ -60,7 +60,7 @@ def request_command(
     from .publisher import Publisher
 
     settings = settings_from(url)
-    payload = parse_body(sys.stdin.read() if body == "-" else body)
+    payload = read_body(body)
     parsed_headers = parse_headers(headers)
     with reported(), Publisher(settings=settings) as publisher:
         try:

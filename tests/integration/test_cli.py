@@ -226,9 +226,23 @@ async def test_publish_json_text_headers_and_events(
     text = await invoke(settings, "publish", f"{q}.event", "hello there", "--message-id", "m-2")
     assert text.exit_code == 0, text.output
     assert text.stdout.strip() == "m-2"
+    # `-` reads stdin; stdin that is not UTF-8 text goes as bytes (it was a bare
+    # "'utf-8' codec can't encode ... surrogates not allowed" error).
+    env = {"WORKERKIT_URL": app.url, "WORKERKIT_EXCHANGE": "wkt"}
+    binary = b"\xff\xfe\x00bin"
+    piped = await asyncio.to_thread(
+        CliRunner(env=env).invoke, cli, ["publish", q, "-", "--message-id", "m-3"], binary
+    )
+    assert piped.exit_code == 0, piped.output
+    piped_json = await asyncio.to_thread(
+        CliRunner(env=env).invoke, cli, ["publish", q, "-", "--message-id", "m-4"], b'{"a": 1}'
+    )
+    assert piped_json.exit_code == 0, piped_json.output
 
     got = await asyncio.to_thread(get_all, app.url, q)
-    assert [g.properties.message_id for g in got] == [sent.stdout.strip(), "m-2"]
+    assert [g.properties.message_id for g in got] == [sent.stdout.strip(), "m-2", "m-3", "m-4"]
+    assert (got[2].body, got[2].properties.content_type) == (binary, "application/octet-stream")
+    assert (got[3].body, got[3].properties.content_type) == (b'{"a":1}', "application/json")
     assert orjson.loads(got[0].body) == {"order_id": 7}
     assert got[0].properties.content_type == "application/json"
     assert got[0].headers["tenant"] == "acme"

@@ -71,7 +71,7 @@ async def test_amqp_only_finds_the_argument_drift_and_says_it_cannot_see_binding
         [DriftWorker],
         management_url="http://127.0.0.1:1",  # nothing listens there
     )
-    assert why is not None and report.method.startswith("AMQP alone")
+    assert why is not None and report.method.startswith("over AMQP alone")
     [drift] = report.drifts
     assert drift.kind == "argument" and drift.queue == QUEUE
     assert "x-delivery-limit" in drift.detail
@@ -150,7 +150,7 @@ async def test_topology_declares_on_the_memory_broker_without_drift() -> None:
     await _declare(settings, [DriftWorker], transport)
     report, why = await run_check(settings, [DriftWorker], transport=transport)
     assert (report.method, why, report.drifts, report.not_checked) == (
-        "memory broker",
+        "on the memory broker",
         None,
         [],
         [],
