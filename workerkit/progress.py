@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
@@ -59,23 +59,28 @@ def _rich(what: str, total: int, out: TextIO) -> Iterator[Callable[[int], None]]
 
 
 class _Plain:
-    """A line every PLAIN_EVERY seconds, and the last one."""
+    """A line every PLAIN_EVERY seconds, from a timer, so that a stall (a broker blocked by an
+    alarm) shows as the same count again instead of silence; and the last one."""
 
     def __init__(self, what: str, total: int, out: TextIO) -> None:
         self.what, self.total, self.out = what, total, out
         self.done = 0
         self.shown = -1
-        self.at = time.monotonic()
+        self.lock = threading.Lock()  # the timer's thread and the last line
 
     def show(self) -> None:
-        percent = 100 * self.done // max(1, self.total)
-        self.out.write(f"{self.what}: {self.done}/{self.total} ({percent}%)\n")
-        self.out.flush()
-        self.shown, self.at = self.done, time.monotonic()
+        with self.lock:
+            done = self.done
+            percent = 100 * done // max(1, self.total)
+            self.out.write(f"{self.what}: {done}/{self.total} ({percent}%)\n")
+            self.out.flush()
+            self.shown = done
 
     def update(self, done: int) -> None:
-        self.done = done
-        if time.monotonic() - self.at >= PLAIN_EVERY:
+        self.done = done  # an int store: read whole by the timer's thread
+
+    def every(self, stop: threading.Event) -> None:
+        while not stop.wait(PLAIN_EVERY):
             self.show()
 
 
@@ -83,7 +88,15 @@ class _Plain:
 def _plain(what: str, total: int, out: TextIO) -> Iterator[Callable[[int], None]]:
     lines = _Plain(what, total, out)
     lines.show()
-    yield lines.update
+    stop = threading.Event()
+    timer = threading.Thread(target=lines.every, args=(stop,), name="workerkit-progress")
+    timer.daemon = True
+    timer.start()
+    try:
+        yield lines.update
+    finally:
+        stop.set()
+        timer.join()
     if lines.shown != lines.done:
         lines.show()
 

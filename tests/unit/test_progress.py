@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import time
+
+import pytest
 
 from workerkit.progress import MIN_TOTAL, progress_bar
 
@@ -39,3 +42,21 @@ def test_small_work_shows_nothing() -> None:
         with progress_bar("replaying", out) as start:
             start(MIN_TOTAL - 1)(MIN_TOTAL - 1)
         assert out.getvalue() == ""
+
+
+def test_piped_lines_keep_coming_while_the_work_stalls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay blocked by a memory alarm: the count stays, the lines keep coming (a log that
+    goes silent for minutes looks like a hang)."""
+    import workerkit.progress
+
+    monkeypatch.setattr(workerkit.progress, "PLAIN_EVERY", 0.02)
+    out = io.StringIO()
+    with progress_bar("replaying x.dlq", out) as start:
+        update = start(2000)
+        update(1)  # then nothing moves
+        deadline = time.monotonic() + 10
+        while out.getvalue().count("replaying x.dlq: 1/2000 (0%)") < 3:
+            assert time.monotonic() < deadline, out.getvalue()
+            time.sleep(0.01)
+        update(2000)
+    assert out.getvalue().splitlines()[-1] == "replaying x.dlq: 2000/2000 (100%)"
