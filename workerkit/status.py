@@ -277,8 +277,13 @@ def format_status(status: Status) -> list[str]:
     ]
     header = ("QUEUE", "READY", "UNACKED", "CONSUMERS", "DLQ", "PUBLISH/S", "DELIVER/S")
     lines = format_table(header, rows) if rows else ["no workerkit queues on this vhost"]
-    waiting = "-" if status.delay_waiting is None else str(status.delay_waiting)
-    lines.append(f"delay layout: {waiting} message(s) waiting (retries and scheduled messages)")
+    if status.delay_waiting is None:
+        lines.append("delay layout: not declared (WORKERKIT_EXCHANGE's; nothing waiting in it)")
+    else:
+        lines.append(
+            f"delay layout: {status.delay_waiting} message(s) waiting (retries and scheduled"
+            " messages)"
+        )
     if status.source == "management":
         lines.append(f"source: management API at {status.management_url}")
     else:
