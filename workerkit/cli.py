@@ -205,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     help="Worker processes under one supervising parent (default: WORKERKIT_PROCESSES, 1).",
 )
 @click.option("--status-fd", type=int, hidden=True, help="Set by the supervisor for its children.")
+@click.option("--child-index", type=int, hidden=True, help="Set by the supervisor: [child=N].")
 @click.option(
     "--child-metrics",
     is_flag=True,
@@ -223,6 +224,7 @@ def run(
     health_host: str,
     processes: int | None,
     status_fd: int | None,
+    child_index: int | None,
     child_metrics: bool,
 ) -> None:
     """Run workers until SIGTERM/SIGINT, then drain in-flight handlers and exit 0.
@@ -233,7 +235,11 @@ def run(
     from .runner import Runner, exit_past_stuck_handlers
 
     settings = settings_from(url)
-    configure_logging((log_level or settings.log_level).upper(), log_format or settings.log_format)
+    configure_logging(
+        (log_level or settings.log_level).upper(),
+        log_format or settings.log_format,
+        child=child_index,
+    )
     middleware = []
     # /metrics is served with the probes: by this process, or by the supervisor of its group
     # from what its children record (prometheus_client's multiprocess files).

@@ -14,7 +14,7 @@ import orjson
 
 __all__ = ["JsonFormatter", "PlainFormatter", "configure_logging", "log_context"]
 
-_CONTEXT = ("worker", "queue", "message_id", "attempt", "reason", "delay")
+_CONTEXT = ("child", "worker", "queue", "message_id", "attempt", "reason", "delay")
 
 #: Extra fields for every workerkit log line written in this context (a middleware sets it in
 #: ``before_handle``: every line about that delivery then carries them).
@@ -63,10 +63,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(data, default=str).decode()
 
 
-def configure_logging(level: str = "INFO", fmt: str = "plain") -> None:
-    """Route workerkit's loggers to stderr in the chosen format (idempotent)."""
+class _ChildIndex(logging.Filter):
+    """Stamps every record with the worker process's index in its group (``child=N``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.child = self.index
+        return True
+
+
+def configure_logging(level: str = "INFO", fmt: str = "plain", child: int | None = None) -> None:
+    """Route workerkit's loggers to stderr in the chosen format (idempotent). ``child``: the
+    index of a ``--processes`` group's worker process, carried by each of its lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
+    if child is not None:
+        handler.addFilter(_ChildIndex(child))
     root = logging.getLogger("workerkit")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -70,6 +70,7 @@ class Child:
     ready: bool = False
     seen_at: float = 0.0
     ever_healthy: bool = False
+    silent: bool = False  # said to have stopped reporting (a hung child), until it reports
     crashes: int = 0  # consecutive crashes since it was last healthy
     done: bool = False  # exited 0 on its own (burst mode): not restarted
     waiter: asyncio.Task[int] | None = field(default=None, repr=False)
@@ -134,7 +135,11 @@ class Supervisor:
             for child in self.children:
                 await self._start(child)
             log.info("supervising %d worker processes", len(self.children))
-            await self._watch()
+            listening = asyncio.ensure_future(self._listen_for_silence())
+            try:
+                await self._watch()
+            finally:
+                listening.cancel()
             return await self._drain()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,6 +147,32 @@ class Supervisor:
             for child in self.children:
                 self._close_pipe(child)
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    async def _listen_for_silence(self) -> None:
+        """Say once when a live child stops reporting its status (hung, or stopped with
+        SIGSTOP): the group's probes turn 503 then, and the log should say which child."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.notice_silence(time.monotonic())
+
+    def notice_silence(self, now: float) -> None:
+        for child in self.children:
+            if (
+                child.silent
+                or child.done
+                or child.proc is None
+                or child.proc.returncode is not None
+            ):
+                continue
+            if now - child.seen_at >= STATUS_STALE:
+                child.silent = True
+                log.warning(
+                    "worker process %d (pid %d) has not reported its status for %.0fs: counted"
+                    " unhealthy (hung, or stopped?)",
+                    child.index,
+                    child.proc.pid,
+                    now - child.seen_at,
+                )
 
     async def _watch(self) -> None:
         """Restart crashed children until stopped, a fatal exit, or every child is done."""
@@ -231,6 +262,8 @@ class Supervisor:
                 *self.command,
                 "--status-fd",
                 str(write_fd),
+                "--child-index",  # its log lines say which child wrote them
+                str(child.index),
                 env=self.env,
                 pass_fds=(write_fd,),
             )
@@ -258,6 +291,9 @@ class Supervisor:
             return
         child.healthy, child.ready = read_status_digit(data[-1:])
         child.seen_at = time.monotonic()
+        if child.silent:
+            child.silent = False
+            log.info("worker process %d reports again", child.index)
         if child.healthy and not child.ever_healthy:
             child.ever_healthy = True
             child.crashes = 0

@@ -168,6 +168,9 @@ def test_the_group_serves_readiness_and_the_metrics_of_every_child(
     assert _sample(text, f'workerkit_messages_total{{outcome="invalid",queue="{queue}"}}') == 1
     assert _sample(text, f'workerkit_handler_seconds_count{{queue="{queue}"}}') == 41
     assert len({line.pid for line in g.lines()}) == 2, "both children handled some"
+    # Each child's log lines say which child wrote them.
+    consuming = [line for line in g.log().splitlines() if "consuming from" in line]
+    assert sorted(line.split("[child=")[1][0] for line in consuming) == ["0", "1"], g.log()
 
     publish_tasks(broker_url, "wkt", queue, bodies(2, 3.0, start=100))
     wait_until(lambda: {100, 101} <= {x.n for x in g.lines() if x.kind == "start"}, 30, "2 slow")

@@ -8,6 +8,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from workerkit.supervisor import (
     STATUS_STALE,
     Child,
@@ -83,3 +85,43 @@ def test_group_is_ready_only_while_every_child_is_ready_and_it_is_not_draining()
     assert sup.ready
     sup._on_signal(signal.SIGTERM)  # draining: not ready at once, before any child notices
     assert not sup.ready
+
+
+def test_a_child_that_stops_reporting_is_named_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hung child turned the group's probes 503 with no line saying which child, or why."""
+    sup = Supervisor(["true"], 2, grace=1.0, env={})
+    sup.children = [_alive(True, 0.1), _alive(True, STATUS_STALE + 1)]
+    sup.children[1].index = 1
+    sup.children[1].proc.pid = 4242  # type: ignore[union-attr]
+    now = time.monotonic()
+    sup.notice_silence(now)
+    sup.notice_silence(now + 1)  # once, not every second
+    lines = [r.getMessage() for r in caplog.records if "has not reported" in r.getMessage()]
+    assert lines == [
+        f"worker process 1 (pid 4242) has not reported its status for {STATUS_STALE + 1:.0f}s:"
+        " counted unhealthy (hung, or stopped?)"
+    ]
+    assert not sup.healthy
+
+
+def test_a_childs_log_lines_carry_its_index() -> None:
+    import io
+    import logging
+
+    from workerkit.log import JsonFormatter, PlainFormatter, _ChildIndex
+
+    for formatter, expected in (
+        (PlainFormatter(), "[child=3 queue=q]"),
+        (JsonFormatter(), '"child":3'),
+    ):
+        out = io.StringIO()
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(formatter)
+        handler.addFilter(_ChildIndex(3))
+        logger = logging.getLogger(f"workerkit.test.child.{id(formatter)}")
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.warning("connection lost", extra={"queue": "q"})
+        assert expected in out.getvalue(), out.getvalue()
