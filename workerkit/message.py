@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from types import MappingProxyType
@@ -277,8 +277,8 @@ def _non_finite(value: object, where: str) -> str | None:
             found = _non_finite(item, f"{where}[{index}]")
             if found is not None:
                 return found
-    elif is_dataclass(value) and not isinstance(value, type):
-        return _non_finite(vars(value), where)
+    elif is_dataclass(value) and not isinstance(value, type):  # slots or not
+        return _non_finite({f.name: getattr(value, f.name) for f in fields(value)}, where)
     elif getattr(getattr(value, "dtype", None), "kind", "") in ("f", "c"):  # numpy, floats
         import numpy
 

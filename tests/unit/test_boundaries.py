@@ -299,6 +299,11 @@ class _Sample:
     value: float
 
 
+@dataclasses.dataclass(slots=True)
+class _Slotted:
+    value: float
+
+
 @pytest.mark.parametrize(
     ("body", "where"),
     [
@@ -307,6 +312,7 @@ class _Sample:
         ([0.5, math.nan], "body[1]"),
         (_Reading(value=math.nan), "body['value']"),
         (_Sample(value=math.inf), "body['value']"),
+        ([_Slotted(value=math.nan)], "body[0]['value']"),
     ],
 )
 def test_a_body_with_nan_or_infinity_is_refused_not_sent_as_null(body: object, where: str) -> None:
