@@ -121,7 +121,7 @@ def _without_userinfo(rest: str) -> str:
             " it: '#' is %23) and the URL would not parse as intended"
         )
     if ":" not in userinfo:
-        raise ValueError("names a user but no password (amqp://user:password@host/)")
+        raise ValueError("names a user but no password (user:password@host)")
     if "@" in userinfo:
         raise ValueError("the user or password holds a raw '@' (percent-encode it as %40)")
     return after
