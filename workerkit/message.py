@@ -255,12 +255,33 @@ def encode_body(body: object) -> tuple[bytes, str]:
                 f"cannot encode body of type {type(body).__name__} as JSON: {exc}"
             ) from None
     # JSON has no NaN or infinity: both encoders write them as null, which would change the
-    # data in silence. Only a body with a null can hold one (one byte search, in C).
-    if b"null" in payload:
-        where = _non_finite(body.model_dump() if isinstance(body, BaseModel) else body, "body")
-        if where is not None:
-            raise InvalidMessage(f"{where} is not a finite number: JSON has no NaN or infinity")
+    # data in silence. Only a body with a null can hold one (one byte search, in C), and
+    # _finite walks it without building a path (0.5 us for a small dict; the path, 7 us, is
+    # worked out only for the error).
+    if b"null" in payload and not _finite(body):
+        value = body.model_dump() if isinstance(body, BaseModel) else body
+        where = _non_finite(value, "body") or "body"
+        raise InvalidMessage(f"{where} is not a finite number: JSON has no NaN or infinity")
     return payload, JSON
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def _finite(value: object) -> bool:
+    """No NaN or infinity anywhere in ``value`` (what :func:`encode_body` encodes)."""
+    kind = type(value)
+    if kind is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if kind in _PLAIN:
+        return True
+    if kind is dict:
+        return all(map(_finite, value.values()))  # type: ignore[attr-defined]
+    if kind is list or kind is tuple:
+        return all(map(_finite, value))  # type: ignore[call-overload]
+    if isinstance(value, BaseModel):
+        return all(map(_finite, value.__dict__.values()))  # its fields, no model_dump
+    return _non_finite(value, "body") is None  # subclasses, dataclasses, numpy
 
 
 def _non_finite(value: object, where: str) -> str | None:
