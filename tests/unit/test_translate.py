@@ -71,7 +71,9 @@ async def test_a_port_that_does_not_speak_amqp_is_said_so(server: str) -> None:
 
 async def test_a_deadline_before_any_connection_says_so() -> None:
     """A server that never answers, a timeout below the connect timeout: not "the broker did
-    not confirm it" (nothing was sent), but that there was no connection yet."""
+    not confirm it" (nothing was sent), but that there was no connection yet; or, when the
+    connect attempt itself gave up first (its handshake timeout is cut to the time left), its
+    own words."""
     import asyncio
 
     from workerkit import AsyncPublisher, Settings
@@ -87,10 +89,14 @@ async def test_a_deadline_before_any_connection_says_so() -> None:
     settings = Settings(url=f"amqp://guest:guest@127.0.0.1:{port}/", connect_timeout=10.0)
     pub = AsyncPublisher(settings=settings)  # not `async with`: that connects first
     try:
-        with pytest.raises(PublishTimeout, match="no connection to the broker yet"):
+        either = "no connection to the broker yet|no AMQP answer in time"
+        with pytest.raises(PublishTimeout, match=either) as published:
             await pub.publish("k", {}, timeout=0.5)
-        with pytest.raises(PublishTimeout, match=r"request within 0\.5s: no connection"):
+        with pytest.raises(PublishTimeout, match=either) as requested:
             await pub.request("k", {}, timeout=0.5)
+        for raised in (published, requested):
+            assert "did not confirm" not in str(raised.value)
+            assert "the broker did not answer" not in str(raised.value)
     finally:
         await pub.close()
         for writer in held:
